@@ -1,0 +1,246 @@
+"""The FwPKM memory core (spec section 1): sparse product-key reads and chunk-level
+gradient-descent writes, with meta-gradients through every write in training.
+
+Sparse by construction: during one call the value table is the stored table
+(never part of the autograd graph) plus one small delta per written chunk that
+covers only the rows the chunk read. A read gathers its rows from both, so a
+chunk's time and memory grow with the rows it reads, not with the number of slots.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .config import MemoryConfig
+from .fastweights import ChunkedFastWeights, Segment
+from kernels import ops
+
+
+@dataclass
+class SparseValues:
+    """theta_c's value table: decay^c * base + sum_j decay^(c-1-j) * scatter(rows_j, delta_j)."""
+
+    base: Tensor  # [N, dv] the stored table; never in the graph
+    decay: float  # 1 - lr * weight_decay
+    deltas: list = field(default_factory=list)  # [(sorted unique rows [U], delta [U, dv])]
+
+    def gather(self, idx: Tensor) -> Tensor:
+        flat = idx.reshape(-1)
+        c = len(self.deltas)
+        rows = ops.gather_rows(self.base, flat)
+        if self.decay != 1.0:
+            rows = rows * self.decay**c
+        for j, (urows, delta) in enumerate(self.deltas):
+            pos = torch.searchsorted(urows, flat).clamp_max(len(urows) - 1)
+            hit = (urows[pos] == flat).unsqueeze(-1)
+            rows = rows + self.decay ** (c - 1 - j) * torch.where(hit, delta[pos], 0.0)
+        return rows.view(*idx.shape, -1)
+
+    def add(self, urows: Tensor, delta: Tensor) -> None:
+        self.deltas.append((urows, delta))
+
+    def commit(self) -> None:
+        with torch.no_grad():
+            c = len(self.deltas)
+            if self.decay != 1.0:
+                self.base.mul_(self.decay**c)
+            for j, (urows, delta) in enumerate(self.deltas):
+                self.base.index_add_(0, urows, delta.detach() * self.decay ** (c - 1 - j))
+
+
+@dataclass
+class WorkingState:
+    values: SparseValues
+    keys: Tensor  # [H, 2, n, dk/2], a graph tensor when keys are updated with a graph
+    keys_update: bool
+
+
+@dataclass
+class Read:
+    out: Tensor  # [B, T, dv]
+    indices: Tensor  # [B, T, H, k] slot ids
+    weights: Tensor  # [B, T, H, k]
+    top_sub: tuple  # per half: (top-k sub-scores [B,T,H,k], their sub-key ids [B,T,H,k])
+
+
+class FwPKMMemory(ChunkedFastWeights):
+    """Fast-weight product-key memory. See :class:`fwpkm.config.MemoryConfig` for options."""
+
+    def __init__(self, heads: int = 1, topk: int = 8, n_subkeys: int = 512, k_dim: int = 512, v_dim: int = 512,
+                 chunk_size: int = 512, lookahead: int = 1, score: str = "idw", temperature: float = 1.0,
+                 score_fn: str = "softmax", addr_loss_weight: Optional[float] = 1.0,
+                 grad_to_values_only: bool = True, mse: str = "sum", lr: float = 1.0, weight_decay: float = 0.0,
+                 grad_clip: bool = False, backend: str = "auto", *, config: Optional[MemoryConfig] = None):
+        super().__init__()
+        if config is None:
+            config = MemoryConfig(heads=heads, topk=topk, n_subkeys=n_subkeys, k_dim=k_dim, v_dim=v_dim,
+                                  chunk_size=chunk_size, lookahead=lookahead, score=score, temperature=temperature,
+                                  score_fn=score_fn, addr_loss_weight=addr_loss_weight,
+                                  grad_to_values_only=grad_to_values_only, mse=mse, lr=lr,
+                                  weight_decay=weight_decay, grad_clip=grad_clip, backend=backend)
+        self.config = config
+        self.chunk_size = config.chunk_size
+        self.lookahead = config.lookahead
+        c = config
+        self.register_buffer("keys", torch.empty(c.heads, 2, c.n_subkeys, c.k_dim // 2))
+        self.register_buffer("values", torch.empty(c.n_slots, c.v_dim))
+        self.reset_state()
+
+    @classmethod
+    def from_config(cls, config: MemoryConfig) -> "FwPKMMemory":
+        return cls(config=config)
+
+    def reset_state(self) -> None:
+        """Re-initialise the fast weights (spec 1: uniform keys, normal values)."""
+        c = self.config
+        with torch.no_grad():
+            bound = 1.0 / math.sqrt(c.k_dim)
+            self.keys.uniform_(-bound, bound)
+            self.values.normal_(0.0, c.v_dim**-0.5)
+
+    @property
+    def state_dtype(self) -> torch.dtype:
+        return self.values.dtype
+
+    def _apply(self, fn, recurse=True):
+        # The fast weights stay float32 when the model is cast to half precision.
+        state = {name: getattr(self, name) for name in ("keys", "values")}
+        super()._apply(fn, recurse)
+        for name, old in state.items():
+            new = getattr(self, name)
+            if new.dtype in (torch.float16, torch.bfloat16):
+                setattr(self, name, old.to(device=new.device))
+        return self
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (f"heads={c.heads}, topk={c.topk}, slots={c.n_subkeys}^2, k_dim={c.k_dim}, v_dim={c.v_dim}, "
+                f"chunk={c.chunk_size}, lookahead={c.lookahead}, score={c.score}, mse={c.mse}")
+
+    # -- the four steps -------------------------------------------------------------
+    def _begin(self, graph: bool) -> WorkingState:
+        c = self.config
+        keys_update = c.uses_addr_loss or not c.grad_to_values_only
+        keys = self.keys
+        if keys_update:
+            keys = self.keys.detach().clone().requires_grad_(True)
+        return WorkingState(SparseValues(self.values, 1.0 - c.lr * c.weight_decay), keys, keys_update)
+
+    def _read(self, state: WorkingState, q: Tensor, graph: bool) -> Read:
+        c = self.config
+        B, T, _ = q.shape
+        if not graph:
+            q = q.detach()
+        with torch.set_grad_enabled(graph or state.keys_update):
+            qh = q.view(B, T, c.heads, c.k_dim)
+            top_sub, scores, indices = ops.address(qh, state.keys, c.topk, c.score)
+            weights = self._normalise(scores)
+            out = torch.einsum("bthk,bthkd->btd", weights, state.values.gather(indices))
+        return Read(out, indices, weights, top_sub)
+
+    def _write(self, state: WorkingState, seg: Segment, read: Read, graph: bool) -> dict:
+        c = self.config
+        B, T = seg.q.shape[:2]
+        P = T - c.lookahead  # written pairs per sequence
+        if P <= 0:
+            return {}
+        with torch.set_grad_enabled(graph or state.keys_update):
+            coef = self._loss_coefficients(seg, P)
+            err = read.out[:, :P] - seg.v[:, c.lookahead:]
+            mem_loss = 0.5 * (err.pow(2).mean(-1) * coef).mean()
+            addr_loss = self._addressing_loss(read.top_sub) if c.uses_addr_loss else mem_loss.new_zeros(())
+        stats = {"mem_loss": mem_loss.detach(), "addr_loss": addr_loss.detach()}
+        if state.keys_update:
+            stats["grad_norm_keys"] = self._update_keys(state, mem_loss, addr_loss, graph)
+        if not graph:
+            err, coef, read = err.detach(), coef.detach(), _detach_read(read)
+        stats.update(self._update_values(state, seg, read, err, coef, P))
+        return stats
+
+    def _commit(self, state: WorkingState) -> None:
+        state.values.commit()
+        if state.keys_update:
+            with torch.no_grad():
+                self.keys.copy_(state.keys)
+
+    # -- pieces of the write --------------------------------------------------------
+    def _normalise(self, scores: Tensor) -> Tensor:
+        c = self.config
+        s = scores / c.temperature
+        if c.score_fn == "softmax":
+            B, T, H, k = s.shape
+            return torch.softmax(s.reshape(B, T, H * k), dim=-1).view(B, T, H, k)
+        return F.silu(s) if c.score_fn == "silu" else F.relu(s)
+
+    @staticmethod
+    def _loss_coefficients(seg: Segment, P: int) -> Tensor:
+        coef = seg.q.new_ones(seg.q.shape[0], P)
+        if seg.mask is not None:
+            coef = coef * seg.mask[:, :P]
+        if seg.gates is not None:
+            coef = coef * seg.gates[:, :P]
+        return coef
+
+    def _addressing_loss(self, top_sub: tuple) -> Tensor:
+        """-a * (H(p_bar_1) + H(p_bar_2)): marginal entropy of top-k-softmax addressing."""
+        c = self.config
+        entropy = 0.0
+        for top_scores, top_ids in top_sub:
+            probs = torch.softmax(top_scores, dim=-1)
+            rows = probs.numel() // c.topk
+            p_bar = probs.new_zeros(c.n_subkeys).index_add(0, top_ids.reshape(-1), probs.reshape(-1)) / rows
+            entropy = entropy - (p_bar * torch.log(p_bar + 1e-8)).sum()
+        return -c.addr_loss_weight * entropy
+
+    def _update_keys(self, state: WorkingState, mem_loss: Tensor, addr_loss: Tensor, graph: bool) -> Tensor:
+        c = self.config
+        loss = addr_loss if c.grad_to_values_only else mem_loss + addr_loss
+        (grad,) = torch.autograd.grad(loss, state.keys, create_graph=graph, allow_unused=True)
+        if grad is None:
+            grad = torch.zeros_like(state.keys)
+        if c.grad_clip:
+            grad = grad.clamp(-1.0, 1.0)
+        new_keys = state.keys - c.lr * (grad + c.weight_decay * state.keys)
+        state.keys = new_keys if graph else new_keys.detach().requires_grad_(True)
+        return grad.detach().norm()
+
+    def _update_values(self, state: WorkingState, seg: Segment, read: Read, err: Tensor, coef: Tensor,
+                       P: int) -> dict:
+        """Sparse SGD on the rows read in this chunk (spec 1.2 steps 5-8)."""
+        c = self.config
+        B, T, H, k = read.indices.shape
+        urows, inverse, n_read = torch.unique(read.indices.reshape(-1), return_inverse=True, return_counts=True)
+        d_read = err * (coef / (B * P * c.v_dim)).unsqueeze(-1)  # d mem_loss / d read_t, [B, P, dv]
+        written = inverse.view(B, T, H, k)[:, :P].reshape(-1)
+        grad = ops.scatter_rows(read.weights[:, :P], d_read, written, len(urows))
+        if c.mse == "sum":
+            n_samples = float(B * T) if seg.mask is None else (seg.mask[:, :P] > 0).sum().to(grad.dtype)
+            scale = n_samples * c.v_dim * c.topk * c.heads
+            grad = grad * (scale / n_read.to(grad.dtype)).unsqueeze(-1)
+        if c.grad_clip:
+            grad = grad.clamp(-1.0, 1.0)
+        state.values.add(urows, -c.lr * grad)
+        return _usage_stats(n_read, B * T * H * k, c.n_slots) | {"grad_norm_values": grad.detach().norm()}
+
+
+def _usage_stats(n_read: Tensor, total_reads: int, n_slots: int) -> dict:
+    """Addressing statistics of one chunk: collisions, coverage, KL(slot usage || uniform)."""
+    unique = n_read.numel()
+    p = n_read.double() / total_reads
+    kl = math.log(n_slots) + (p * p.log()).sum()
+    return {
+        "collision_ratio": torch.tensor(1.0 - unique / total_reads),
+        "coverage_ratio": torch.tensor(unique / n_slots),
+        "kl_to_uniform": kl.float(),
+    }
+
+
+def _detach_read(read: Read) -> Read:
+    top_sub = tuple((s.detach(), i) for s, i in read.top_sub)
+    return Read(read.out.detach(), read.indices, read.weights.detach(), top_sub)

@@ -1,0 +1,1 @@
+"""Hot paths of the FwPKM memory: a PyTorch path and, on CUDA, Triton kernels."""

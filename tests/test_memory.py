@@ -1,0 +1,225 @@
+"""The FwPKM memory core against the dense reference of the spec (tests/reference.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from fwpkm import ConfigError, FwPKMMemory, MemoryConfig
+from tests import reference
+
+SMALL = dict(heads=2, topk=3, n_subkeys=6, k_dim=6, v_dim=5, chunk_size=5)
+
+
+def make(seed=0, **overrides):
+    torch.manual_seed(seed)
+    mem = FwPKMMemory(**(SMALL | overrides)).double()
+    with torch.no_grad():
+        mem.keys.normal_()  # spread keys so top-k has no near-ties
+    return mem
+
+
+def inputs(mem, B=2, T=13, seed=1, gated=False, masked=False):
+    g = torch.Generator().manual_seed(seed)
+    c = mem.config
+    q = torch.randn(B, T, c.heads * c.k_dim, generator=g, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(B, T, c.v_dim, generator=g, dtype=torch.float64, requires_grad=True)
+    gates = torch.rand(B, T, generator=g, dtype=torch.float64).requires_grad_(True) if gated else None
+    mask = (torch.rand(B, T, generator=g) > 0.3).double() if masked else None
+    return q, v, gates, mask
+
+
+def ref_config(mem):
+    return dataclasses.asdict(mem.config)
+
+
+def compare_with_reference(mem, q, v, gates, mask, chunk=None):
+    chunk = chunk or mem.config.chunk_size
+    keys0, values0 = mem.keys.clone(), mem.values.clone()
+    mem.train()
+    out = mem(q, v, gates, mask, chunk_size=chunk).output
+    ref_out, ref_k, ref_v = reference.run(keys0, values0, q, v, gates, mask, ref_config(mem), chunk)
+    torch.testing.assert_close(out, ref_out, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(mem.keys, ref_k.detach(), rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(mem.values, ref_v.detach(), rtol=1e-9, atol=1e-10)
+
+    probe = torch.randn_like(out)
+    wrt = [t for t in (q, v, gates) if t is not None]
+    grads = torch.autograd.grad((out * probe).sum(), wrt)
+    ref_grads = torch.autograd.grad((ref_out * probe).sum(), wrt)
+    for name, got, want in zip(("q", "v", "gates"), grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10, msg=lambda m: f"meta-gradient {name}: {m}")
+
+
+GRID = list(itertools.product(["idw", "dot"], [0, 1], [1.0, None], [True, False], ["sum", "mean"], [False, True]))
+
+
+@pytest.mark.parametrize("score,lookahead,addr,values_only,mse,gated_masked", GRID)
+def test_matches_dense_reference(score, lookahead, addr, values_only, mse, gated_masked):
+    mem = make(score=score, lookahead=lookahead, addr_loss_weight=addr, grad_to_values_only=values_only, mse=mse)
+    compare_with_reference(mem, *inputs(mem, gated=gated_masked, masked=gated_masked))
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(weight_decay=0.1, lr=0.5),
+    dict(grad_clip=True),
+    dict(score_fn="silu", temperature=2.0),
+    dict(score_fn="relu", score="dot"),
+    dict(heads=1, topk=6, lookahead=2),
+    dict(addr_loss_weight=0.0, grad_to_values_only=True),
+    dict(grad_clip=True, weight_decay=0.05, grad_to_values_only=False, mse="mean"),
+])
+def test_matches_reference_other_options(overrides):
+    mem = make(**overrides)
+    compare_with_reference(mem, *inputs(mem, gated=True))
+
+
+def test_reference_chunk_size_per_call_and_shorter_last_chunk():
+    mem = make()
+    compare_with_reference(mem, *inputs(mem, T=11), chunk=4)  # chunks 4, 4, 3
+
+
+def test_eval_mode_same_values_no_graph():
+    mem = make()
+    q, v, g, _ = inputs(mem, gated=True)
+    state = {k: t.clone() for k, t in mem.state_dict().items()}
+    train_out = mem.train()(q, v, g).output
+    train_state = {k: t.clone() for k, t in mem.state_dict().items()}
+    mem.load_state_dict(state)
+    eval_out = mem.eval()(q, v, g).output
+    assert not eval_out.requires_grad
+    torch.testing.assert_close(eval_out, train_out.detach())
+    for k in state:
+        torch.testing.assert_close(mem.state_dict()[k], train_state[k])
+
+
+def test_meta_gradients_match_finite_differences():
+    mem = make(heads=1, topk=2, n_subkeys=4, k_dim=4, v_dim=3, chunk_size=3, score="dot")
+    q, v, g, _ = inputs(mem, B=1, T=7, gated=True)
+    saved = {k: t.clone() for k, t in mem.state_dict().items()}
+
+    def f(q, v, g):
+        mem.load_state_dict(saved)  # every evaluation starts from the same fast weights
+        return mem.train()(q, v, g).output
+
+    assert torch.autograd.gradcheck(f, (q, v, g), eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+@settings(max_examples=25, deadline=None)
+@given(cuts=st.lists(st.integers(1, 22), max_size=5, unique=True), training=st.booleans(), chunk=st.integers(2, 7))
+def test_streaming_equals_one_shot(cuts, training, chunk):
+    mem = make(chunk_size=chunk)
+    mem.train(training)
+    q, v, g, m = inputs(mem, T=23, gated=True, masked=True)
+    saved = {k: t.clone() for k, t in mem.state_dict().items()}
+    one_shot = mem(q, v, g, m).output.detach()
+    final = {k: t.clone() for k, t in mem.state_dict().items()}
+
+    mem.load_state_dict(saved)
+    stream = mem.new_stream()
+    bounds = [0, *sorted(cuts), 23]
+    pieces = [mem(q[:, a:b], v[:, a:b], g[:, a:b], m[:, a:b], stream=stream).output.detach()
+              for a, b in zip(bounds, bounds[1:]) if b > a]
+    mem.flush(stream)
+    torch.testing.assert_close(torch.cat(pieces, 1), one_shot, rtol=1e-10, atol=1e-12)
+    for k in final:
+        torch.testing.assert_close(mem.state_dict()[k], final[k], rtol=1e-10, atol=1e-12)
+
+
+def test_stream_keeps_pending_tail_until_flush():
+    mem = make(chunk_size=5).eval()
+    q, v, _, _ = inputs(mem, T=7)
+    stream = mem.new_stream()
+    before = mem.values.clone()
+    mem(q[:, :3], v[:, :3], stream=stream)
+    assert torch.equal(mem.values, before) and stream.pending_len == 3
+    mem(q[:, 3:7], v[:, 3:7], stream=stream)  # completes chunk one (5 tokens), 2 pending
+    assert not torch.equal(mem.values, before) and stream.pending_len == 2
+    after_chunk = mem.values.clone()
+    mem.flush(stream)
+    assert stream.pending_len == 0 and not torch.equal(mem.values, after_chunk)
+
+
+def test_memorisation_passes_reduce_read_error():
+    """Write random key -> value pairs (lookahead 0) and read them back: error falls each pass."""
+    torch.manual_seed(0)
+    mem = FwPKMMemory(heads=1, topk=8, n_subkeys=32, k_dim=32, v_dim=16, chunk_size=64, lookahead=0).eval()
+    q = torch.randn(1, 64, 32)
+    v = torch.randn(1, 64, 16)
+    v = (v - v.mean(-1, keepdim=True)) / v.std(-1, keepdim=True)
+    errors = [(mem(q, v).output - v).pow(2).mean().item() for _ in range(4)]
+    assert all(b < a for a, b in zip(errors, errors[1:])), errors
+    assert errors[-1] < 0.5 * errors[0], errors
+
+
+def test_state_is_buffer_not_parameter_and_persists():
+    mem = make()
+    assert list(mem.parameters()) == []
+    assert {"keys", "values"} <= set(mem.state_dict())
+    q, v, _, _ = inputs(mem)
+    before = mem.values.clone()
+    mem.eval()(q, v)
+    assert not torch.equal(mem.values, before)  # persists across calls
+    mem.values = torch.zeros_like(mem.values)  # assignable
+    assert mem.state_dict()["values"].abs().sum() == 0
+    mem.reset_state()
+    assert mem.values.std() > 0
+
+
+def test_only_read_rows_change():
+    mem = make(n_subkeys=16, addr_loss_weight=None).eval()
+    q, v, _, _ = inputs(mem, T=5)
+    before = mem.values.clone()
+    out = mem(q, v, chunk_size=5)
+    changed = (mem.values != before).any(-1).nonzero().flatten()
+    assert set(changed.tolist()) <= set(out.indices.flatten().tolist())
+
+
+def test_state_stays_float32_in_half_precision_model():
+    mem = FwPKMMemory(**SMALL).to(torch.bfloat16)
+    assert mem.values.dtype == torch.float32 and mem.keys.dtype == torch.float32
+    out = mem(torch.randn(1, 6, 12, dtype=torch.bfloat16), torch.randn(1, 6, 5, dtype=torch.bfloat16))
+    assert out.output.dtype == torch.bfloat16
+
+
+def test_no_addressing_loss_keeps_keys_unchanged():
+    mem = make(addr_loss_weight=None, grad_to_values_only=True)
+    keys = mem.keys.clone()
+    q, v, _, _ = inputs(mem)
+    mem.train()(q, v).output.sum().backward()
+    assert torch.equal(mem.keys, keys)
+
+
+def test_diagnostics_reported():
+    mem = make()
+    out = mem(*inputs(mem)[:2])
+    for key in ("mem_loss", "addr_loss", "collision_ratio", "coverage_ratio", "kl_to_uniform",
+                "grad_norm_values", "grad_norm_keys"):
+        assert torch.isfinite(out.stats[key]), key
+    assert out.indices.shape == (2, 13, 2, 3) and out.weights.shape == (2, 13, 2, 3)
+    assert 0 <= out.stats["coverage_ratio"] <= 1 and 0 <= out.stats["collision_ratio"] < 1
+
+
+@pytest.mark.parametrize("kwargs,option", [
+    (dict(k_dim=7), "k_dim"),
+    (dict(topk=10, n_subkeys=8), "topk"),
+    (dict(lookahead=5, chunk_size=5), "lookahead"),
+    (dict(score="cosine"), "score"),
+    (dict(mse="median"), "mse"),
+    (dict(score_fn="tanh"), "score_fn"),
+])
+def test_config_errors_name_the_option(kwargs, option):
+    with pytest.raises(ConfigError, match=option):
+        MemoryConfig(**kwargs)
+
+
+def test_bad_shapes_are_clear_errors():
+    mem = make()
+    with pytest.raises(ValueError, match="gates must be"):
+        mem(torch.randn(2, 4, 12), torch.randn(2, 4, 5), gates=torch.rand(2, 3))
+    with pytest.raises(ValueError, match="chunk_size"):
+        mem(torch.randn(2, 4, 12), torch.randn(2, 4, 5), chunk_size=1)
