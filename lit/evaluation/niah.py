@@ -1,0 +1,152 @@
+"""Needle in a haystack with iterative memorisation (spec section 7).
+
+For each sample and each n in ``iterations``: start from the model's fast-weight
+state, read the haystack n extra times (each pass one write, with chunk size =
+input length under the paper's chunk policy), then read haystack + question and
+greedily decode the 6 digits. Everything is streamed, so long contexts fit in memory.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+
+from fwpkm import HybridLM
+from lit.synthetic import NIAHSample, hash_seed, make_niah_sample, score_answer
+
+from .common import device_of, preserved_fast_weights, stream
+
+CHUNK_POLICIES = ("input", "model")
+
+
+@dataclass
+class NIAHConfig:
+    context_lens: list = field(default_factory=lambda: [1024])
+    depths: list = field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])  # of the needle asked for
+    iterations: list = field(default_factory=lambda: [0, 1, 2, 3])
+    samples_per_cell: int = 2
+    n_needles: int = 5
+    chunk_policy: str = "input"  # input: one write per pass (the paper) | model: the model's chunk size
+    segment_len: int = 2048
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.chunk_policy not in CHUNK_POLICIES:
+            raise ValueError(f"niah.chunk_policy={self.chunk_policy!r}; choose one of {list(CHUNK_POLICIES)}")
+        if any(n < 0 for n in self.iterations):
+            raise ValueError(f"niah.iterations={self.iterations} must be >= 0")
+        if any(not 0 <= d <= 1 for d in self.depths):
+            raise ValueError(f"niah.depths={self.depths} must lie in [0, 1]")
+
+
+def make_samples(haystack_ids: Sequence[int], tokenizer, cfg: NIAHConfig) -> list[tuple[int, float, NIAHSample]]:
+    """(context_len, depth, sample) for every cell: the asked needle at ``depth``, the others random."""
+    samples = []
+    for length in cfg.context_lens:
+        for depth in cfg.depths:
+            for i in range(cfg.samples_per_cell):
+                seed = hash_seed(cfg.seed, f"niah/{length}/{depth}", i)
+                rng = random.Random(seed)
+                depths = [depth] + [rng.random() for _ in range(cfg.n_needles - 1)]
+                sample = make_niah_sample(haystack_ids, tokenizer, cfg.n_needles, depths, seed=seed,
+                                          context_len=length, target_index=0, haystack_start=None)
+                samples.append((length, depth, sample))
+    return samples
+
+
+@torch.no_grad()
+def answer_sample(model: HybridLM, tokenizer, sample: NIAHSample, n_passes: int, cfg: NIAHConfig) -> str:
+    """Run the iteration protocol on one sample; return the decoded answer text."""
+    device = device_of(model)
+    context = torch.tensor([sample.context_ids], device=device)
+    prompt = torch.tensor([sample.input_ids], device=device)
+    n_new = len(sample.answer_ids)
+    for _ in range(n_passes):
+        cache, _ = stream(model, context, cfg.segment_len, keep_logits=False, chunk_size=_chunk(cfg, context))
+        model.flush(cache)  # the pass's single write (or its last one under the model policy)
+    # The final read: no write may happen before the answer is decoded under the input policy.
+    final_chunk = None if cfg.chunk_policy == "model" else prompt.shape[1] + n_new
+    cache, run = stream(model, prompt, cfg.segment_len, chunk_size=final_chunk)
+    token = run.logits[-1][:, -1].argmax(-1, keepdim=True)
+    generated = [int(token)]
+    for _ in range(n_new - 1):
+        token = model(token, cache=cache).logits[:, -1].argmax(-1, keepdim=True)
+        generated.append(int(token))
+    return tokenizer.decode(generated)
+
+
+def _chunk(cfg: NIAHConfig, ids: torch.Tensor) -> Optional[int]:
+    return ids.shape[1] if cfg.chunk_policy == "input" else None
+
+
+def run_niah(model: HybridLM, tokenizer, haystack_ids: Sequence[int], cfg: NIAHConfig,
+             progress: bool = True) -> list[dict]:
+    """Every (context length, depth, sample, n) -> a row with the exact match and digit accuracy."""
+    model.eval()
+    samples = make_samples(haystack_ids, tokenizer, cfg)
+    rows = []
+    jobs = [(s, n) for s in samples for n in cfg.iterations]
+    for (length, depth, sample), n in _progress(jobs, progress, "needle in a haystack"):
+        with preserved_fast_weights(model):
+            predicted = answer_sample(model, tokenizer, sample, n, cfg)
+        exact, digits = score_answer(predicted, sample.answer)
+        rows.append({"context_len": length, "depth": depth, "iterations": n, "answer": sample.answer,
+                     "predicted": predicted, "exact": float(exact), "digit_acc": digits})
+    return rows
+
+
+def summarise(rows: list[dict], by: tuple = ("context_len", "iterations")) -> list[dict]:
+    """Mean exact match and digit accuracy per group."""
+    groups = defaultdict(list)
+    for r in rows:
+        groups[tuple(r[k] for k in by)].append(r)
+    return [dict(zip(by, key)) | {"exact": sum(r["exact"] for r in g) / len(g),
+                                  "digit_acc": sum(r["digit_acc"] for r in g) / len(g), "samples": len(g)}
+            for key, g in sorted(groups.items())]
+
+
+def heatmaps(rows: list[dict], path_prefix: str) -> list[str]:
+    """One heat map (context length x depth, exact match) per number of passes; returns the files."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    lengths = sorted({r["context_len"] for r in rows})
+    depths = sorted({r["depth"] for r in rows})
+    for n in sorted({r["iterations"] for r in rows}):
+        cells = summarise([r for r in rows if r["iterations"] == n], by=("context_len", "depth"))
+        grid = torch.full((len(depths), len(lengths)), float("nan"))
+        for c in cells:
+            grid[depths.index(c["depth"]), lengths.index(c["context_len"])] = c["exact"]
+        fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(lengths), 1.2 + 0.5 * len(depths)))
+        im = ax.imshow(grid.numpy(), vmin=0, vmax=1, cmap="viridis", aspect="auto")
+        ax.set_xticks(range(len(lengths)), [_k(x) for x in lengths])
+        ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
+        ax.set_xlabel("context length")
+        ax.set_ylabel("needle depth")
+        ax.set_title(f"NIAH exact match, {n} extra pass{'es' if n != 1 else ''}")
+        fig.colorbar(im, ax=ax)
+        fig.tight_layout()
+        path = f"{path_prefix}_n{n}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        files.append(path)
+    return files
+
+
+def _k(n: int) -> str:
+    return f"{n // 1024}K" if n % 1024 == 0 else str(n)
+
+
+def _progress(items, enabled: bool, desc: str):
+    if not enabled:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc)

@@ -1,0 +1,131 @@
+"""Evaluations on a tiny random model: perplexity, NIAH protocol, gates and memory inspection."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fwpkm import HybridLM
+from lit.evaluation.inspect import MemoryInspector, addressing_stats, collect_gates, gate_histograms, gate_summary
+from lit.evaluation.niah import NIAHConfig, answer_sample, heatmaps, run_niah, summarise
+from lit.evaluation.ppl import streamed_perplexity, windowed_perplexity
+from lit.synthetic import make_niah_sample
+from lit.tokenizer import ByteTokenizer
+from tests.test_model import micro
+
+TEXT = ("The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs. "
+        "How vexingly quick daft zebras jump. Sphinx of black quartz, judge my vow. ") * 40
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return ByteTokenizer()
+
+
+@pytest.fixture
+def model(tok):
+    torch.manual_seed(0)
+    return HybridLM(micro("tiny-swa_interleave-pkm-fwpkm", vocab_size=tok.vocab_size)).eval()
+
+
+def test_streamed_perplexity_on_short_input_equals_windowed(model, tok):
+    ids = torch.tensor(tok.encode(TEXT[:97]))
+    before = model.fast_weight_state()
+    windowed = windowed_perplexity(model, ids, window=96)
+    streamed = streamed_perplexity(model, ids, segment_len=13)
+    assert windowed.tokens == streamed.tokens == 96
+    assert streamed.loss == pytest.approx(windowed.loss, rel=1e-5)
+    torch.testing.assert_close(streamed.position_loss, windowed.position_loss, rtol=1e-4, atol=1e-5)
+    for k, t in model.fast_weight_state().items():  # evaluation leaves the checkpoint's memory alone
+        assert torch.equal(t, before[k])
+    rows = streamed.position_table(n_bins=4)
+    assert [r["start"] for r in rows] == [0, 24, 48, 72] and sum(r["tokens"] for r in rows) == 96
+
+
+def count_writes(model, monkeypatch):
+    writes = {"n": 0}
+    for memory in model.fast_weight_memories().values():
+        original = memory._write
+
+        def counted(*args, _original=original, **kwargs):
+            writes["n"] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(memory, "_write", counted)
+    return writes
+
+
+@pytest.mark.parametrize("passes", [0, 1, 3])
+def test_niah_protocol_writes_exactly_once_per_pass(model, tok, monkeypatch, passes):
+    sample = make_niah_sample(TEXT, tok, context_len=300, seed=1)
+    writes = count_writes(model, monkeypatch)
+    cfg = NIAHConfig(segment_len=64)
+    before = model.fast_weight_state()
+    states = []
+    original_flush = model.flush
+    monkeypatch.setattr(model, "flush", lambda cache: (original_flush(cache), states.append(model.fast_weight_state())))
+    answer = answer_sample(model, tok, sample, passes, cfg)
+    n_layers = len(model.fast_weight_memories())
+    assert writes["n"] == passes * n_layers  # no write at all while reading the question and decoding
+    assert len(states) == passes
+    for a, b in zip([before] + states, states):  # the state changed at every pass
+        assert any(not torch.equal(a[k], b[k]) for k in a)
+    assert len(answer) >= 1
+
+
+def test_niah_end_to_end_table_and_heatmaps(model, tok, tmp_path):
+    cfg = NIAHConfig(context_lens=[300, 500], depths=[0.25, 0.75], iterations=[0, 2], samples_per_cell=1,
+                     segment_len=128)
+    rows = run_niah(model, tok, tok.encode(TEXT), cfg, progress=False)
+    assert len(rows) == 2 * 2 * 2
+    assert all(0 <= r["digit_acc"] <= 1 and r["exact"] in (0.0, 1.0) for r in rows)
+    summary = summarise(rows)
+    assert {(s["context_len"], s["iterations"]) for s in summary} == {(300, 0), (300, 2), (500, 0), (500, 2)}
+    files = heatmaps(rows, str(tmp_path / "niah"))
+    assert [p.endswith(f"_n{n}.png") for p, n in zip(files, [0, 2])] == [True, True]
+
+
+def test_niah_config_errors():
+    with pytest.raises(ValueError, match="chunk_policy"):
+        NIAHConfig(chunk_policy="sometimes")
+    with pytest.raises(ValueError, match="depths"):
+        NIAHConfig(depths=[1.5])
+
+
+def test_gates_and_addressing_statistics(model, tok, tmp_path):
+    ids = torch.tensor(tok.encode(TEXT[:128])).view(2, 64)
+    gates = collect_gates(model, [ids])
+    assert set(gates) == set(model.fast_weight_memories())
+    rows = gate_summary(gates)
+    assert all(0 < r["mean"] < 1 and r["tokens"] == 128 for r in rows)
+    assert (tmp_path / "gates.png").samefile(gate_histograms(gates, str(tmp_path / "gates.png")))
+    stats = addressing_stats(model, [ids])
+    assert all(0 < r["coverage_ratio"] <= 1 and r["kl_to_uniform"] >= 0 for r in stats)
+
+
+def test_inspection_finds_the_slots_a_pair_wrote(model, tok):
+    ids = tok.encode(TEXT[:40])
+    layer, memory = next(iter(model.fast_weight_memories().items()))
+    before = memory.values.clone()
+    inspector = MemoryInspector(model, tok)
+    reads = inspector.read(ids, chunk_size=len(ids))  # one write of the whole text
+    indices, weights = reads[layer]
+    t = 17
+    written = inspector.slots_written_by(layer, [t + memory.lookahead])
+    assert set(written) == set(indices[t].flatten().tolist())
+    for slot in written:
+        history = inspector.slot_history(layer, slot)
+        assert any(w.position == t and w.query_token == ids[t] and w.target_token == ids[t + 1] for w in history)
+    changed = set((memory.values != before).any(-1).nonzero().flatten().tolist())
+    assert set(written) <= changed  # the recorded slots are really the ones that moved
+    never_read = set(range(memory.values.shape[0])) - set(indices.flatten().tolist())
+    assert not (changed & never_read)
+
+
+def test_needle_inspection_reports_written_and_read_slots(model, tok):
+    sample = make_niah_sample(TEXT, tok, context_len=300, seed=3)
+    report = MemoryInspector(model, tok).needle(sample)
+    assert {r["layer"] for r in report} == set(model.fast_weight_memories())
+    for r in report:
+        assert r["written_slots"] and len(r["read_slots"]) == 8 * 1  # heads * topk of the micro model
+        assert set(r["overlap"]) <= set(r["written_slots"])
