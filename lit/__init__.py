@@ -1,0 +1,1 @@
+"""Lightning side of the project: data, training and evaluation around :mod:`fwpkm`."""

@@ -1,0 +1,372 @@
+"""Data side: tokenizer, synthetic tasks, sources, packing, and exact resuming. Offline."""
+
+import os
+
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import itertools
+import json
+import re
+import warnings
+
+import lightning as L
+import pandas as pd
+import pytest
+import torch
+
+from lit.data import DataConfig, FwPKMDataModule, embedded_documents, embedded_text, join_tokens, pack
+from lit.synthetic import (
+    IGNORE_INDEX,
+    associative_recall_batch,
+    make_niah_sample,
+    needle_text,
+    niah_training_sequence,
+    score_answer,
+)
+from lit.tokenizer import ByteTokenizer, load_tokenizer
+
+TOK = ByteTokenizer()
+
+
+@pytest.fixture(scope="module")
+def haystack_ids():
+    return TOK.encode(embedded_text()[:200_000])
+
+
+def write_jsonl(path, texts, field="text"):
+    path.write_text("".join(json.dumps({field: t, "other": 1}) + "\n" for t in texts))
+    return path
+
+
+def documents(n=60, words=40):
+    return [" ".join(f"doc{d}word{w}" for w in range(words)) + "." for d in range(n)]
+
+
+def module(tmp_path, **overrides):
+    overrides.setdefault("cache_dir", str(tmp_path / "hf_cache"))
+    return FwPKMDataModule(**overrides)
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+
+def test_byte_tokenizer_round_trip():
+    text = "Hello, world! Grüße, 東京 ✓\n"
+    ids = TOK.encode(text)
+    assert all(0 <= i < 256 for i in ids)
+    assert TOK.decode(ids) == text
+    assert TOK.decode(ids + [TOK.eos_id, TOK.pad_id]) == text  # specials are skipped
+    assert TOK.vocab_size % 8 == 0 and TOK.vocab_size > max(TOK.eos_id, TOK.pad_id)
+    assert TOK.decode([0xFF]) == "\ufffd"
+    assert isinstance(load_tokenizer("byte"), ByteTokenizer)
+
+
+def test_bad_tokenizer_name_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match=r"tokenizer='no-such/tokenizer'.*'byte'"):
+        load_tokenizer("no-such/tokenizer")
+    with pytest.raises(ValueError, match="data.tokenizer='no-such/tokenizer'.*only 'byte'"):
+        module(tmp_path, tokenizer="no-such/tokenizer")
+
+
+def test_embedded_corpus_is_sizeable_text():
+    text = embedded_text()
+    assert 300_000 < len(text) < 3_000_000 and text.isascii()
+    assert len(embedded_documents()) > 100
+
+
+# --------------------------------------------------------------------------- needle in a haystack
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_niah_needles_sit_at_their_depths(haystack_ids, seed):
+    depths = [0.05, 0.3, 0.5, 0.7, 0.95]
+    context_len = 3000
+    sample = make_niah_sample(haystack_ids, TOK, depths=depths, seed=seed, context_len=context_len, haystack_start=None)
+    assert len(sample.context_ids) + len(sample.question_ids) == context_len
+    assert len(set(sample.keys)) == 5 and all(re.fullmatch(r"ID-[0-9A-F]{4}", k) for k in sample.keys)
+    assert all(re.fullmatch(r"\d{6}", v) for v in sample.values)
+    for key, value, pos, wanted, actual in zip(sample.keys, sample.values, sample.needle_positions, depths, sample.depths):
+        needle = TOK.encode(needle_text(key, value))
+        assert sample.context_ids[pos : pos + len(needle)] == needle
+        assert abs(pos / context_len - wanted) < 0.05 and abs(actual - wanted) < 0.03
+    text = TOK.decode(sample.context_ids)
+    assert text.count("The secret number for") == 5
+
+
+def test_niah_question_and_answer_agree(haystack_ids):
+    for seed in range(5):
+        sample = make_niah_sample(haystack_ids, TOK, seed=seed, context_len=1024)
+        key, value = sample.keys[sample.target_index], sample.values[sample.target_index]
+        assert TOK.decode(sample.question_ids) == f"The secret number for {key} is "
+        assert sample.answer == value and TOK.decode(sample.answer_ids) == value
+        assert all(0 <= d <= 1 for d in sample.depths)
+        assert sample.input_ids == sample.context_ids + sample.question_ids
+    chosen = make_niah_sample("short haystack. ", TOK, n_needles=3, seed=0, context_len=400, target_index=2)
+    assert chosen.answer == chosen.values[2] and len(chosen.input_ids) == 400  # short haystacks wrap around
+    again = make_niah_sample("short haystack. ", TOK, n_needles=3, seed=0, context_len=400, target_index=2)
+    assert again == chosen
+    with pytest.raises(ValueError, match="context_len"):
+        make_niah_sample(haystack_ids, TOK, seed=0, context_len=100)
+
+
+def test_score_answer():
+    assert score_answer("123456", "123456") == (True, 1.0)
+    assert score_answer("  123456. The secret", "123456") == (True, 1.0)  # extra tokens ignored
+    assert score_answer("123956", "123456") == (False, 5 / 6)
+    assert score_answer("12", "123456") == (False, 2 / 6)  # short answer
+    assert score_answer("", "123456") == (False, 0.0)
+    assert score_answer("654321", "123456") == (False, 0.0)
+
+
+def test_niah_training_sequences(haystack_ids):
+    sequence = niah_training_sequence(haystack_ids, TOK, 1024, seed=3)
+    assert len(sequence) == 1024
+    text = TOK.decode(sequence)
+    needles = re.findall(r" The secret number for (ID-[0-9A-F]{4}) is (\d{6})\.", text)
+    answers = re.findall(r"\nThe secret number for (ID-[0-9A-F]{4}) is (\d{6})\.", text)
+    assert len(answers) == 5 and sorted(answers) == sorted(needles[: len(answers)])
+    assert text.endswith(".")
+    assert niah_training_sequence(haystack_ids, TOK, 1024, seed=3) == sequence
+    assert len(niah_training_sequence(haystack_ids, TOK, 257, seed=3)) == 257  # fewer needles fit
+
+
+def test_associative_recall():
+    batch = associative_recall_batch(4, seq_len=64, n_pairs=8, seed=0)
+    assert batch["input_ids"].shape == batch["labels"].shape == (4, 64)
+    for inputs, labels in zip(batch["input_ids"].tolist(), batch["labels"].tolist()):
+        pairs = dict(zip(inputs[0:16:2], inputs[1:16:2]))
+        answered = [(inputs[t], labels[t]) for t in range(64) if labels[t] != IGNORE_INDEX]
+        assert len(answered) == 8 and all(pairs[k] == v for k, v in answered)
+    assert torch.equal(associative_recall_batch(4, 64, 8, seed=0)["input_ids"], batch["input_ids"])
+
+
+# --------------------------------------------------------------------------- packing and sources
+
+
+def test_pack_puts_eos_between_documents():
+    stream = join_tokens([torch.tensor([1, 2]).numpy(), torch.tensor([3, 4, 5]).numpy()], [TOK.eos_id])
+    rows = pack(stream, seq_len=2)
+    assert rows.tolist() == [[1, 2, TOK.eos_id], [3, 4, 5]]
+
+
+def test_batches_are_shifted_and_documents_separated(tmp_path):
+    texts = documents()
+    dm = module(tmp_path, source=str(write_jsonl(tmp_path / "d.jsonl", texts)), seq_len=64, batch_size=4, val_fraction=0)
+    dm.setup()
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["input_ids"].shape == batch["labels"].shape == (4, 64)
+    assert batch["input_ids"].dtype == torch.long
+    assert torch.equal(batch["input_ids"][:, 1:], batch["labels"][:, :-1])
+    stream = dm.train_set.rows.reshape(-1).tolist()  # the rows in dataset order are the packed stream
+    pieces = _split_on(stream, TOK.eos_id)
+    whole_documents = pieces[1:-1]  # the first and last piece may be cut
+    assert len(whole_documents) > 10
+    assert all(TOK.decode(piece) in texts for piece in whole_documents)
+
+
+def _split_on(ids, separator):
+    pieces, current = [], []
+    for token in ids:
+        if token == separator:
+            pieces.append(current)
+            current = []
+        else:
+            current.append(token)
+    return pieces + [current]
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "txt", "parquet", "directory", "glob"])
+def test_local_files_load(tmp_path, kind):
+    texts = documents(40)
+    folder = tmp_path / "files"
+    folder.mkdir()
+    if kind == "txt":
+        (folder / "a.txt").write_text("\n\n".join(texts) + "\n")
+        source = str(folder / "a.txt")
+    elif kind == "parquet":
+        pd.DataFrame({"text": texts}).to_parquet(folder / "a.parquet")
+        source = str(folder / "a.parquet")
+    else:
+        write_jsonl(folder / "a.jsonl", texts[:20])
+        write_jsonl(folder / "b.jsonl", texts[20:])
+        source = {"jsonl": str(folder / "a.jsonl"), "directory": str(folder), "glob": str(folder / "*.jsonl")}[kind]
+    dm = module(tmp_path, source=source, seq_len=32, batch_size=2)
+    dm.setup()
+    expected = texts[:20] if kind == "jsonl" else texts
+    assert sorted(dm.documents(source)) == sorted(expected)
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["input_ids"].shape == (2, 32)
+    assert next(iter(dm.val_dataloader()))["input_ids"].shape[1] == 32
+
+
+def test_hf_source_on_a_local_dataset_directory(tmp_path):
+    texts = documents(30)
+    dataset_dir = tmp_path / "my_dataset"
+    dataset_dir.mkdir()
+    pd.DataFrame({"content": texts}).to_parquet(dataset_dir / "train.parquet")
+    for streaming in (False, True):
+        dm = module(tmp_path, source=f"hf:{dataset_dir}@train", text_field="content", seq_len=32, batch_size=2,
+                    streaming=streaming, max_documents=25, val_sources=[f"hf:{dataset_dir}"])
+        dm.setup()
+        assert dm.documents(dm.config.source) == texts[:25]
+        assert next(iter(dm.train_dataloader()))["input_ids"].shape == (2, 32)
+        val_loaders = dm.val_dataloader()
+        assert isinstance(val_loaders, list) and len(val_loaders) == 2 == len(dm.val_names)
+        assert dm.val_names[0] != dm.val_names[1]
+
+
+def test_synthetic_sources(tmp_path):
+    dm = module(tmp_path, source="niah", seq_len=256, batch_size=2, synthetic_train_size=8, synthetic_val_size=4,
+                val_sources=["recall", "embedded"])
+    dm.setup()
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["input_ids"].shape == (2, 256)
+    assert "The secret number for" in TOK.decode(batch["input_ids"][0].tolist())
+    assert dm.val_names == ["niah", "recall", "embedded"]
+    assert [len(loader.dataset) for loader in dm.val_dataloader()][:2] == [4, 4]
+
+    mixed = module(tmp_path, source="embedded", seq_len=256, batch_size=2, niah_fraction=0.25)
+    mixed.setup()
+    n_niah = len(mixed.train_set.datasets[1])
+    assert abs(n_niah / len(mixed.train_set) - 0.25) < 0.01
+
+
+# --------------------------------------------------------------------------- order and resuming
+
+
+def batch_stream(dm, n):
+    """The first ``n`` training batches, passing over the loader as often as needed."""
+    dm.setup()
+    batches = []
+    while len(batches) < n:
+        for batch in itertools.islice(dm.train_dataloader(), n - len(batches)):
+            dm.record_train_batch()
+            batches.append(batch["input_ids"])
+    return batches
+
+
+def test_order_is_deterministic_given_the_seed(tmp_path):
+    a = batch_stream(module(tmp_path, seq_len=64, batch_size=4, seed=7), 3)
+    b = batch_stream(module(tmp_path, seq_len=64, batch_size=4, seed=7), 3)
+    c = batch_stream(module(tmp_path, seq_len=64, batch_size=4, seed=8), 3)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not torch.equal(a[0], c[0])
+
+
+def test_state_dict_resumes_at_the_next_batch_without_a_trainer(tmp_path):
+    settings = dict(seq_len=128, batch_size=16, seed=3)
+    reference = module(tmp_path, **settings)
+    reference.setup()
+    per_epoch = reference.batches_per_epoch
+    order = batch_stream(reference, 2 * per_epoch + 1)
+    assert not torch.equal(order[0], order[per_epoch])  # epochs are shuffled differently
+
+    for consumed in (5, per_epoch - 1, per_epoch, per_epoch + 3, 2 * per_epoch):
+        dm = module(tmp_path, **settings)
+        batch_stream(dm, consumed)
+        state = dm.state_dict()
+        assert (state["epoch"], state["batches_consumed"]) == divmod(consumed, per_epoch)
+
+        resumed = module(tmp_path, **settings)
+        resumed.load_state_dict(state)  # before setup, as Lightning does
+        resumed.setup()
+        assert torch.equal(next(iter(resumed.train_dataloader()))["input_ids"], order[consumed])
+
+    changed = module(tmp_path, seq_len=128, batch_size=8, seed=3)
+    changed.setup()
+    with pytest.raises(ValueError, match="same data settings"):
+        changed.load_state_dict(state)
+
+
+class RecordingModel(L.LightningModule):
+    def __init__(self, vocab_size):
+        super().__init__()
+        self.embedding = torch.nn.Embedding(vocab_size, 4)
+        self.seen = []
+
+    def training_step(self, batch, batch_idx):
+        self.seen.append(batch["input_ids"].clone())
+        return self.embedding(batch["input_ids"]).pow(2).mean()
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", self.embedding(batch["input_ids"]).pow(2).mean())
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def fit(tmp_path, max_steps, ckpt_path=None, callbacks=()):
+    dm = module(tmp_path, source="recall", seq_len=64, batch_size=32, seed=1, synthetic_train_size=288)
+    model = RecordingModel(dm.vocab_size)
+    trainer = L.Trainer(
+        max_steps=max_steps, accelerator="cpu", logger=False, enable_checkpointing=bool(callbacks),
+        callbacks=list(callbacks), enable_progress_bar=False, enable_model_summary=False,
+        limit_val_batches=2, val_check_interval=4, default_root_dir=tmp_path,  # validation must not move the train position
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
+    return trainer, model, dm
+
+
+def test_trainer_resume_sees_exactly_the_uninterrupted_batches(tmp_path):
+    every_5_steps = L.pytorch.callbacks.ModelCheckpoint(
+        dirpath=tmp_path / "mid", every_n_train_steps=5, save_top_k=-1, filename="{step}"
+    )
+    _, full, dm = fit(tmp_path, max_steps=24, callbacks=[every_5_steps])
+    assert dm.batches_per_epoch == 9  # the run crosses two epoch boundaries
+    checkpoints = {int(p.stem.split("=")[1]): p for p in (tmp_path / "mid").glob("*.ckpt")}
+    assert sorted(checkpoints) == [5, 10, 15, 20]
+
+    for stop in (3, 9, 11):  # a run stopped by max_steps, continued later
+        trainer, first, _ = fit(tmp_path, max_steps=stop)
+        trainer.save_checkpoint(tmp_path / f"stop{stop}.ckpt")
+        checkpoints[stop] = tmp_path / f"stop{stop}.ckpt"
+        assert all(torch.equal(a, b) for a, b in zip(first.seen, full.seen[:stop]))
+
+    for step, path in sorted(checkpoints.items()):  # mid-run checkpoints and stopped runs
+        _, resumed, _ = fit(tmp_path, max_steps=24, ckpt_path=path)
+        assert len(resumed.seen) == 24 - step
+        assert all(torch.equal(a, b) for a, b in zip(resumed.seen, full.seen[step:])), f"resumed at step {step}"
+
+
+# --------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    "source, message",
+    [
+        ("s3://bucket/data.jsonl", "unknown scheme"),
+        ("foo:bar", "unknown scheme"),
+        ("embeded", "neither a known source"),
+        ("missing/file.jsonl", "does not exist"),
+        ("hf:", "names no dataset"),
+    ],
+)
+def test_bad_sources_are_clear_errors(source, message):
+    with pytest.raises(ValueError, match=message) as error:
+        DataConfig(source=source)
+    assert "data.source" in str(error.value) and "allowed forms" in str(error.value)
+
+
+def test_other_config_errors(tmp_path):
+    with pytest.raises(ValueError, match="data.val_sources\\[0\\]"):
+        DataConfig(val_sources=["nope.parquet"])
+    with pytest.raises(ValueError, match="data.val_fraction"):
+        DataConfig(val_fraction=1.5)
+    with pytest.raises(ValueError, match="data.seq_len"):
+        DataConfig(seq_len=0)
+    with pytest.raises(ValueError, match="unknown data option"):
+        DataConfig.from_dict({"sauce": "embedded"})
+    assert DataConfig.from_dict(DataConfig(val_sources=["niah"]).to_dict()) == DataConfig(val_sources=["niah"])
+
+
+def test_missing_text_field_and_unloadable_hf_dataset(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", documents(10), field="body")
+    dm = module(tmp_path, source=str(path))
+    with pytest.raises(ValueError, match=r"text_field='text'.*columns are \['body', 'other'\]"):
+        dm.setup()
+    dm = module(tmp_path, source="hf:surely-not-a-local/dataset")
+    with pytest.raises(ValueError, match="data.source='hf:surely-not-a-local/dataset'.*network"):
+        dm.setup()
