@@ -1,0 +1,339 @@
+"""``fwpkm eval {ppl,niah,gates,inspect}``: the paper's evaluations on any checkpoint.
+
+Each command writes its tables (CSV, JSON) and plots into ``--out`` (default: the run
+folder's ``eval/<command>``) and logs them into MLflow: into the checkpoint's own run when
+the run folder knows it, else into a new run of the experiment ``fwpkm-eval``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from lit.cli import register
+
+EPILOG = """examples:
+  fwpkm eval ppl --ckpt runs/tiny-1a2b --data embedded --window 256 --stream-len 16384
+  fwpkm eval niah --ckpt runs/tiny-1a2b --context-lens 1024 8192 32768 --iterations 0 1 2 3
+  fwpkm eval gates --ckpt runs/tiny-1a2b/checkpoints/last.ckpt --data embedded
+  fwpkm eval inspect --ckpt runs/tiny-1a2b --text "Some text to write." --slot 1:123
+  fwpkm eval niah --preset tiny --context-lens 512     # a random model: checks the pipeline
+"""
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def resolve_checkpoint(ckpt: str) -> tuple[Path, Optional[Path]]:
+    """(checkpoint file, run folder or None) for a checkpoint path or a run folder."""
+    path = Path(ckpt)
+    if path.is_dir():
+        last = path / "checkpoints" / "last.ckpt"
+        if not last.is_file():
+            raise FileNotFoundError(f"--ckpt {ckpt}: run folder has no checkpoints/last.ckpt")
+        return last, path
+    if not path.is_file():
+        raise FileNotFoundError(f"--ckpt {ckpt}: no such checkpoint file or run folder")
+    run_dir = path.parent.parent if path.parent.name == "checkpoints" else None
+    return path, run_dir
+
+
+def load(args) -> tuple:
+    """(model, tokenizer, run folder or None, MLflow run id or None)."""
+    from fwpkm import HybridLM, preset
+    from fwpkm.config import apply_overrides, ModelConfig
+    from lit.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(args.tokenizer)
+    if args.ckpt:
+        from lit.module import load_model
+        from lit.tracking import read_run_id
+
+        path, run_dir = resolve_checkpoint(args.ckpt)
+        model, _ = load_model(str(path))
+        run_id = read_run_id(run_dir) if run_dir else None
+    elif args.preset:
+        torch.manual_seed(args.seed)
+        config = ModelConfig.from_dict(apply_overrides(preset(args.preset).to_dict(),
+                                                       {"vocab_size": tokenizer.vocab_size}))
+        model, run_dir, run_id = HybridLM(config), None, None
+    else:
+        raise SystemExit("fwpkm eval: give --ckpt (a checkpoint or run folder) or --preset (a random model)")
+    if model.config.vocab_size < tokenizer.vocab_size:
+        raise SystemExit(f"--tokenizer {args.tokenizer}: vocab {tokenizer.vocab_size} exceeds the model's "
+                         f"{model.config.vocab_size}")
+    device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
+    return model.to(device).eval(), tokenizer, run_dir, run_id
+
+
+def corpus_tokens(source: str, tokenizer, max_tokens: int) -> torch.Tensor:
+    """Token ids of a data source (any DataModule source), documents joined with EOS."""
+    from lit.data import DataConfig, load_documents, parse_source
+
+    config = DataConfig(source=source)
+    docs = load_documents(parse_source(source, "--data"), config, "--data")
+    ids: list[int] = []
+    eos = getattr(tokenizer, "eos_id", None)
+    for doc in docs:
+        ids += tokenizer.encode(doc) + ([eos] if eos is not None else [])
+        if len(ids) >= max_tokens:
+            break
+    return torch.tensor(ids[:max_tokens])
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+class Outputs:
+    """Collects files into the output folder and logs them into MLflow at the end."""
+
+    def __init__(self, args, command: str, run_dir: Optional[Path], run_id: Optional[str]):
+        base = Path(args.out) if args.out else (run_dir or Path("runs") / "eval") / "eval"
+        self.dir = base / command
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.command, self.run_dir, self.run_id, self.enabled = command, run_dir, run_id, not args.no_mlflow
+        self.metrics: dict = {}
+
+    def table(self, name: str, rows: list[dict]) -> Path:
+        path = self.dir / f"{name}.csv"
+        if rows:
+            with path.open("w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+                writer.writeheader()
+                writer.writerows(rows)
+        (self.dir / f"{name}.json").write_text(json.dumps(rows, indent=1, default=str))
+        return path
+
+    def finish(self) -> None:
+        print(f"\nwritten to {self.dir}")
+        if not self.enabled:
+            return
+        import mlflow
+
+        from lit.tracking import default_tracking_uri
+
+        runs_folder = self.run_dir.parent if self.run_dir else Path("runs")
+        mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(runs_folder))
+        if self.run_id:
+            client = mlflow.MlflowClient()
+            for k, v in self.metrics.items():
+                client.log_metric(self.run_id, k, v)
+            client.log_artifacts(self.run_id, str(self.dir), f"eval/{self.command}")
+            print(f"logged into MLflow run {self.run_id}")
+        else:
+            mlflow.set_experiment("fwpkm-eval")
+            with mlflow.start_run(run_name=f"eval-{self.command}") as run:
+                mlflow.log_metrics(self.metrics)
+                mlflow.log_artifacts(str(self.dir), f"eval/{self.command}")
+                print(f"logged into MLflow run {run.info.run_id} (experiment fwpkm-eval)")
+
+
+def print_table(rows: list[dict], columns: Optional[list] = None) -> None:
+    if not rows:
+        print("(no rows)")
+        return
+    columns = columns or list(rows[0])
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
+    widths = [max(len(c), *(len(fmt(r[c])) for r in rows)) for c in columns]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    for r in rows:
+        print("  ".join(fmt(r[c]).ljust(w) for c, w in zip(columns, widths)))
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def cmd_ppl(args) -> None:
+    from lit.evaluation.ppl import streamed_perplexity, windowed_perplexity
+
+    model, tokenizer, run_dir, run_id = load(args)
+    out = Outputs(args, "ppl", run_dir, run_id)
+    tokens = corpus_tokens(args.data, tokenizer, args.max_tokens)
+    results = [windowed_perplexity(model, tokens, args.window, args.batch_size)]
+    if args.stream_len:
+        results.append(streamed_perplexity(model, tokens[: args.stream_len + 1], args.segment_len))
+    summary = [{"data": args.data, "mode": r.mode, "tokens": r.tokens, "loss": r.loss, "ppl": r.ppl} for r in results]
+    print_table(summary)
+    out.table("summary", summary)
+    for r in results:
+        out.metrics[f"eval/{r.mode}_ppl"] = r.ppl
+        out.table(f"loss_by_position_{r.mode}", r.position_table(args.bins))
+    _plot_position_loss(results, out.dir / "loss_by_position.png", args.bins)
+    out.finish()
+
+
+def _plot_position_loss(results, path: Path, bins: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for r in results:
+        rows = r.position_table(bins)
+        ax.plot([(x["start"] + x["end"]) / 2 for x in rows], [x["loss"] for x in rows], marker=".", label=r.mode)
+    ax.set_xlabel("token position")
+    ax.set_ylabel("loss (nats)")
+    ax.set_xscale("symlog")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def cmd_niah(args) -> None:
+    from lit.evaluation.niah import NIAHConfig, heatmaps, run_niah, summarise
+
+    model, tokenizer, run_dir, run_id = load(args)
+    out = Outputs(args, "niah", run_dir, run_id)
+    cfg = NIAHConfig(context_lens=args.context_lens, depths=args.depths, iterations=args.iterations,
+                     samples_per_cell=args.samples, chunk_policy=args.chunk_policy, segment_len=args.segment_len,
+                     seed=args.seed)
+    haystack = corpus_tokens(args.haystack, tokenizer, max(args.context_lens) * 2 + 4096).tolist()
+    rows = run_niah(model, tokenizer, haystack, cfg)
+    summary = summarise(rows)
+    print_table(summary)
+    out.table("samples", rows)
+    out.table("summary", summary)
+    heatmaps(rows, str(out.dir / "heatmap"))
+    for s in summary:
+        out.metrics[f"niah/exact_{s['context_len']}_n{s['iterations']}"] = s["exact"]
+    out.finish()
+
+
+def cmd_gates(args) -> None:
+    from lit.evaluation.inspect import addressing_stats, collect_gates, gate_histograms, gate_summary
+
+    model, tokenizer, run_dir, run_id = load(args)
+    out = Outputs(args, "gates", run_dir, run_id)
+    tokens = corpus_tokens(args.data, tokenizer, args.max_tokens)
+    n = len(tokens) // args.window
+    batches = tokens[: n * args.window].view(n, args.window).split(args.batch_size)
+    gates = collect_gates(model, batches)
+    if not gates:
+        raise SystemExit("fwpkm eval gates: the model has no gated fast-weight layer")
+    summary = gate_summary(gates)
+    print_table(summary)
+    stats = addressing_stats(model, batches)
+    print()
+    print_table(stats)
+    out.table("gates", summary)
+    out.table("addressing", stats)
+    gate_histograms(gates, str(out.dir / "gate_histograms.png"))
+    for r in summary:
+        out.metrics[f"gates/layer{r['layer']}_mean"] = r["mean"]
+    out.finish()
+
+
+def cmd_inspect(args) -> None:
+    from lit.evaluation.inspect import MemoryInspector
+    from lit.synthetic import make_niah_sample
+
+    model, tokenizer, run_dir, run_id = load(args)
+    out = Outputs(args, "inspect", run_dir, run_id)
+    inspector = MemoryInspector(model, tokenizer)
+    if args.needle:
+        haystack = corpus_tokens(args.haystack, tokenizer, args.context_len * 2).tolist()
+        sample = make_niah_sample(haystack, tokenizer, context_len=args.context_len, seed=args.seed)
+        report = inspector.needle(sample)
+        print(f"needle {sample.keys[sample.target_index]} = {sample.answer}")
+        rows = [{"layer": r["layer"], "written": len(r["written_slots"]), "read": len(r["read_slots"]),
+                 "overlap": len(r["overlap"]), "overlap_slots": " ".join(map(str, r["overlap"][:16]))} for r in report]
+        print_table(rows)
+        out.table("needle", rows)
+    else:
+        text = args.text if args.text is not None else Path(args.text_file).read_text()
+        inspector.read(tokenizer.encode(text), chunk_size=args.chunk_size)
+        slots = [tuple(map(int, s.split(":"))) for s in args.slot] or _busiest(inspector, 5)
+        rows = []
+        for layer, slot in slots:
+            history = inspector.slot_history(layer, slot)[: args.top]
+            print(f"\nlayer {layer} slot {slot}: {len(inspector.writes.get((layer, slot), []))} writes")
+            for w in history:
+                print(f"  w={w.weight:.3f} pos {w.position:>6}  {w.context!r}")
+                rows.append({"layer": layer, "slot": slot, "weight": w.weight, "position": w.position,
+                             "context": w.context})
+        out.table("slot_history", rows)
+    out.finish()
+
+
+def _busiest(inspector, n: int) -> list:
+    ranked = sorted(inspector.writes.items(), key=lambda kv: -sum(w.weight for w in kv[1]))
+    return [key for key, _ in ranked[:n]]
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fwpkm eval", description=__doc__, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, metavar="{ppl,niah,gates,inspect}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--ckpt", help="a checkpoint file or a run folder (uses checkpoints/last.ckpt)")
+    common.add_argument("--preset", help="evaluate a randomly initialised model of this preset instead")
+    common.add_argument("--tokenizer", default="byte", help="the training run's tokenizer (default: byte)")
+    common.add_argument("--out", help="output folder (default: <run folder>/eval/<command>)")
+    common.add_argument("--no-mlflow", action="store_true", help="do not log into MLflow")
+    common.add_argument("--seed", type=int, default=0)
+    common.add_argument("--cpu", action="store_true", help="stay on the CPU even when CUDA is available")
+
+    ppl = sub.add_parser("ppl", parents=[common], help="perplexity in windows and streamed, loss by position")
+    ppl.add_argument("--data", default="embedded", help="any data source: embedded, hf:NAME[:CONFIG], a local file")
+    ppl.add_argument("--window", type=int, default=256, help="tokens predicted per window")
+    ppl.add_argument("--batch-size", type=int, default=8)
+    ppl.add_argument("--max-tokens", type=int, default=65536, help="tokens of the source to evaluate on")
+    ppl.add_argument("--stream-len", type=int, default=16384, help="length of the streamed input (0: skip)")
+    ppl.add_argument("--segment-len", type=int, default=512, help="tokens fed per call when streaming")
+    ppl.add_argument("--bins", type=int, default=32, help="position bins of the loss-by-position table")
+    ppl.set_defaults(fn=cmd_ppl)
+
+    niah = sub.add_parser("niah", parents=[common], help="needle in a haystack with iterative memorisation")
+    niah.add_argument("--context-lens", type=int, nargs="+", default=[1024])
+    niah.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9])
+    niah.add_argument("--iterations", type=int, nargs="+", default=[0, 1, 2, 3],
+                      help="extra passes over the haystack before the question")
+    niah.add_argument("--samples", type=int, default=2, help="samples per (context length, depth)")
+    niah.add_argument("--chunk-policy", choices=["input", "model"], default="input",
+                      help="input: chunk size = input length, one write per pass (the paper); model: trained chunk")
+    niah.add_argument("--segment-len", type=int, default=2048, help="tokens fed per call")
+    niah.add_argument("--haystack", default="embedded", help="data source of the haystack text")
+    niah.set_defaults(fn=cmd_niah)
+
+    gates = sub.add_parser("gates", parents=[common], help="gate distributions and addressing statistics")
+    gates.add_argument("--data", default="embedded")
+    gates.add_argument("--window", type=int, default=256)
+    gates.add_argument("--batch-size", type=int, default=8)
+    gates.add_argument("--max-tokens", type=int, default=32768)
+    gates.set_defaults(fn=cmd_gates)
+
+    insp = sub.add_parser("inspect", parents=[common], help="which (query, target, context) wrote each slot")
+    src = insp.add_mutually_exclusive_group()
+    src.add_argument("--text", help="text to read and write into memory")
+    src.add_argument("--text-file", help="a file of text to read")
+    src.add_argument("--needle", action="store_true", help="trace a needle: slots written and read at question")
+    insp.add_argument("--slot", nargs="*", default=[], metavar="LAYER:SLOT", help="slots to show (default: busiest)")
+    insp.add_argument("--top", type=int, default=10, help="writes shown per slot")
+    insp.add_argument("--chunk-size", type=int, help="chunk size while reading (default: the model's)")
+    insp.add_argument("--context-len", type=int, default=1024, help="needle mode: haystack length")
+    insp.add_argument("--haystack", default="embedded")
+    insp.set_defaults(fn=cmd_inspect)
+    return p
+
+
+def main(argv: list[str]) -> int:
+    """Evaluate a checkpoint: perplexity, needle in a haystack, gates, memory inspection."""
+    args = parser().parse_args(argv)
+    if args.command == "inspect" and not (args.text or args.text_file or args.needle):
+        raise SystemExit("fwpkm eval inspect: give --text, --text-file or --needle")
+    args.fn(args)
+    return 0
+
+
+register("eval", main)

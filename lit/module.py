@@ -1,0 +1,644 @@
+"""The LightningModule that trains any :class:`fwpkm.HybridLM` configuration.
+
+What it does (spec sections 5-6):
+
+* next-token cross-entropy on ``{"input_ids", "labels"}`` batches (labels -100 carry no loss);
+* AdamW with two parameter groups: weight decay on matrices only, none on norms, biases
+  and parameters marked ``_no_weight_decay`` (``A_log``, ``dt_bias``). Fast weights are
+  buffers, never parameters, so they never reach the optimizer;
+* linear warm-up then cosine decay to ``min_lr``, stepped every optimizer step;
+* gradient clipping by global norm (``OptimConfig.grad_clip``; the Trainer's
+  ``gradient_clip_val`` wins when set);
+* the FA->SWA trick: with probability ``p`` a training step runs every full-attention layer as
+  sliding-window attention of the memory chunk size. The coin of step ``s`` is drawn from a
+  generator seeded by ``(seed, s)``, so it needs no RNG state and resumes exactly;
+* logging every step: loss, perplexity, lr, tokens/s, gradient norm and, per fast-weight
+  layer, the memorisation and addressing losses, the gate mean, the addressing statistics
+  (collision, coverage, KL to uniform) and the inner-gradient norms;
+* validation perplexity per validation set (torchmetrics), the first set also as ``val/ppl``.
+
+Fast-weight state
+-----------------
+The fast weights are registered buffers of the memory layers. They persist from one
+training step to the next, are part of ``state_dict`` and therefore of every checkpoint,
+and come back on resume with the weights.
+
+Validation never leaks into training: the training state is snapshotted when a
+validation (or test) epoch starts, every validation set starts from that same training
+state (the memory keeps writing *within* a set, batch after batch, as in training), and
+the snapshot is restored when the epoch ends, so training continues with exactly the state
+it had before validating.
+
+Distributed training (DDP, and FSDP where it applies)
+------------------------------------------------------
+Each rank writes its own batch into its memory during the forward pass. Policy
+``TrainConfig.ddp_fast_weights``:
+
+* ``"mean"`` (default): right after the forward of every training step the fast-weight
+  buffers are averaged over the ranks (one ``all_reduce`` of the flattened buffers). Every
+  rank then holds the same memory, which is the state rank 0 saves in checkpoints, so a
+  checkpoint is coherent and resuming on any number of ranks is well defined. Averaging
+  the per-rank updates theta + mean_r(delta_r) is the data-parallel analogue of one write
+  with the global batch (exactly so for the plain gradient, and the same step size per
+  slot for the N_read-scaled one). Cost: one all_reduce of the memory per step, the same
+  order as the gradient all_reduce of the slow PKM values.
+* ``"local"``: every rank keeps its own memory (no communication). Checkpoints hold rank 0's
+  memory; on resume every rank starts from it.
+
+DDP's own buffer broadcast (``broadcast_buffers=True``, rank 0 -> all before every
+forward) would silently discard every other rank's writes; it is switched off in
+:meth:`FwPKMLitModule.setup`. FSDP shards parameters only: the fast-weight buffers stay
+whole on every rank, so the same policy applies unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import time
+from dataclasses import dataclass
+from typing import Any, Optional, Union
+
+import lightning as L
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from fwpkm import HybridLM, ModelConfig
+from fwpkm import preset as make_preset
+from fwpkm.config import ConfigError, apply_overrides, check_choice, flatten
+
+CHECKPOINT_KEY = "fwpkm"  # our own section of a Lightning checkpoint
+CHECKPOINT_FORMAT = 1
+NAN_POLICIES = ("stop", "skip")
+DDP_FAST_WEIGHT_POLICIES = ("mean", "local")
+
+
+class NonFiniteLossError(RuntimeError):
+    """A NaN/Inf loss or gradient under ``nan_policy="stop"``; the message has the step and layer statistics."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be loaded safely, or does not match the configured model."""
+
+
+# --------------------------------------------------------------------------- configs
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and its schedule (spec section 6: peak 3e-4 decayed to 3e-5, wd 0.1, warm-up 100).
+
+    Args:
+        lr: peak learning rate, reached at the end of the warm-up.
+        min_lr: the cosine decays to this.
+        warmup_steps: optimizer steps of linear warm-up (from lr/warmup_steps).
+        decay_steps: step at which the cosine reaches min_lr; null = trainer.max_steps.
+        weight_decay: AdamW weight decay, on matrices only (not on norms, biases, A_log, dt_bias).
+        betas: AdamW betas.
+        eps: AdamW epsilon.
+        grad_clip: maximum global gradient norm; null or 0 = no clipping
+            (trainer.gradient_clip_val wins when set).
+    """
+
+    lr: float = 3e-4  # peak learning rate, reached at the end of the warm-up
+    min_lr: float = 3e-5  # the cosine decays to this
+    warmup_steps: int = 100  # linear warm-up from lr/warmup_steps
+    decay_steps: Optional[int] = None  # step where the cosine reaches min_lr; default: trainer.max_steps
+    weight_decay: float = 0.1  # on matrices only: not on norms, biases, A_log, dt_bias
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    grad_clip: Optional[float] = 1.0  # max global gradient norm; None or 0 = no clipping
+
+    def __post_init__(self):
+        self.betas = tuple(float(b) for b in self.betas)
+        if not (self.lr > 0 and 0 <= self.min_lr <= self.lr):
+            raise ConfigError(f"optim.lr={self.lr} must be > 0 and optim.min_lr={self.min_lr} in [0, lr]")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"optim.warmup_steps={self.warmup_steps} must be >= 0")
+        if self.decay_steps is not None and self.decay_steps <= 0:
+            raise ConfigError(f"optim.decay_steps={self.decay_steps} must be > 0 or None (= trainer.max_steps)")
+        if self.weight_decay < 0:
+            raise ConfigError(f"optim.weight_decay={self.weight_decay} must be >= 0")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"optim.betas={self.betas} must be two numbers in [0, 1)")
+        if self.grad_clip is not None and self.grad_clip < 0:
+            raise ConfigError(f"optim.grad_clip={self.grad_clip} must be >= 0 or None")
+
+
+@dataclass
+class TrainConfig:
+    """Training behaviour that is not the optimizer.
+
+    Args:
+        fa_to_swa_prob: probability that a training step runs full attention as sliding-window
+            attention of the memory chunk size (FA->SWA, paper: 0.9); null = the model config's value.
+        nan_policy: on a NaN/Inf loss or gradient: "stop" raises with the step and the per-layer
+            memory statistics; "skip" drops the batch (no update, fast-weight memory restored).
+        plot_every_n_steps: gate histograms and slot-usage plots every this many steps; 0 = never.
+        ddp_fast_weights: with several ranks: "mean" averages the fast-weight memory over the ranks
+            after every step (identical memory everywhere, coherent checkpoints); "local" keeps it
+            per rank (checkpoints hold rank 0's).
+    """
+
+    fa_to_swa_prob: Optional[float] = None  # FA->SWA probability per step; None = the model config's value
+    nan_policy: str = "stop"  # stop: raise with step and layer stats | skip: drop the batch (memory restored)
+    plot_every_n_steps: int = 100  # gate histograms and slot usage plots; 0 = never
+    ddp_fast_weights: str = "mean"  # mean: all_reduce the memory after every step | local: keep per rank
+
+    def __post_init__(self):
+        if self.fa_to_swa_prob is not None and not 0.0 <= self.fa_to_swa_prob <= 1.0:
+            raise ConfigError(f"train.fa_to_swa_prob={self.fa_to_swa_prob} must be in [0, 1] or None")
+        check_choice("train.nan_policy", self.nan_policy, NAN_POLICIES)
+        check_choice("train.ddp_fast_weights", self.ddp_fast_weights, DDP_FAST_WEIGHT_POLICIES)
+        if self.plot_every_n_steps < 0:
+            raise ConfigError(f"train.plot_every_n_steps={self.plot_every_n_steps} must be >= 0")
+
+
+def _as_dataclass(cls, value):
+    if value is None:
+        return cls()
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, dict):
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ConfigError(f"unknown {cls.__name__} option(s) {unknown}; known: {sorted(known)}")
+        return cls(**value)
+    if dataclasses.is_dataclass(value):  # e.g. a copy made by the argument parser
+        return cls(**dataclasses.asdict(value))
+    raise ConfigError(f"expected a {cls.__name__} or a dict, got {type(value).__name__}")
+
+
+def build_model_config(preset: str = "tiny", overrides: Optional[dict] = None,
+                       vocab_size: Optional[int] = None) -> ModelConfig:
+    """A preset's :class:`ModelConfig` with dotted ``overrides`` applied and ``vocab_size`` set."""
+    data = make_preset(preset).to_dict()
+    overrides = dict(overrides or {})
+    if vocab_size is not None:
+        given = overrides.get("vocab_size")
+        if given is not None and int(given) != int(vocab_size):
+            raise ConfigError(f"model override vocab_size={given} disagrees with the tokenizer's vocab_size={vocab_size}; "
+                              "drop the override (the vocabulary comes from data.tokenizer)")
+        overrides["vocab_size"] = int(vocab_size)
+    return ModelConfig.from_dict(apply_overrides(data, overrides))
+
+
+def lr_factor(step: int, optim: OptimConfig, total_steps: int) -> float:
+    """Multiplier of ``optim.lr`` at optimizer step ``step``: linear warm-up, cosine to ``min_lr``."""
+    if optim.warmup_steps > 0 and step < optim.warmup_steps:
+        return (step + 1) / optim.warmup_steps
+    span = max(1, total_steps - optim.warmup_steps)
+    progress = min(1.0, max(0.0, (step - optim.warmup_steps) / span))
+    lr = optim.min_lr + (optim.lr - optim.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return lr / optim.lr
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: decay on matrices (>= 2 dims); none on norms, biases, ``_no_weight_decay``."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim < 2 or getattr(p, "_no_weight_decay", False):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
+            {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+
+
+def fa_to_swa_coin(seed: int, step: int, prob: float) -> bool:
+    """The FA->SWA decision of a step: a pure function of (seed, step), so resuming needs no RNG state."""
+    if prob <= 0.0:
+        return False
+    if prob >= 1.0:
+        return True
+    return random.Random(f"{seed}/fa_to_swa/{step}").random() < prob
+
+
+# --------------------------------------------------------------------------- the module
+
+
+class FwPKMLitModule(L.LightningModule):
+    """Train a hybrid FwPKM language model.
+
+    Args:
+        preset: model preset name (``fwpkm.preset_names()``), e.g. ``tiny``,
+            ``tiny-gdn-fwpkm``, ``paper-swa_interleave-pkm-fwpkm``.
+        overrides: dotted model-config overrides applied to the preset, e.g.
+            ``{"block.memory.addr_loss_weight": 0.1, "d_model": 64}``.
+        vocab_size: vocabulary size; the command line sets it from ``data.tokenizer``.
+        optim: AdamW and learning-rate schedule.
+        train: FA->SWA probability, NaN policy, plot period, DDP fast-weight policy.
+        seed: seeds the FA->SWA coin; the command line sets it from ``seed_everything``.
+        config: a complete model config (dict); when given, ``preset`` and ``overrides``
+            only label the run. Used when a model is rebuilt from a checkpoint.
+    """
+
+    def __init__(
+        self,
+        preset: str = "tiny",
+        overrides: Optional[dict[str, Any]] = None,
+        vocab_size: Optional[int] = None,
+        optim: OptimConfig = OptimConfig(),
+        train: TrainConfig = TrainConfig(),
+        seed: int = 0,
+        config: Optional[dict[str, Any]] = None,
+    ):
+        super().__init__()
+        self.optim_config = _as_dataclass(OptimConfig, optim)
+        self.train_config = _as_dataclass(TrainConfig, train)
+        if config is not None:
+            model_config = ModelConfig.from_dict(dict(config))
+        else:
+            model_config = build_model_config(preset, overrides, vocab_size)
+        self.preset, self.overrides, self.seed = preset, dict(overrides or {}), int(seed)
+        self.model = HybridLM(model_config)
+        self.save_hyperparameters({
+            "preset": preset,
+            "overrides": self.overrides,
+            "vocab_size": model_config.vocab_size,
+            "optim": dataclasses.asdict(self.optim_config),
+            "train": dataclasses.asdict(self.train_config),
+            "seed": self.seed,
+            "config": model_config.to_dict(),
+        })
+        self._log_hyperparams = False  # the tracking callback logs the full run config itself
+        self.val_names: list[str] = []
+        self.val_ppl = torch.nn.ModuleList()
+        self.last_memory: dict = {}  # layer -> {"indices", "gates"} of the last training step (for plots)
+        self.skipped_batches = 0
+        self._val_state: Optional[dict] = None
+        self._val_loader: int = -1
+        self._skip_snapshot: Optional[dict] = None
+        self._step_start: Optional[float] = None
+        self._grad_norm: Optional[Tensor] = None
+
+    # ----------------------------------------------------------------- properties
+
+    @property
+    def model_config(self) -> ModelConfig:
+        return self.model.config
+
+    @property
+    def fa_to_swa_prob(self) -> float:
+        p = self.train_config.fa_to_swa_prob
+        return self.model_config.fa_to_swa_prob if p is None else p
+
+    # ----------------------------------------------------------------- setup
+
+    def setup(self, stage: str) -> None:
+        _disable_ddp_buffer_broadcast(self.trainer)
+        datamodule = getattr(self.trainer, "datamodule", None)
+        names = list(getattr(datamodule, "val_names", None) or ["val"])
+        if names != self.val_names:
+            from torchmetrics.text import Perplexity
+
+            self.val_names = names
+            self.val_ppl = torch.nn.ModuleList(Perplexity(ignore_index=-100) for _ in names)
+        tokenizer = getattr(datamodule, "tokenizer", None)
+        if tokenizer is not None and tokenizer.vocab_size > self.model_config.vocab_size:
+            raise ConfigError(f"data.tokenizer={getattr(tokenizer, 'name', tokenizer)!r} has vocab_size="
+                              f"{tokenizer.vocab_size} but the model was built with vocab_size="
+                              f"{self.model_config.vocab_size}: token ids would not fit")
+
+    def configure_optimizers(self):
+        o = self.optim_config
+        groups = parameter_groups(self.model, o.weight_decay)
+        optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+        total = o.decay_steps or self._default_decay_steps()
+
+        def factor(step: int) -> float:
+            return lr_factor(step, o, total)
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+
+    def _default_decay_steps(self) -> int:
+        trainer = self._trainer
+        if trainer is None:
+            return 1
+        if trainer.max_steps and trainer.max_steps > 0:
+            return int(trainer.max_steps)
+        total = trainer.estimated_stepping_batches
+        return int(total) if math.isfinite(total) else 1
+
+    # ----------------------------------------------------------------- training
+
+    def forward(self, input_ids: Tensor, labels: Optional[Tensor] = None, **kwargs):
+        return self.model(input_ids, labels=labels, **kwargs)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._step_start = time.perf_counter()
+
+    def training_step(self, batch: dict, batch_idx: int):
+        step = self.global_step
+        fa_to_swa = fa_to_swa_coin(self.seed, step, self.fa_to_swa_prob)
+        skip_mode = self.train_config.nan_policy == "skip"
+        self._skip_snapshot = self.model.fast_weight_state() if skip_mode else None
+        out = self.model(batch["input_ids"], labels=batch["labels"], fa_to_swa=fa_to_swa)
+        loss = out.loss
+        stats = memory_stats(out)
+        bad = not bool(torch.isfinite(loss.detach()))
+        if self.trainer.world_size > 1:  # every rank must take the same branch
+            bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
+        if bad:
+            return self._non_finite("loss", loss.detach(), stats)
+        self._sync_fast_weights()
+        self.last_memory = {i: {"indices": mo.indices, "gates": mo.gates} for i, mo in out.memory.items()}
+        self._log_train_step(loss.detach(), stats, fa_to_swa, batch["input_ids"].shape[0])
+        return loss
+
+    def _non_finite(self, what: str, value: Tensor, stats: dict):
+        step = self.global_step
+        report = _format_stats(stats)
+        bad_buffers = [k for k, t in self.model.fast_weight_state().items() if not torch.isfinite(t).all()]
+        message = (f"non-finite {what} ({float(value):.6g}) at global step {step} (epoch {self.current_epoch}); "
+                   f"fast-weight buffers with NaN/Inf: {bad_buffers or 'none'}; layer statistics: {report}")
+        if self.train_config.nan_policy == "stop":
+            raise NonFiniteLossError(message + ". Set --model.train.nan_policy skip to drop such batches instead.")
+        if self._skip_snapshot is not None:  # the forward already wrote this batch into the memory: undo it
+            self.model.load_fast_weight_state(self._skip_snapshot)
+        self.skipped_batches += 1
+        self.print(f"[fwpkm] skipping batch: {message}")
+        self.log("train/skipped_batches", float(self.skipped_batches), on_step=True, on_epoch=False)
+        return None
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        clip = gradient_clip_val if gradient_clip_val is not None else self.optim_config.grad_clip
+        params = [p for p in self.parameters() if p.grad is not None]
+        if not params:
+            return
+        max_norm = clip if clip else float("inf")
+        if gradient_clip_algorithm == "value" and clip:
+            torch.nn.utils.clip_grad_value_(params, clip)
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
+        elif _is_fsdp(self.trainer):  # sharded gradients: FSDP computes the global norm itself
+            norm = self.trainer.strategy.model.clip_grad_norm_(max_norm)
+        else:
+            norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if str(self.trainer.precision).startswith("16"):
+            return  # fp16 loss scaling: inf gradients are expected and the GradScaler skips those steps
+        if not torch.isfinite(norm):
+            self._non_finite("gradient norm", norm, {})
+            for p in self.parameters():  # nan_policy=skip: AdamW leaves parameters without gradient alone
+                p.grad = None
+            return
+        self._grad_norm = norm.detach()
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._skip_snapshot = None
+        if self._step_start is not None and outputs is not None:
+            elapsed = max(time.perf_counter() - self._step_start, 1e-9)
+            tokens = batch["input_ids"].numel() * self.trainer.world_size
+            self.log("train/tokens_per_s", tokens / elapsed, on_step=True, on_epoch=False, prog_bar=True,
+                     batch_size=batch["input_ids"].shape[0])
+        if self._grad_norm is not None:
+            self.log("train/grad_norm", self._grad_norm, on_step=True, on_epoch=False)
+            self._grad_norm = None
+
+    def _log_train_step(self, loss: Tensor, stats: dict, fa_to_swa: bool, batch_size: int) -> None:
+        metrics = {
+            "train/loss": loss,
+            "train/ppl": torch.exp(loss.clamp(max=50.0)),
+            "train/lr": torch.tensor(self._current_lr()),
+            "train/fa_to_swa": torch.tensor(float(fa_to_swa)),
+        }
+        for layer, values in stats.items():
+            for name, value in values.items():
+                metrics[f"mem/L{layer}/{name}"] = value
+        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=batch_size)
+        metrics.pop("train/loss")
+        self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=batch_size)
+
+    def _current_lr(self) -> float:
+        try:
+            return float(self.trainer.optimizers[0].param_groups[0]["lr"])
+        except (AttributeError, IndexError, RuntimeError):
+            return float("nan")
+
+    # ----------------------------------------------------------------- fast weights across ranks
+
+    def _sync_fast_weights(self) -> None:
+        """DDP policy "mean": average every fast-weight buffer over the ranks (see module docstring)."""
+        if self.train_config.ddp_fast_weights != "mean" or not (dist.is_available() and dist.is_initialized()):
+            return
+        world = dist.get_world_size()
+        if world == 1:
+            return
+        buffers = [b for m in self.model.fast_weight_memories().values() for b in m.buffers()]
+        if not buffers:
+            return
+        flat = torch.cat([b.detach().reshape(-1).float() for b in buffers])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat /= world
+        offset = 0
+        with torch.no_grad():
+            for b in buffers:
+                n = b.numel()
+                b.copy_(flat[offset:offset + n].view_as(b).to(b.dtype))
+                offset += n
+
+    # ----------------------------------------------------------------- validation
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_state = self.model.fast_weight_state()
+        self._val_loader = 0
+
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if dataloader_idx != self._val_loader:  # every validation set starts from the training state
+            self.model.load_fast_weight_state(self._val_state)
+            self._val_loader = dataloader_idx
+        # The memory writes while evaluating, and its key update takes an (inner) autograd gradient,
+        # which inference mode forbids: run in plain no-grad mode on normal (non-inference) tensors.
+        with torch.inference_mode(False), torch.no_grad():
+            input_ids, labels = batch["input_ids"].clone(), batch["labels"].clone()
+            out = self.model(input_ids, labels=labels)
+            self.val_ppl[dataloader_idx].update(out.logits.float(), labels)
+
+    def on_validation_epoch_end(self) -> None:
+        for i, (name, metric) in enumerate(zip(self.val_names, self.val_ppl)):
+            if not metric.update_called:
+                continue
+            with torch.inference_mode(False):  # keep the metric's states normal tensors (see validation_step)
+                ppl = metric.compute()
+                metric.reset()
+            self.log(f"val/{name}/ppl", ppl, add_dataloader_idx=False)
+            self.log(f"val/{name}/loss", torch.log(ppl), add_dataloader_idx=False)
+            if i == 0:
+                self.log("val/ppl", ppl, prog_bar=True, add_dataloader_idx=False)
+        self._restore_after_eval()
+
+    def on_validation_end(self) -> None:
+        self._restore_after_eval()  # also when the epoch ended early
+
+    def on_test_epoch_start(self) -> None:
+        self._val_state = self.model.fast_weight_state()
+
+    def on_test_epoch_end(self) -> None:
+        self._restore_after_eval()
+
+    def _restore_after_eval(self) -> None:
+        if self._val_state is not None:
+            self.model.load_fast_weight_state(self._val_state)
+            self._val_state = None
+
+    # ----------------------------------------------------------------- checkpoints
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint[CHECKPOINT_KEY] = {
+            "format": CHECKPOINT_FORMAT,
+            "model_config": self.model_config.to_dict(),
+            "preset": self.preset,
+            "rng": _rng_state(),
+            "skipped_batches": self.skipped_batches,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        check_checkpoint_matches(checkpoint, self, source="the checkpoint")
+        ours = checkpoint[CHECKPOINT_KEY]
+        self.skipped_batches = int(ours.get("skipped_batches", 0))
+        if ours.get("rng"):
+            _set_rng_state(ours["rng"])
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def memory_stats(out) -> dict:
+    """Layer -> {stat: scalar tensor}: the memory's own statistics plus the gate mean."""
+    stats = {}
+    for layer, mo in out.memory.items():
+        values = {k: torch.as_tensor(v).detach().float() for k, v in mo.stats.items()}
+        if mo.gates is not None:
+            values["gate_mean"] = mo.gates.detach().float().mean()
+        stats[layer] = values
+    return stats
+
+
+def _format_stats(stats: dict) -> str:
+    if not stats:
+        return "{}"
+    return "; ".join(f"layer {layer}: " + ", ".join(f"{k}={float(v):.4g}" for k, v in sorted(values.items()))
+                     for layer, values in sorted(stats.items()))
+
+
+def _is_fsdp(trainer) -> bool:
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    return isinstance(getattr(trainer, "strategy", None), FSDPStrategy)
+
+
+def _disable_ddp_buffer_broadcast(trainer) -> None:
+    """DDP would copy rank 0's buffers (the fast weights) over every rank before each forward."""
+    from lightning.pytorch.strategies import DDPStrategy
+
+    strategy = getattr(trainer, "strategy", None)
+    if isinstance(strategy, DDPStrategy):
+        strategy._ddp_kwargs["broadcast_buffers"] = False
+
+
+def _rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"name": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    try:
+        random.setstate(_as_tuple(state["python"]))
+        n = state["numpy"]
+        np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                             n["cached_gaussian"]))
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(state["cuda"])
+    except (KeyError, TypeError, ValueError, RuntimeError):
+        pass  # RNG states are a courtesy: training itself draws no global randomness
+
+
+def _as_tuple(x):
+    return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def config_differences(saved: dict, current: dict, limit: int = 12) -> list[str]:
+    a, b = flatten(saved), flatten(current)
+    keys = sorted(set(a) | set(b))
+    diffs = [f"{k}: checkpoint={a.get(k, '<missing>')!r} vs now={b.get(k, '<missing>')!r}"
+             for k in keys if _normalise(a.get(k)) != _normalise(b.get(k))]
+    return diffs[:limit] + ([f"... and {len(diffs) - limit} more"] if len(diffs) > limit else [])
+
+
+def _normalise(v):
+    return list(v) if isinstance(v, tuple) else v
+
+
+def check_checkpoint_matches(checkpoint: Any, module: FwPKMLitModule, source: str = "checkpoint") -> None:
+    """Raise :class:`CheckpointError` unless ``checkpoint`` was written for this model."""
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise CheckpointError(f"{source} is not a Lightning checkpoint (no 'state_dict')")
+    ours = checkpoint.get(CHECKPOINT_KEY)
+    if not isinstance(ours, dict) or "model_config" not in ours:
+        raise CheckpointError(f"{source} was not written by fwpkm training (no '{CHECKPOINT_KEY}' section)")
+    if ours.get("format", 0) > CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{source} has format {ours.get('format')}, newer than this code ({CHECKPOINT_FORMAT})")
+    diffs = config_differences(ours["model_config"], module.model_config.to_dict())
+    if diffs:
+        raise CheckpointError(f"{source} holds a different model than the one configured; differences: "
+                              + "; ".join(diffs)
+                              + ". Use the run's original options, or a new --run_dir for a new model")
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in checkpoint["state_dict"].items()}
+    missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+    wrong = [f"{k}: checkpoint {found[k]} vs model {expected[k]}" for k in expected if k in found and found[k] != expected[k]]
+    if missing or unexpected or wrong:
+        raise CheckpointError(f"{source} does not fit the model: missing {missing[:8]}, unexpected {unexpected[:8]}, "
+                              f"wrong shapes {wrong[:8]}")
+
+
+def load_checkpoint(path: str, map_location: Union[str, torch.device] = "cpu") -> dict:
+    """``torch.load(path, weights_only=True)`` with a clear :class:`CheckpointError` on failure."""
+    import os
+
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path!r} does not exist")
+    try:
+        try:  # memory-mapped: checking a large checkpoint costs no extra copy
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=True)
+        except RuntimeError as err:
+            if "mmap" not in str(err):
+                raise
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # zip errors, unpickling errors, truncated files ...
+        raise CheckpointError(
+            f"checkpoint {path!r} cannot be loaded safely (torch.load weights_only=True failed: "
+            f"{type(err).__name__}: {err}). It is corrupt (e.g. the process died while writing it) or not a "
+            "checkpoint of this project; delete it to start over or resume from another one") from err
+
+
+def load_model(path: str, map_location: Union[str, torch.device] = "cpu") -> tuple[HybridLM, dict]:
+    """The trained :class:`HybridLM` of a training checkpoint (weights and fast weights) and the checkpoint's
+    ``fwpkm`` section (``model_config``, ``preset``), loaded with ``weights_only=True``."""
+    checkpoint = load_checkpoint(path, map_location)
+    ours = checkpoint.get(CHECKPOINT_KEY) if isinstance(checkpoint, dict) else None
+    if not isinstance(ours, dict) or "model_config" not in ours or "state_dict" not in checkpoint:
+        raise CheckpointError(f"checkpoint {path!r} was not written by fwpkm training")
+    model = HybridLM(ModelConfig.from_dict(ours["model_config"]))
+    prefix = "model."
+    state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise CheckpointError(f"checkpoint {path!r} does not fit its own model config: {err}") from err
+    return model, {k: v for k, v in ours.items() if k != "rng"}

@@ -1,0 +1,235 @@
+"""MLflow tracking: where runs are stored, what each run records, and how a resumed run
+finds its MLflow run again.
+
+Store. Without ``MLFLOW_TRACKING_URI`` (or ``--tracking.uri``) runs go to a local SQLite
+database in the runs folder (the parent of the run folder, ``runs/`` by default):
+``sqlite:///<runs>/mlflow.db``, with artifacts in ``<runs>/mlartifacts``. MLflow 3
+recommends a database backend over the file store (``mlruns/``); SQLite needs only
+SQLAlchemy and Alembic, which mlflow-skinny installs. Browse it with::
+
+    mlflow ui --backend-store-uri sqlite:///runs/mlflow.db
+
+(``mlflow ui`` needs the full ``mlflow`` package; mlflow-skinny only logs). Point
+``MLFLOW_TRACKING_URI`` at a team server (``http://host:5000``) to log there instead.
+
+Each run records: the full flattened config as params (``trainer.*``, ``model.*`` including
+the resolved model config under ``model.config.*``, ``data.*``, ...), tags (preset,
+variant, seed, git commit, run folder), per-step metrics, and as artifacts the resolved
+config files and the periodic plots.
+
+Resume. The MLflow run id is written to ``<run_dir>/mlflow_run_id``; re-running the same
+command reads it and keeps logging into the same run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+
+from fwpkm.config import ConfigError, flatten
+
+RUN_ID_FILE = "mlflow_run_id"
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow tracking of a run.
+
+    Args:
+        enabled: log the run to MLflow (false: no logger).
+        uri: tracking URI; null = $MLFLOW_TRACKING_URI, else sqlite:///<runs folder>/mlflow.db
+            (the runs folder is the parent of the run folder).
+        experiment: MLflow experiment name.
+        variant: the run's "variant" tag; null = "base" without model overrides, else "custom".
+        tags: extra tags, e.g. {"team": "memory"}.
+    """
+
+    enabled: bool = True  # log to MLflow (false: no logger at all)
+    uri: Optional[str] = None  # default: $MLFLOW_TRACKING_URI, else sqlite:///<runs folder>/mlflow.db
+    experiment: str = "fwpkm"  # MLflow experiment name
+    variant: Optional[str] = None  # "variant" tag; default: "base" without model overrides, else "custom"
+    tags: dict[str, str] = field(default_factory=dict)  # extra tags
+
+
+def default_tracking_uri(runs_folder: Path) -> str:
+    return f"sqlite:///{Path(runs_folder).resolve() / 'mlflow.db'}"
+
+
+def resolve_tracking_uri(config: TrackingConfig, runs_folder: Path) -> tuple[str, Optional[str]]:
+    """(tracking URI, artifact location for a new experiment or None to let the server decide)."""
+    uri = config.uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri, None
+    runs_folder = Path(runs_folder).resolve()
+    runs_folder.mkdir(parents=True, exist_ok=True)
+    return default_tracking_uri(runs_folder), (runs_folder / "mlartifacts").as_uri()
+
+
+def git_commit(root: Path = PROJECT_ROOT) -> str:
+    """The checked-out commit, read from ``.git`` directly (no git executable needed); "unknown" if none."""
+    git = root / ".git"
+    try:
+        if git.is_file():  # a worktree: "gitdir: <path>"
+            git = Path(git.read_text().split(":", 1)[1].strip())
+        head = (git / "HEAD").read_text().strip()
+        if not head.startswith("ref:"):
+            return head
+        ref = head.split(":", 1)[1].strip()
+        for base in (git, _common_dir(git)):
+            if (base / ref).is_file():
+                return (base / ref).read_text().strip()
+            packed = base / "packed-refs"
+            if packed.is_file():
+                for line in packed.read_text().splitlines():
+                    if line.endswith(" " + ref):
+                        return line.split(" ", 1)[0]
+    except (OSError, IndexError):
+        pass
+    return "unknown"
+
+
+def _common_dir(git: Path) -> Path:
+    common = git / "commondir"
+    return (git / common.read_text().strip()).resolve() if common.is_file() else git
+
+
+def read_run_id(run_dir: Path) -> Optional[str]:
+    path = Path(run_dir) / RUN_ID_FILE
+    if path.is_file():
+        text = path.read_text().strip()
+        return text or None
+    return None
+
+
+def store_lock(uri: str):
+    """An exclusive lock on a SQLite store while it may be created: runs (or DDP ranks) started
+    together on a fresh ``mlflow.db`` would otherwise race on creating its tables."""
+    if not uri.startswith("sqlite:///"):
+        return contextlib.nullcontext()
+    db = Path(uri[len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    return _file_lock(db.with_name(db.name + ".lock"))
+
+
+def ensure_experiment(uri: str, experiment: str, artifact_location: Optional[str]) -> None:
+    """Create the store's tables and the experiment if missing (call under :func:`store_lock`)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    if client.get_experiment_by_name(experiment) is None:
+        try:
+            client.create_experiment(experiment, artifact_location=artifact_location)
+        except MlflowException:  # created meanwhile by another process
+            if client.get_experiment_by_name(experiment) is None:
+                raise
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    import fcntl
+
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def make_logger(config: TrackingConfig, run_dir: Path, run_name: str, tags: dict):
+    """The run's ``MLFlowLogger``, reusing the MLflow run recorded in ``run_dir`` if any."""
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    uri, artifact_location = resolve_tracking_uri(config, Path(run_dir).parent)
+    with store_lock(uri):
+        ensure_experiment(uri, config.experiment, artifact_location)
+        run_id = read_run_id(run_dir)
+        if run_id is not None:
+            check_run_exists(uri, run_id, run_dir)
+        return MLFlowLogger(experiment_name=config.experiment, run_name=run_name, tracking_uri=uri, tags=tags,
+                            artifact_location=artifact_location, run_id=run_id)
+
+
+def check_run_exists(uri: str, run_id: str, run_dir: Path) -> None:
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        MlflowClient(tracking_uri=uri).get_run(run_id)
+    except MlflowException as err:
+        raise ConfigError(
+            f"{Path(run_dir) / RUN_ID_FILE} names MLflow run {run_id}, which the tracking store {uri} does not have "
+            f"({err.error_code}). Set MLFLOW_TRACKING_URI (or --tracking.uri) to the store holding it, or delete "
+            "that file to log the resumed training into a new MLflow run") from err
+
+
+def run_tags(preset: str, variant: str, seed: Any, run_dir: Path, extra: dict) -> dict:
+    tags = {"preset": str(preset), "variant": str(variant), "seed": str(seed), "git_commit": git_commit(),
+            "run_dir": str(Path(run_dir).resolve())}
+    tags.update({str(k): str(v) for k, v in (extra or {}).items()})
+    return tags
+
+
+MAX_PARAM_VALUE = 6000  # MLflow 3's limit on a param value
+
+
+def flat_params(config: dict) -> dict:
+    """Flattened dotted params, values as strings within MLflow's limits."""
+    out = {}
+    for key, value in flatten(config).items():
+        key = re.sub(r"[^\w\-. /]", "_", key)[:250]
+        text = "None" if value is None else str(value)
+        out[key] = text[:MAX_PARAM_VALUE]
+    return out
+
+
+class TrackingCallback(Callback):
+    """On fit start (rank 0): record the MLflow run id in the run folder, log params (only those
+    the run does not have yet, so a resumed run keeps its params), tags and config artifacts."""
+
+    def __init__(self, run_dir: str, params: dict, tags: dict, artifacts: list[str]):
+        self.run_dir = Path(run_dir)
+        self.params = params
+        self.tags = tags
+        self.artifacts = artifacts
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from lit.callbacks import log_artifacts, mlflow_logger
+
+        logger = mlflow_logger(trainer)
+        if logger is None or not trainer.is_global_zero:
+            return
+        client, run_id = logger.experiment, logger.run_id
+        (self.run_dir / RUN_ID_FILE).write_text(run_id + "\n")
+        existing = client.get_run(run_id).data.params
+        changed = {k: v for k, v in self.params.items() if k in existing and existing[k] != v}
+        new = {k: v for k, v in self.params.items() if k not in existing}
+        if changed:
+            warnings.warn("resuming with changed options (MLflow params keep their first value; the new values are "
+                          f"recorded as 'resumed.*' tags): {sorted(changed)}", stacklevel=2)
+        from mlflow.entities import Param, RunTag
+
+        items = list(new.items())
+        for start in range(0, len(items), 100):
+            client.log_batch(run_id, params=[Param(k, v) for k, v in items[start:start + 100]])
+        tags = dict(self.tags)
+        tags.update({f"resumed.{k}"[:250]: v[:5000] for k, v in changed.items()})
+        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+        log_artifacts(trainer, self.artifacts)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from lit.callbacks import mlflow_logger
+
+        logger = mlflow_logger(trainer)
+        if logger is not None and trainer.is_global_zero:  # after a resume: the step it resumed from
+            logger.experiment.set_tag(logger.run_id, "fwpkm.started_at_step", str(trainer.global_step))

@@ -1,0 +1,453 @@
+"""The training stack (lit.module, lit.callbacks, lit.tracking, lit.cli): exact resume after a
+kill, validation isolation, DDP, MLflow records, clear errors. CPU only, micro model."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# a micro model: 2 layers (full attention with PKM, Gated DeltaNet with FwPKM), d_model 32
+MICRO = {
+    "d_model": 32, "ffn_hidden": 64, "mixers": ["fa", "gdn"], "pkm_layers": [0], "memory_layers": [1],
+    "attention.n_heads": 2, "attention.n_kv_heads": 1, "attention.head_dim": 16, "attention.window": 16,
+    "gdn.n_heads": 2, "gdn.head_dim": 16,
+    "pkm.heads": 1, "pkm.topk": 4, "pkm.n_subkeys": 8, "pkm.k_dim": 16, "pkm.v_dim": 16,
+    "block.memory.chunk_size": 16, "block.memory.n_subkeys": 8, "block.memory.topk": 4,
+    "block.memory.k_dim": 16, "block.memory.v_dim": 16,
+}
+MICRO_ARGS = [
+    "--model.overrides", json.dumps(MICRO), "--model.train.fa_to_swa_prob", "0.5", "--model.optim.warmup_steps", "2",
+    "--model.train.plot_every_n_steps", "4",
+    "--data.seq_len", "32", "--data.batch_size", "4", "--data.max_documents", "200",
+    "--trainer.val_check_interval", "3", "--trainer.limit_val_batches", "2", "--trainer.num_sanity_val_steps", "1",
+    "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+    "--trainer.accelerator", "cpu", "--trainer.devices", "1",
+]
+
+
+def env(**extra) -> dict:
+    e = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PL_", "LOCAL_RANK", "NODE_RANK"))}
+    e.update(PYTHONPATH=str(ROOT), CI="true", OMP_NUM_THREADS="1", MLFLOW_ENABLE_ASYNC_LOGGING="false",
+             JSONARGPARSE_DEPRECATION_WARNINGS="off")
+    e.update(extra)
+    return e
+
+
+def train_cmd(run_dir: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "lit.cli", "train", "--run_dir", str(run_dir), *MICRO_ARGS, *args]
+
+
+def run_train(run_dir: Path, *args: str, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
+    proc = subprocess.run(train_cmd(run_dir, *args), cwd=ROOT, env=env(), capture_output=True, text=True,
+                          timeout=300, **kwargs)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def start_train(run_dir: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen(train_cmd(run_dir, *args), cwd=ROOT, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen, expect_ok: bool = True) -> tuple[int, str, str]:
+    out, err = proc.communicate(timeout=300)
+    if expect_ok and proc.returncode != 0:
+        raise AssertionError(f"training failed ({proc.returncode}):\n{out[-3000:]}\n{err[-6000:]}")
+    return proc.returncode, out, err
+
+
+def load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def mlflow_client(run_dir: Path):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=f"sqlite:///{run_dir.parent / 'mlflow.db'}")
+
+
+def run_id_of(run_dir: Path) -> str:
+    return (run_dir / "mlflow_run_id").read_text().strip()
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    history = mlflow_client(run_dir).get_metric_history(run_id_of(run_dir), "train/loss")
+    return {m.step: m.value for m in history}
+
+
+def assert_same_state(a: dict, b: dict, atol: float = 1e-6) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), atol=atol, rtol=1e-5), k
+
+
+# --------------------------------------------------------------------------- callbacks used by subprocesses
+
+
+class KillAtStep(Callback):
+    """SIGKILL this process when optimizer step ``step`` is done (after its checkpoint was written)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step >= self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class ShiftTokensByRank(Callback):
+    """Gives every rank different inputs (the data module does not shard yet), so that the ranks
+    write different things into their memories before the policy reconciles them."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        batch["input_ids"].add_(trainer.global_rank * 7).remainder_(256)
+
+
+class DumpFastWeights(Callback):
+    """At the end of training every rank writes its fast-weight state to ``out_dir/rank<r>.pt``."""
+
+    def __init__(self, out_dir: str):
+        self.out_dir = out_dir
+
+    def on_train_end(self, trainer, pl_module):
+        os.makedirs(self.out_dir, exist_ok=True)
+        torch.save(pl_module.model.fast_weight_state(), os.path.join(self.out_dir, f"rank{trainer.global_rank}.pt"))
+
+
+# --------------------------------------------------------------------------- exact resume + MLflow
+
+
+def test_resume_after_kill_is_exact_and_logs_into_the_same_mlflow_run(tmp_path):
+    n, half = 8, 4
+    straight, killed = tmp_path / "runs" / "straight", tmp_path / "runs2" / "killed"
+    common = ("--trainer.max_steps", str(n), "--checkpoint.every_n_steps", "1")
+    a = start_train(straight, *common)
+    b = start_train(killed, *common, "--trainer.callbacks+=tests.test_train.KillAtStep",
+                    f"--trainer.callbacks.step={half}")
+    finish(a)
+    code, _, _ = finish(b, expect_ok=False)
+    assert code == -signal.SIGKILL
+    first_id = run_id_of(killed)
+    assert load(killed / "checkpoints" / "last.ckpt")["global_step"] == half
+    assert sorted(losses(killed)) == list(range(half))
+
+    resumed = run_train(killed, *common)  # the same command again: resumes
+    assert "Restored all states from the checkpoint" in resumed.stdout + resumed.stderr
+    assert run_id_of(killed) == first_id
+
+    ca, cb = load(straight / "checkpoints" / "last.ckpt"), load(killed / "checkpoints" / "last.ckpt")
+    assert ca["global_step"] == cb["global_step"] == n
+    assert_same_state(ca["state_dict"], cb["state_dict"])  # weights and fast weights (buffers)
+    assert any(".memory.memory.values" in k for k in ca["state_dict"])
+    for sa, sb in zip(ca["optimizer_states"][0]["state"].values(), cb["optimizer_states"][0]["state"].values()):
+        assert_same_state({k: v for k, v in sa.items() if torch.is_tensor(v)},
+                          {k: v for k, v in sb.items() if torch.is_tensor(v)})
+    assert ca["lr_schedulers"][0]["last_epoch"] == cb["lr_schedulers"][0]["last_epoch"] == n
+    assert ca["FwPKMDataModule"] == cb["FwPKMDataModule"]
+    la, lb = losses(straight), losses(killed)
+    assert sorted(la) == sorted(lb) == list(range(n))
+    for step in range(n):
+        assert math.isclose(la[step], lb[step], rel_tol=1e-5, abs_tol=1e-6), (step, la[step], lb[step])
+
+    # the MLflow run: params, tags, metrics, artifacts; FINISHED after the resumed part
+    client = mlflow_client(killed)
+    run = client.get_run(first_id)
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    assert params["model.preset"] == "tiny" and params["data.seq_len"] == "32"
+    assert params["model.config.d_model"] == "32" and params["trainer.max_steps"] == str(n)
+    assert params["model.optim.lr"] == "0.0003" and params["run_dir"] == str(killed)
+    tags = run.data.tags
+    assert tags["preset"] == "tiny" and tags["variant"] == "custom" and tags["seed"] == "0"
+    assert tags["git_commit"] and tags["fwpkm.started_at_step"] == str(half)
+    metrics = run.data.metrics
+    for name in ("train/loss", "train/ppl", "train/lr", "train/tokens_per_s", "train/grad_norm", "val/ppl",
+                 "val/embedded/ppl", "mem/L1/mem_loss", "mem/L1/addr_loss", "mem/L1/gate_mean",
+                 "mem/L1/collision_ratio", "mem/L1/coverage_ratio", "mem/L1/kl_to_uniform",
+                 "mem/L1/grad_norm_values", "mem/L1/grad_norm_keys"):
+        assert name in metrics, name
+    artifacts = {a.path for a in client.list_artifacts(first_id)}
+    assert {"config.yaml", "model_config.yaml", "plots"} <= artifacts
+    plots = {Path(a.path).name for a in client.list_artifacts(first_id, "plots")}
+    assert {"gates_step0000004.png", "slots_step0000004.png", "slots_step0000008.png"} <= plots
+    assert (killed / "checkpoints" / "best.ckpt").is_file()
+
+
+def test_resume_in_two_invocations_matches_one(tmp_path):
+    """max_steps=N/2, then the same run folder with max_steps=N (decay_steps pinned so the schedule
+    does not depend on max_steps)."""
+    n = 6
+    straight, split = tmp_path / "runs" / "straight", tmp_path / "runs2" / "split"
+    pin = ("--model.optim.decay_steps", str(n), "--checkpoint.every_n_steps", "100", "--checkpoint.save_best", "false",
+           "--tracking.enabled", "false")
+    a = start_train(straight, "--trainer.max_steps", str(n), *pin)
+    run_train(split, "--trainer.max_steps", str(n // 2), *pin)
+    finish(a)
+    assert load(split / "checkpoints" / "last.ckpt")["global_step"] == n // 2  # written at the end
+    run_train(split, "--trainer.max_steps", str(n), *pin)
+    ca, cb = load(straight / "checkpoints" / "last.ckpt"), load(split / "checkpoints" / "last.ckpt")
+    assert ca["global_step"] == cb["global_step"] == n
+    assert_same_state(ca["state_dict"], cb["state_dict"])
+    assert not (tmp_path / "runs" / "mlflow.db").exists()  # tracking disabled
+
+
+# --------------------------------------------------------------------------- DDP
+
+
+def ddp_args(dump: Path, policy: str) -> tuple:
+    return ("--trainer.max_steps", "3", "--trainer.strategy", "ddp", "--trainer.devices", "2",
+            "--model.train.ddp_fast_weights", policy, "--trainer.callbacks+=tests.test_train.ShiftTokensByRank",
+            "--trainer.callbacks+=tests.test_train.DumpFastWeights", f"--trainer.callbacks.out_dir={dump}")
+
+
+def test_ddp_two_cpu_processes_keep_one_memory_and_checkpoint(tmp_path):
+    run_dir, dump = tmp_path / "runs" / "ddp", tmp_path / "dump"
+    local = start_train(tmp_path / "runs" / "ddp-local", *ddp_args(tmp_path / "dump-local", "local"))
+    run_train(run_dir, *ddp_args(dump, "mean"))
+    finish(local)
+    r0, r1 = load(dump / "rank0.pt"), load(dump / "rank1.pt")
+    assert_same_state(r0, r1, atol=0)  # policy "mean": identical memory on every rank
+    l0, l1 = load(tmp_path / "dump-local" / "rank0.pt"), load(tmp_path / "dump-local" / "rank1.pt")
+    assert any(not torch.allclose(l0[k], l1[k]) for k in l0)  # policy "local": the ranks' memories differ
+    ckpt = load(run_dir / "checkpoints" / "last.ckpt")
+    assert ckpt["global_step"] == 3
+    saved = {k[len("model.layers."):].replace(".memory.memory.", "."): v for k, v in ckpt["state_dict"].items()
+             if ".memory.memory." in k}
+    assert_same_state(saved, r0, atol=0)  # the checkpoint holds that common memory
+    assert (run_dir / "mlflow_run_id").is_file()
+
+
+# --------------------------------------------------------------------------- in-process pieces
+
+
+def micro_module(**kwargs):
+    from lit.module import FwPKMLitModule
+
+    return FwPKMLitModule(preset="tiny", overrides=MICRO, vocab_size=264, **kwargs)
+
+
+def micro_data():
+    from lit.data import FwPKMDataModule
+
+    return FwPKMDataModule(seq_len=32, batch_size=4, max_documents=200)
+
+
+def micro_trainer(tmp_path, callbacks=(), **kwargs):
+    options = dict(accelerator="cpu", devices=1, max_steps=4, val_check_interval=2, check_val_every_n_epoch=None,
+                   limit_val_batches=2, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
+                   enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path))
+    options.update(kwargs)
+    return L.Trainer(callbacks=list(callbacks), **options)
+
+
+class ValidationWatch(Callback):
+    """Records the memory when validation starts (callbacks run before the module's hooks),
+    after validation's writes, and once validation is over."""
+
+    def __init__(self):
+        self.before, self.during, self.after = [], [], []
+
+    def on_validation_epoch_start(self, trainer, pl_module):
+        self.before.append(pl_module.model.fast_weight_state())
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self.during.append(pl_module.model.fast_weight_state())
+
+    def on_validation_end(self, trainer, pl_module):
+        self.after.append(pl_module.model.fast_weight_state())
+
+
+def test_validation_leaves_the_training_memory_unchanged(tmp_path):
+    torch.manual_seed(0)
+    module, watch = micro_module(), ValidationWatch()
+    trainer = micro_trainer(tmp_path, [watch])
+    trainer.fit(module, datamodule=micro_data())
+    assert len(watch.before) == len(watch.after) == 2  # after steps 2 and 4
+    for before, during, after in zip(watch.before, watch.during[::2], watch.after):
+        changed = [k for k in before if not torch.equal(before[k], during[k])]
+        assert changed, "validation should write into the memory (otherwise this test proves nothing)"
+        assert_same_state(before, after, atol=0)
+    state = module.model.fast_weight_state()
+    for _ in range(2):  # Trainer.validate runs under inference mode
+        trainer.validate(module, datamodule=micro_data(), verbose=False)
+        assert_same_state(state, module.model.fast_weight_state(), atol=0)
+
+
+def test_fast_weights_persist_across_steps_and_stay_out_of_the_optimizer(tmp_path):
+    from lit.module import parameter_groups
+
+    module = micro_module()
+    initial = module.model.fast_weight_state()
+    trainer = micro_trainer(tmp_path, max_steps=2, limit_val_batches=0)
+    trainer.fit(module, datamodule=micro_data())
+    after = module.model.fast_weight_state()
+    assert any(not torch.equal(initial[k], after[k]) for k in initial)
+    buffers = {id(b) for m in module.model.fast_weight_memories().values() for b in m.buffers()}
+    in_optimizer = {id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}
+    assert buffers and not buffers & in_optimizer
+    groups = {g["name"]: g for g in parameter_groups(module.model, 0.1)}
+    names = {id(p): n for n, p in module.model.named_parameters()}
+    no_decay = [names[id(p)] for p in groups["no_decay"]["params"]]
+    assert groups["no_decay"]["weight_decay"] == 0.0 and groups["decay"]["weight_decay"] == 0.1
+    assert any("norm" in n for n in no_decay) and any(n.endswith("bias") for n in no_decay)
+    assert any(n.endswith("A_log") for n in no_decay) and any(n.endswith("dt_bias") for n in no_decay)
+    assert all(p.ndim >= 2 for p in groups["decay"]["params"])
+
+
+def test_learning_rate_schedule_and_fa_to_swa_coin():
+    from lit.module import OptimConfig, fa_to_swa_coin, lr_factor
+
+    o = OptimConfig(lr=3e-4, min_lr=3e-5, warmup_steps=10)
+    assert lr_factor(0, o, 100) == pytest.approx(0.1)
+    assert lr_factor(9, o, 100) == pytest.approx(1.0)
+    assert lr_factor(10, o, 100) == pytest.approx(1.0)
+    assert lr_factor(55, o, 100) == pytest.approx((3e-5 + 2.7e-4 * 0.5) / 3e-4)
+    assert lr_factor(100, o, 100) == pytest.approx(0.1) == lr_factor(500, o, 100)
+    coins = [fa_to_swa_coin(0, s, 0.9) for s in range(2000)]
+    assert coins == [fa_to_swa_coin(0, s, 0.9) for s in range(2000)]  # a pure function of (seed, step)
+    assert 0.87 < sum(coins) / len(coins) < 0.93
+    assert not any(fa_to_swa_coin(0, s, 0.0) for s in range(100))
+
+
+class BreakLossAt(Callback):
+    """Makes the loss of optimizer step ``step`` NaN by poisoning that batch's embeddings."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        model = pl_module.model
+        if trainer.global_step == self.step:
+            self.saved = model.embed.weight.detach().clone()
+            with torch.no_grad():
+                model.embed.weight.fill_(float("nan"))
+        elif hasattr(self, "saved"):
+            with torch.no_grad():
+                model.embed.weight.copy_(self.saved)
+            del self.saved
+
+
+class MemoryAt(Callback):
+    def __init__(self):
+        self.states = []  # (batch skipped?, memory after the batch)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        skipped = pl_module.skipped_batches > sum(was_skipped for was_skipped, _ in self.states)
+        self.states.append((skipped, pl_module.model.fast_weight_state()))
+
+
+def test_nan_loss_stops_with_step_and_layer_statistics(tmp_path):
+    from lit.module import NonFiniteLossError
+
+    trainer = micro_trainer(tmp_path, [BreakLossAt(2)], limit_val_batches=0)
+    with pytest.raises(NonFiniteLossError) as info:
+        trainer.fit(micro_module(), datamodule=micro_data())
+    message = str(info.value)
+    assert "global step 2" in message and "layer 1:" in message and "mem_loss=" in message
+    assert "nan_policy skip" in message
+
+
+def test_nan_loss_skip_policy_drops_the_batch_and_restores_the_memory(tmp_path):
+    module, memory = micro_module(train={"nan_policy": "skip"}), MemoryAt()
+    trainer = micro_trainer(tmp_path, [BreakLossAt(2), memory], max_steps=4, limit_val_batches=0)
+    trainer.fit(module, datamodule=micro_data())
+    assert module.skipped_batches == 1
+    skipped = [i for i, (was_skipped, _) in enumerate(memory.states) if was_skipped]
+    assert skipped == [2]
+    assert_same_state(memory.states[1][1], memory.states[2][1], atol=0)  # the bad batch left no trace
+    assert not all(torch.equal(memory.states[2][1][k], memory.states[3][1][k]) for k in memory.states[2][1])
+    assert trainer.global_step == 4  # the skipped batch made no optimizer step; training went on
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+    assert all(torch.isfinite(t).all() for t in module.model.fast_weight_state().values())
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def cli(capsys, *argv: str) -> tuple[int, str, str]:
+    from lit.cli import main
+
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_help_and_print_config(capsys, tmp_path):
+    code, out, _ = cli(capsys, "--help")
+    assert code == 0 and "train" in out
+    code, out, _ = cli(capsys, "train", "--help")
+    assert code == 0 and "--run_dir" in out and "mlflow ui" in out and "--model.optim.lr" in out
+    code, out, _ = cli(capsys, "train", "--print_config", "--model.preset", "tiny-gdn-fwpkm",
+                      "--model.overrides", '{"block.memory.addr_loss_weight": 0.1}', "--trainer.max_steps", "7")
+    import yaml
+
+    config = yaml.safe_load(out)
+    assert code == 0 and config["model"]["preset"] == "tiny-gdn-fwpkm"
+    assert config["model"]["overrides"] == {"block.memory.addr_loss_weight": 0.1}
+    assert config["trainer"]["max_steps"] == 7 and config["data"]["source"] == "embedded"
+    path = tmp_path / "c.yaml"
+    path.write_text(out)
+    code, again, _ = cli(capsys, "train", "--config", str(path), "--print_config")
+    assert code == 0 and yaml.safe_load(again) == config
+
+
+@pytest.mark.parametrize("config", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_parse(capsys, config):
+    code, out, err = cli(capsys, "train", "--config", str(config), "--print_config")
+    assert code == 0, err
+    import yaml
+
+    from fwpkm import preset_names
+
+    parsed = yaml.safe_load(out)
+    assert parsed["model"]["preset"] in preset_names() + ["tiny", "paper"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data.source", "/nonexistent/corpus.jsonl"], "does not exist"),
+    (["--data.source", "nosuchdataset"], "neither a known source"),
+    (["--data.source", "hf:no-such-org/no-such-dataset"], "could not be loaded"),
+    (["--data.tokenizer", "/nonexistent/tokenizer"], "could not be loaded"),
+    (["--model.preset", "tiny-nosuchmixer"], "unknown mixers"),
+    (["--model.overrides", '{"block.memory.no_such_option": 1}'], "unknown option"),
+    (["--model.train.nan_policy", "ignore"], "nan_policy"),
+    (["--trainer.no_such_option", "1"], "no_such_option"),
+])
+def test_bad_inputs_fail_clearly_before_training(capsys, tmp_path, monkeypatch, args, message):
+    for module, name in (("datasets.config", "HF_HUB_OFFLINE"), ("huggingface_hub.constants", "HF_HUB_OFFLINE")):
+        if module in sys.modules:  # imported before the CLI could switch them offline
+            monkeypatch.setattr(sys.modules[module], name, True)
+    run_dir = tmp_path / "runs" / "bad"
+    code, out, err = cli(capsys, "train", "--run_dir", str(run_dir), *args)
+    assert code != 0
+    assert message in out + err, out + err
+    assert not (run_dir / "checkpoints").exists()
+
+
+def test_corrupt_or_mismatched_checkpoint_is_a_clear_error(capsys, tmp_path):
+    run_dir = tmp_path / "runs" / "r"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"this is not a checkpoint")
+    base = ["train", "--run_dir", str(run_dir), *MICRO_ARGS, "--tracking.enabled", "false"]
+    code, out, err = cli(capsys, *base, "--trainer.max_steps", "1")
+    assert code == 1 and "cannot be loaded safely" in err and "corrupt" in err
+
+    (run_dir / "checkpoints" / "last.ckpt").unlink()
+    code, out, err = cli(capsys, *base, "--trainer.max_steps", "1", "--trainer.num_sanity_val_steps", "0")
+    assert code == 0, err
+    other = dict(MICRO, d_model=48)
+    code, out, err = cli(capsys, *base, "--trainer.max_steps", "2", "--model.overrides", json.dumps(other))
+    assert code == 1 and "different model" in err and "d_model" in err
