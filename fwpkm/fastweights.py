@@ -105,6 +105,12 @@ class ChunkedFastWeights(nn.Module):
         Without ``stream`` this is a one-shot call: the last partial chunk is written
         too (a flush). With ``stream`` the incomplete tail stays pending in it.
         """
+        if torch.is_inference_mode_enabled():
+            # The inner update needs autograd (the keys' gradient), which inference tensors refuse.
+            with torch.inference_mode(False):
+                clone = lambda t: None if t is None else t.clone()
+                return self.forward(q.clone(), v.clone(), clone(gates), clone(mask), chunk_size=chunk_size,
+                                    stream=stream)
         if stream is not None and chunk_size is not None and chunk_size != stream.chunk_size:
             raise ValueError(f"chunk_size={chunk_size} differs from the stream's chunk_size={stream.chunk_size}")
         chunk = stream.chunk_size if stream is not None else self._check_chunk(chunk_size)

@@ -129,3 +129,40 @@ def test_needle_inspection_reports_written_and_read_slots(model, tok):
     for r in report:
         assert r["written_slots"] and len(r["read_slots"]) == 8 * 1  # heads * topk of the micro model
         assert set(r["overlap"]) <= set(r["written_slots"])
+
+
+def test_eval_cli_on_a_trained_checkpoint_logs_into_its_run(tmp_path):
+    """Train a micro run, then `fwpkm eval niah|ppl|gates|inspect` on its run folder."""
+    import subprocess
+    import sys
+
+    from tests.test_train import ROOT, env, mlflow_client, run_id_of, run_train
+
+    run_dir = tmp_path / "runs" / "micro"
+    run_train(run_dir, "--trainer.max_steps", "3")
+    commands = [
+        ["niah", "--context-lens", "300", "--depths", "0.5", "--iterations", "0", "1", "--samples", "1"],
+        ["ppl", "--max-tokens", "2048", "--window", "64", "--stream-len", "512", "--segment-len", "100"],
+        ["gates", "--max-tokens", "1024", "--window", "64"],
+        ["inspect", "--text", "The cat sat on the mat. The cat sat on the mat."],
+    ]
+    for args in commands:
+        proc = subprocess.run([sys.executable, "-m", "lit.cli", "eval", *args, "--ckpt", str(run_dir)], cwd=ROOT,
+                              env=env(), capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert f"logged into MLflow run {run_id_of(run_dir)}" in proc.stdout
+    client = mlflow_client(run_dir)
+    run = client.get_run(run_id_of(run_dir))
+    assert "niah/exact_300_n1" in run.data.metrics and "eval/streamed_ppl" in run.data.metrics
+    logged = {a.path for a in client.list_artifacts(run.info.run_id, "eval")}
+    assert {"eval/niah", "eval/ppl", "eval/gates", "eval/inspect"} <= logged
+    assert (run_dir / "eval" / "niah" / "heatmap_n1.png").is_file()
+
+
+def test_eval_cli_errors_are_clear(tmp_path, capsys):
+    from lit.cli import main
+
+    with pytest.raises(FileNotFoundError, match="--ckpt"):
+        main(["eval", "ppl", "--ckpt", str(tmp_path / "missing"), "--no-mlflow"])
+    with pytest.raises(SystemExit):
+        main(["eval", "niah", "--chunk-policy", "sometimes"])

@@ -223,3 +223,15 @@ def test_bad_shapes_are_clear_errors():
         mem(torch.randn(2, 4, 12), torch.randn(2, 4, 5), gates=torch.rand(2, 3))
     with pytest.raises(ValueError, match="chunk_size"):
         mem(torch.randn(2, 4, 12), torch.randn(2, 4, 5), chunk_size=1)
+
+
+def test_inference_mode_gives_the_no_grad_result():
+    mem = make()
+    q, v, g, _ = inputs(mem, gated=True)
+    saved = {k: t.clone() for k, t in mem.state_dict().items()}
+    with torch.no_grad():
+        expected = mem.eval()(q, v, g).output
+    mem.load_state_dict(saved)
+    with torch.inference_mode():
+        got = mem(q, v, g).output
+    torch.testing.assert_close(got, expected)
