@@ -1,0 +1,517 @@
+"""Ablation grids as data, and the runs they resolve to.
+
+A grid file (``ablations/grids/<name>.yaml``, or any path) holds::
+
+    name: tiny                    # default: the file name
+    description: ...
+    extends: smoke                # optional: start from another grid (base merged, variants added)
+    experiment: fwpkm-ablations   # MLflow experiment of the grid's runs
+    seeds: [0]
+    base:                         # a complete `fwpkm train` config (what --config takes)
+      model: {preset: tiny, optim: {...}, train: {...}}
+      data: {...}
+      trainer: {...}
+    variants:                     # name -> overrides of the base (the order is the table's order)
+      base: {}
+      dot: {model.overrides.block.memory.score: dot}
+      fwmlp: {model.preset: tiny-swa_interleave-pkm-fwmlp}
+      h1k8: {same_as: base}       # an alias: no run, its row repeats the named variant
+    eval:
+      niah: {context_lens: [256], iterations: [0, 2]}   # lit.evaluation.niah.NIAHConfig
+    tune: {...}                   # the Optuna study of `fwpkm tune` (see ablations.tune)
+
+Override keys are dotted paths into the train config (``trainer.max_steps``,
+``model.optim.lr``); nested mappings are merged, not replaced. Everything after
+``model.overrides.`` is one dotted *model* option (``fwpkm.config.apply_overrides``), so
+``model.overrides.block.memory.score: dot`` and ``model: {overrides: {block.memory.score: dot}}``
+mean the same thing and add to the base's model overrides instead of replacing them.
+
+A run is (variant, seed): the base with the variant's overrides and ``seed_everything``.
+Its identity is the hash of that resolved config (without run folder and tracking
+options): the runner skips a run already FINISHED with the same hash.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import inspect
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import yaml
+
+from ablations import GRIDS_DIR
+
+GRID_KEYS = ("name", "description", "extends", "experiment", "seeds", "base", "variants", "eval", "tune")
+DEFAULT_EXPERIMENT = "fwpkm-ablations"
+MODEL_OVERRIDES = "model.overrides"
+ALIAS_KEY = "same_as"
+TRAIN_TOP_KEYS = ("seed_everything", "model", "data", "trainer", "checkpoint", "tracking", "run_dir")
+MODEL_KEYS = ("preset", "overrides", "vocab_size", "optim", "train", "seed", "config")
+HASH_EXCLUDED = ("run_dir", "tracking")
+
+
+class GridError(ValueError):
+    """An invalid grid file or option; the message names the grid and the key."""
+
+
+# --------------------------------------------------------------------------- override algebra
+
+
+def override_leaves(overrides: Optional[dict], prefix: str = "") -> list[tuple[str, Any]]:
+    """``(dotted path, value)`` assignments of a (nested or dotted) override mapping. Mappings are
+    merged leaf by leaf; under ``model.overrides`` the keys are dotted model options."""
+    leaves: list[tuple[str, Any]] = []
+    for key, value in (overrides or {}).items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if path == MODEL_OVERRIDES:
+            if value is None:
+                continue
+            if not isinstance(value, dict):
+                raise GridError(f"{MODEL_OVERRIDES} must be a mapping of dotted model options, got {value!r}")
+            leaves.extend((f"{MODEL_OVERRIDES}.{k}", v) for k, v in _model_leaves(value))
+        elif path.startswith(MODEL_OVERRIDES + "."):
+            if isinstance(value, dict) and value:
+                leaves.extend((f"{path}.{k}", v) for k, v in _model_leaves(value))
+            else:
+                leaves.append((path, value))
+        elif isinstance(value, dict) and value:
+            leaves.extend(override_leaves(value, path))
+        else:
+            leaves.append((path, value))
+    return leaves
+
+
+def _model_leaves(mapping: dict, prefix: str = "") -> list[tuple[str, Any]]:
+    out = []
+    for key, value in mapping.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict) and value:  # model options are never mappings: nested = dotted
+            out.extend(_model_leaves(value, path))
+        else:
+            out.append((path, value))
+    return out
+
+
+def set_path(config: dict, path: str, value: Any) -> None:
+    """Set one dotted path of a train config in place (see :func:`override_leaves`)."""
+    if path.startswith(MODEL_OVERRIDES + "."):
+        model = config.setdefault("model", {})
+        if not isinstance(model, dict):
+            raise GridError(f"cannot set {path!r}: 'model' is not a mapping")
+        overrides = dict(model.get("overrides") or {})
+        overrides[path[len(MODEL_OVERRIDES) + 1:]] = copy.deepcopy(value)
+        model["overrides"] = overrides
+        return
+    parts = path.split(".")
+    node = config
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            raise GridError(f"cannot set {path!r}: {'.'.join(parts[:i + 1])!r} is {child!r}, not a section")
+        node = child
+    node[parts[-1]] = copy.deepcopy(value)
+
+
+def apply(config: dict, overrides: Optional[dict]) -> dict:
+    """A copy of ``config`` with ``overrides`` merged in."""
+    out = copy.deepcopy(config)
+    for path, value in override_leaves(overrides):
+        set_path(out, path, value)
+    return out
+
+
+def normalise(config: Optional[dict]) -> dict:
+    """A train config with every dotted key expanded (``model.overrides`` kept flat)."""
+    return apply({}, config or {})
+
+
+def parse_sets(items: Iterable[str]) -> dict:
+    """``["trainer.max_steps=100", "model.overrides.block.memory.score=dot"]`` -> overrides
+    (values parsed as YAML: numbers, null, true, lists, mappings)."""
+    out = {}
+    for item in items or ():
+        if "=" not in item:
+            raise GridError(f"--set {item!r}: expected KEY=VALUE, e.g. trainer.max_steps=100")
+        key, text = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise GridError(f"--set {item!r}: empty key")
+        try:
+            out[key] = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError as err:
+            raise GridError(f"--set {item!r}: the value is not valid YAML ({err})") from err
+    return out
+
+
+# --------------------------------------------------------------------------- grid files
+
+
+@dataclass
+class Grid:
+    name: str
+    path: Optional[Path]
+    base: dict
+    variants: dict  # name -> overrides (insertion order = table order)
+    aliases: dict = field(default_factory=dict)  # name -> variant it repeats
+    seeds: list = field(default_factory=lambda: [0])
+    eval: dict = field(default_factory=dict)
+    tune: dict = field(default_factory=dict)
+    experiment: str = DEFAULT_EXPERIMENT
+    description: str = ""
+
+    @property
+    def order(self) -> list[str]:
+        """Variant and alias names in file order."""
+        return list(self._order)
+
+    _order: list = field(default_factory=list, repr=False)
+
+    def to_dict(self) -> dict:
+        variants = {}
+        for name in self._order:
+            variants[name] = {ALIAS_KEY: self.aliases[name]} if name in self.aliases else self.variants[name]
+        return {"name": self.name, "description": self.description, "experiment": self.experiment,
+                "seeds": list(self.seeds), "base": self.base, "variants": variants, "eval": self.eval,
+                "tune": self.tune}
+
+
+def grid_names() -> list[str]:
+    return sorted(p.stem for p in GRIDS_DIR.glob("*.yaml"))
+
+
+def grid_path(name_or_path: str) -> Path:
+    candidate = Path(name_or_path)
+    if candidate.suffix in (".yaml", ".yml") or candidate.is_file():
+        if not candidate.is_file():
+            raise GridError(f"grid file {str(candidate)!r} does not exist")
+        return candidate
+    shipped = GRIDS_DIR / f"{name_or_path}.yaml"
+    if shipped.is_file():
+        return shipped
+    raise GridError(f"unknown grid {name_or_path!r}: not a file and not one of the shipped grids {grid_names()}")
+
+
+def load_grid(name_or_path: str, _seen: tuple = ()) -> Grid:
+    """Read and check a grid (name of a shipped grid or a YAML path), following ``extends``."""
+    path = grid_path(str(name_or_path))
+    if path.resolve() in _seen:
+        raise GridError(f"grid {str(path)!r}: 'extends' forms a cycle")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise GridError(f"grid {str(path)!r} is not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise GridError(f"grid {str(path)!r} must be a mapping with keys {list(GRID_KEYS)}")
+    unknown = sorted(set(data) - set(GRID_KEYS))
+    if unknown:
+        raise GridError(f"grid {str(path)!r}: unknown key(s) {unknown}; allowed: {list(GRID_KEYS)}")
+    name = str(data.get("name") or path.stem)
+    parent = None
+    if data.get("extends"):
+        ref = str(data["extends"])
+        if not Path(ref).is_absolute() and (path.parent / ref).is_file():
+            ref = str(path.parent / ref)
+        parent = load_grid(ref, _seen + (path.resolve(),))
+
+    base = normalise(parent.base if parent else {})
+    base = apply(base, data.get("base") or {})
+    variants: dict = {}
+    aliases: dict = {}
+    order: list = []
+    if parent:
+        variants.update(copy.deepcopy(parent.variants))
+        aliases.update(parent.aliases)
+        order.extend(parent.order)
+    raw_variants = data.get("variants")
+    if raw_variants is None and parent is None:
+        raw_variants = {"base": {}}
+    if not isinstance(raw_variants or {}, dict):
+        raise GridError(f"grid {name!r}: 'variants' must map names to overrides")
+    for vname, overrides in (raw_variants or {}).items():
+        vname = str(vname)
+        _check_name(name, vname)
+        if vname in order:
+            order.remove(vname)
+        variants.pop(vname, None)
+        aliases.pop(vname, None)
+        if overrides is False:  # `name: false` in a child grid drops an inherited variant
+            continue
+        order.append(vname)
+        if isinstance(overrides, dict) and ALIAS_KEY in overrides:
+            if len(overrides) != 1:
+                raise GridError(f"grid {name!r}, variant {vname!r}: '{ALIAS_KEY}' cannot be combined with overrides")
+            aliases[vname] = str(overrides[ALIAS_KEY])
+            continue
+        if overrides is not None and not isinstance(overrides, dict):
+            raise GridError(f"grid {name!r}, variant {vname!r}: overrides must be a mapping, got {overrides!r}")
+        override_leaves(overrides)  # syntax check now
+        variants[vname] = dict(overrides or {})
+    for alias, target in aliases.items():
+        if target not in variants:
+            raise GridError(f"grid {name!r}: variant {alias!r} is '{ALIAS_KEY}: {target}', which is not a variant")
+    if not variants:
+        raise GridError(f"grid {name!r} has no variants")
+
+    seeds = data.get("seeds", parent.seeds if parent else [0])
+    seeds = _seeds(name, seeds)
+    ev = copy.deepcopy(data["eval"]) if "eval" in data else (copy.deepcopy(parent.eval) if parent else {})
+    tune = copy.deepcopy(parent.tune) if parent else {}
+    if data.get("tune"):
+        tune = {**tune, **copy.deepcopy(data["tune"])}
+    unknown_eval = sorted(set(ev or {}) - {"niah"})
+    if unknown_eval:
+        raise GridError(f"grid {name!r}: unknown eval(s) {unknown_eval}; known: ['niah']")
+    experiment = str(data.get("experiment") or (parent.experiment if parent else DEFAULT_EXPERIMENT))
+    grid = Grid(name=name, path=path, base=base, variants=variants, aliases=aliases, seeds=seeds, eval=ev or {},
+                tune=tune or {}, experiment=experiment, description=str(data.get("description") or ""))
+    grid._order = order
+    return grid
+
+
+def _check_name(grid: str, variant: str) -> None:
+    if not variant or any(c in variant for c in "/\\ \t\n'\"`") or variant.startswith("."):
+        raise GridError(f"grid {grid!r}: variant name {variant!r} must be a plain folder name (no '/', quotes, spaces)")
+
+
+def _seeds(grid: str, seeds) -> list[int]:
+    if isinstance(seeds, int) and not isinstance(seeds, bool):
+        seeds = [seeds]
+    if not isinstance(seeds, (list, tuple)) or not seeds or not all(
+            isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        raise GridError(f"grid {grid!r}: seeds must be a non-empty list of integers, got {seeds!r}")
+    if len(set(seeds)) != len(seeds):
+        raise GridError(f"grid {grid!r}: duplicate seeds {seeds}")
+    return list(seeds)
+
+
+# --------------------------------------------------------------------------- runs
+
+
+@dataclass
+class RunSpec:
+    """One (variant, seed) of a grid, resolved."""
+
+    grid: str
+    variant: str
+    seed: int
+    config: dict  # the train config without run_dir and tracking
+    overrides: dict  # the variant's own overrides (for printing)
+    run_dir: Path
+    config_hash: str
+    experiment_hash: str  # model + data + seed: a different value needs a fresh run folder
+    error: Optional[str] = None  # set by validate()
+    summary: dict = field(default_factory=dict)  # set by validate()
+
+    @property
+    def key(self) -> str:
+        return f"{self.grid}/{self.variant}/seed{self.seed}"
+
+
+def config_hash(config: dict) -> str:
+    keyed = {k: v for k, v in config.items() if k not in HASH_EXCLUDED}
+    return hashlib.sha1(json.dumps(keyed, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def experiment_hash(config: dict) -> str:
+    keyed = {k: config.get(k) for k in ("model", "data", "seed_everything")}
+    return hashlib.sha1(json.dumps(keyed, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def grid_dir(runs_dir: Path, grid: str) -> Path:
+    return Path(runs_dir) / "ablations" / grid
+
+
+def resolve_runs(grid: Grid, runs_dir: Path, only: Optional[Iterable[str]] = None,
+                 seeds: Optional[Iterable[int]] = None, sets: Optional[dict] = None) -> list[RunSpec]:
+    """Every (variant, seed) run of ``grid``: base + ``sets`` (command-line overrides of the base)
+    + the variant's overrides + ``seed_everything``."""
+    only = list(only or [])
+    unknown = [v for v in only if v not in grid.variants and v not in grid.aliases]
+    if unknown:
+        raise GridError(f"grid {grid.name!r} has no variant(s) {unknown}; variants: {grid.order}")
+    wanted = [v for v in grid.order if v in grid.variants and (not only or v in only)]
+    wanted += [grid.aliases[a] for a in only if a in grid.aliases and grid.aliases[a] not in wanted]
+    seeds = _seeds(grid.name, list(seeds)) if seeds else list(grid.seeds)
+    base = apply(grid.base, sets or {})
+    for key in HASH_EXCLUDED:
+        if key == "tracking":
+            continue
+        base.pop(key, None)
+    specs = []
+    for variant in wanted:
+        overrides = grid.variants[variant]
+        for seed in seeds:
+            config = apply(base, overrides)
+            config["seed_everything"] = int(seed)
+            config.pop("run_dir", None)
+            specs.append(RunSpec(grid=grid.name, variant=variant, seed=int(seed), config=config,
+                                 overrides=overrides, run_dir=grid_dir(runs_dir, grid.name) / variant / f"seed{seed}",
+                                 config_hash=config_hash(config), experiment_hash=experiment_hash(config)))
+    return specs
+
+
+# --------------------------------------------------------------------------- validation (no model is built)
+
+
+def trainer_defaults() -> dict:
+    from lit.cli import trainer_defaults as defaults
+
+    return defaults()
+
+
+def validate(spec: RunSpec, tokenizer_vocab: Optional[dict] = None) -> RunSpec:
+    """Check ``spec.config`` the way ``fwpkm train`` will, building only config dataclasses; sets
+    ``spec.error`` (None when valid) and ``spec.summary`` (the resolved model's main options)."""
+    try:
+        spec.summary = validate_train_config(spec.config, tokenizer_vocab)
+        spec.error = None
+    except Exception as err:  # every kind of bad value must become a readable per-run error
+        spec.error = f"{type(err).__name__}: {err}"
+        spec.summary = {}
+    return spec
+
+
+def validate_train_config(config: dict, tokenizer_vocab: Optional[dict] = None) -> dict:
+    from fwpkm.config import ConfigError
+    from lit.cli import CheckpointConfig
+    from lit.data import DataConfig
+    from lit.module import OptimConfig, TrainConfig, build_model_config
+    from lit.tracking import TrackingConfig
+
+    unknown = sorted(set(config) - set(TRAIN_TOP_KEYS))
+    if unknown:
+        raise ConfigError(f"unknown train option(s) {unknown}; allowed sections: {list(TRAIN_TOP_KEYS)}")
+    model = dict(config.get("model") or {})
+    unknown = sorted(set(model) - set(MODEL_KEYS))
+    if unknown:
+        raise ConfigError(f"unknown model option(s) {unknown}; allowed: {list(MODEL_KEYS)}")
+    data = DataConfig.from_dict(dict(config.get("data") or {}))
+    vocab = _vocab_size(data.tokenizer, tokenizer_vocab)
+    model_config = build_model_config(model.get("preset", "tiny"), model.get("overrides"), vocab)
+    _dataclass(OptimConfig, model.get("optim"), "model.optim")
+    train = _dataclass(TrainConfig, model.get("train"), "model.train")
+    _dataclass(CheckpointConfig, config.get("checkpoint"), "checkpoint")
+    _dataclass(TrackingConfig, config.get("tracking"), "tracking")
+
+    trainer = {**trainer_defaults(), **(config.get("trainer") or {})}
+    from lightning.pytorch import Trainer
+
+    known = set(inspect.signature(Trainer.__init__).parameters) - {"self"}
+    unknown = sorted(set(trainer) - known)
+    if unknown:
+        raise ConfigError(f"unknown trainer option(s) {unknown}")
+    max_steps, interval = trainer.get("max_steps"), trainer.get("val_check_interval")
+    if not isinstance(max_steps, int) or max_steps <= 0:
+        raise ConfigError(f"trainer.max_steps={max_steps!r} must be a positive number of steps")
+    if (trainer.get("check_val_every_n_epoch") is None and isinstance(interval, int) and not isinstance(interval, bool)
+            and interval > 0 and max_steps % interval):
+        raise ConfigError(f"trainer.max_steps={max_steps} must be a multiple of trainer.val_check_interval={interval} "
+                          "so that the run ends with a validation (its final val loss is the grid's result)")
+    if trainer.get("limit_val_batches") == 0:
+        raise ConfigError("trainer.limit_val_batches=0 leaves no validation loss to compare")
+    block = model_config.block
+    mem = block.memory
+    kind = block.kind if model_config.memory_layers else "none"
+    summary = {
+        "preset": model.get("preset", "tiny"), "layers": model_config.n_layers, "d_model": model_config.d_model,
+        "mixers": "".join(m[0] for m in model_config.mixers), "pkm": model_config.pkm_layers,
+        "memory": kind, "memory_layers": model_config.memory_layers,
+        "max_steps": max_steps, "seq_len": data.seq_len, "batch": data.batch_size,
+        "fa_to_swa": train.fa_to_swa_prob if train.fa_to_swa_prob is not None else model_config.fa_to_swa_prob,
+    }
+    if kind == "fwpkm":
+        summary.update({"score": mem.score, "lookahead": mem.lookahead, "target_norm": block.target_norm,
+                        "addr_loss": mem.addr_loss_weight, "values_only": mem.grad_to_values_only,
+                        "gate_out": block.out_fuse_gate, "gate_loss": block.weight_loss_with_gates,
+                        "HxK": f"{mem.heads}x{mem.topk}", "mse": mem.mse, "slots": mem.n_slots})
+    elif kind == "fwmlp":
+        summary.update({"lookahead": block.fwmlp.lookahead, "hidden": block.fwmlp.hidden,
+                        "gate_out": block.out_fuse_gate, "gate_loss": block.weight_loss_with_gates})
+    return summary
+
+
+def _vocab_size(tokenizer: str, cache: Optional[dict]) -> Optional[int]:
+    """The vocabulary of the byte tokenizer; None (not checked) for others, whose files may live only
+    on the training machines."""
+    if tokenizer != "byte":
+        return None
+    if cache is not None and tokenizer in cache:
+        return cache[tokenizer]
+    from lit.tokenizer import load_tokenizer
+
+    size = load_tokenizer(tokenizer).vocab_size
+    if cache is not None:
+        cache[tokenizer] = size
+    return size
+
+
+def _dataclass(cls, value, option: str):
+    import dataclasses
+
+    from fwpkm.config import ConfigError
+
+    if value is None:
+        return cls()
+    if not isinstance(value, dict):
+        raise ConfigError(f"{option} must be a mapping, got {value!r}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(value) - known)
+    if unknown:
+        raise ConfigError(f"unknown {option} option(s) {unknown}; known: {sorted(known)}")
+    return cls(**value)
+
+
+def validate_all(specs: list[RunSpec]) -> list[RunSpec]:
+    cache: dict = {}
+    for spec in specs:
+        validate(spec, cache)
+    return specs
+
+
+# --------------------------------------------------------------------------- printing
+
+
+def describe(grid: Grid, specs: list[RunSpec]) -> str:
+    """The ``--dry-run`` listing: one line per run with its hash, folder and resolved options."""
+    lines = [f"grid {grid.name!r} ({grid.path}): {len(specs)} run(s), experiment {grid.experiment!r}, seeds {grid.seeds}"]
+    if grid.description:
+        lines.append("  " + grid.description.strip().replace("\n", "\n  "))
+    if grid.eval:
+        lines.append(f"  eval: {json.dumps(grid.eval, sort_keys=True)}")
+    base = specs[0].config if specs else grid.base
+    lines.append("  base: " + _brief(base))
+    width = max([len(s.variant) for s in specs] + [7])
+    for spec in specs:
+        status = "ok     " if spec.error is None else "INVALID"
+        lines.append(f"  {status} {spec.variant:<{width}} seed={spec.seed} hash={spec.config_hash} -> {spec.run_dir}")
+        over = json.dumps(spec.overrides, sort_keys=True, default=str) if spec.overrides else "(base)"
+        lines.append(f"          overrides: {over}")
+        if spec.error is None:
+            lines.append("          resolved: " + ", ".join(f"{k}={v}" for k, v in spec.summary.items()))
+        else:
+            lines.append(f"          error: {spec.error}")
+    for alias, target in grid.aliases.items():
+        lines.append(f"  alias   {alias:<{width}} = {target} (no run of its own)")
+    bad = [s for s in specs if s.error]
+    lines.append(f"{len(specs) - len(bad)} valid, {len(bad)} invalid")
+    return "\n".join(lines)
+
+
+def _brief(config: dict) -> str:
+    model = config.get("model", {})
+    trainer = config.get("trainer", {})
+    data = config.get("data", {})
+    return (f"preset={model.get('preset')} overrides={len(model.get('overrides') or {})} "
+            f"data={data.get('source', 'embedded')}/{data.get('tokenizer', 'byte')} seq_len={data.get('seq_len')} "
+            f"batch={data.get('batch_size')} max_steps={trainer.get('max_steps')} "
+            f"val_every={trainer.get('val_check_interval')}")
+
+
+def run_config_yaml(config: dict) -> str:
+    return yaml.safe_dump(config, sort_keys=False, default_flow_style=False)

@@ -1,0 +1,498 @@
+"""``fwpkm report GRID|STUDY``: summary tables and plots rebuilt from the MLflow store alone.
+
+Grid: one row per variant (aliases repeat their target), mean ± std over seeds of the final
+validation loss (ln of the last ``val/ppl``) and perplexity, the NIAH exact match when the
+grid evaluated it, training tokens/s (median over the steps of a run), parameter count and
+the mean gate (last ``mem/L*/gate_mean``, averaged over memory layers), plus the difference
+of validation loss to the ``base`` variant and the run status. For each (variant, seed) the
+report takes the newest run, preferring finished ones.
+
+Study: one row per trial (number, state, objective, parameters, final val perplexity), the
+best trial first-class, and Optuna's optimisation-history, parameter-importance and slice
+plots drawn from an in-memory study rebuilt from the trials' MLflow runs.
+
+Both write ``summary.csv``, ``summary.md`` and ``summary.png`` (+ the Optuna plots) into the
+output folder and, unless ``--no-log``, attach them to the grid's or study's parent run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import Callable, Optional
+
+from ablations.runner import Store, find_parent, search_runs, tag_filter
+
+NAN = float("nan")
+
+
+# --------------------------------------------------------------------------- grid
+
+
+def _metric_mean(metrics: dict, suffix: str, prefix: str = "mem/") -> float:
+    values = [v for k, v in metrics.items() if k.startswith(prefix) and k.endswith(suffix)]
+    return sum(values) / len(values) if values else NAN
+
+
+def _median_history(client, run_id: str, key: str) -> float:
+    try:
+        values = [m.value for m in client.get_metric_history(run_id, key)]
+    except Exception:
+        return NAN
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    return statistics.median(values) if values else NAN
+
+
+def run_row(client, run) -> dict:
+    """The numbers of one grid run, from its MLflow run."""
+    m, tags = run.data.metrics, run.data.tags
+    ppl = m.get("val/ppl", NAN)
+    return {
+        "variant": tags.get("fwpkm.variant", tags.get("variant", "?")),
+        "seed": int(tags.get("fwpkm.seed", tags.get("seed", 0)) or 0),
+        "run_id": run.info.run_id,
+        "status": run.info.status,
+        "val_loss": math.log(ppl) if ppl and ppl > 0 and math.isfinite(ppl) else NAN,
+        "val_ppl": ppl,
+        "niah_exact": m.get("niah/exact", NAN),
+        "tokens_per_s": _median_history(client, run.info.run_id, "train/tokens_per_s"),
+        "params": m.get("model/params", NAN),
+        "gate_mean": _metric_mean(m, "/gate_mean"),
+        "error": _first_line(tags.get("fwpkm.error", "")),
+        **{f"niah_{k[len('niah/exact/'):]}": v for k, v in m.items()
+           if k.startswith("niah/exact/") and k.count("/") == 2},
+    }
+
+
+def _first_line(text: str) -> str:
+    for line in (text or "").splitlines():
+        if line.strip():
+            return line.strip()[:200]
+    return ""
+
+
+def _rank(run) -> tuple:
+    done = run.info.status == "FINISHED" and run.data.tags.get("fwpkm.stage") == "done"
+    return (done, run.info.status == "FINISHED", run.info.start_time or 0)
+
+
+def grid_runs(store: Store, parent) -> list[dict]:
+    """One row per (variant, seed): the newest run, preferring finished ones."""
+    children = search_runs(store, tag_filter(mlflow__parentRunId=parent.info.run_id),
+                           [parent.info.experiment_id])
+    chosen: dict = {}
+    for run in children:
+        tags = run.data.tags
+        key = (tags.get("fwpkm.variant"), tags.get("fwpkm.seed"))
+        if key[0] is None:
+            continue
+        if key not in chosen or _rank(run) > _rank(chosen[key]):
+            chosen[key] = run
+    client = store.client
+    return [run_row(client, run) for run in chosen.values()]
+
+
+def _mean_std(values: list) -> tuple[float, float]:
+    values = [v for v in values if v is not None and isinstance(v, (int, float)) and math.isfinite(v)]
+    if not values:
+        return NAN, NAN
+    mean = sum(values) / len(values)
+    std = statistics.stdev(values) if len(values) > 1 else NAN
+    return mean, std
+
+
+METRICS = ("val_loss", "val_ppl", "niah_exact", "tokens_per_s", "params", "gate_mean")
+
+
+def summarise_grid(rows: list[dict], order: Optional[list] = None, aliases: Optional[dict] = None):
+    """A pandas DataFrame, one row per variant: ``<metric>_mean``/``<metric>_std`` over seeds."""
+    import pandas as pd
+
+    aliases = dict(aliases or {})
+    variants = list(order or [])
+    for r in rows:
+        if r["variant"] not in variants:
+            variants.append(r["variant"])
+    extra = sorted({k for r in rows for k in r if k.startswith("niah_") and k != "niah_exact"})
+    table = []
+    for variant in variants:
+        source = aliases.get(variant, variant)
+        group = sorted((r for r in rows if r["variant"] == source), key=lambda r: r["seed"])
+        if not group:
+            continue
+        finished = [r for r in group if r["status"] == "FINISHED"]
+        entry = {"variant": variant, "same_as": source if source != variant else "",
+                 "seeds": ",".join(str(r["seed"]) for r in group), "finished": len(finished), "runs": len(group)}
+        for metric in METRICS + tuple(extra):
+            entry[f"{metric}_mean"], entry[f"{metric}_std"] = _mean_std([r.get(metric, NAN) for r in finished])
+        statuses = sorted({r["status"] for r in group})
+        entry["status"] = "/".join(statuses)
+        entry["error"] = next((r["error"] for r in group if r["status"] != "FINISHED" and r["error"]), "")
+        table.append(entry)
+    df = pd.DataFrame(table)
+    if not df.empty:
+        base = df.loc[df["variant"] == "base", "val_loss_mean"]
+        df["d_val_loss"] = df["val_loss_mean"] - (float(base.iloc[0]) if len(base) else NAN)
+    return df
+
+
+def _fmt(mean: float, std: float = NAN, digits: int = 3) -> str:
+    if mean is None or not math.isfinite(mean):
+        return "-"
+    if abs(mean) >= 1e5:
+        text = f"{mean / 1e6:.{2}f}M"
+        return text + (f" ± {std / 1e6:.2f}M" if std is not None and math.isfinite(std) else "")
+    text = f"{mean:.{digits}f}"
+    if std is not None and math.isfinite(std):
+        text += f" ± {std:.{digits}f}"
+    return text
+
+
+def grid_markdown(df, title: str = "") -> str:
+    """The summary as a Markdown table (also what ``fwpkm ablate`` and ``fwpkm report`` print)."""
+    if df is None or df.empty:
+        return (f"### {title}\n\n" if title else "") + "(no runs)"
+    has_niah = "niah_exact_mean" in df and df["niah_exact_mean"].notna().any()
+    header = ["variant", "seeds", "val loss", "Δ vs base", "val ppl"] + (["NIAH exact"] if has_niah else []) + \
+        ["tokens/s", "params", "gate", "status"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
+    for _, r in df.iterrows():
+        name = r["variant"] + (f" (= {r['same_as']})" if r.get("same_as") else "")
+        status = r["status"] if r["status"] != "FINISHED" else "ok"
+        if r.get("error"):
+            status += f": {r['error'][:80]}".replace("|", "/")
+        d = r.get("d_val_loss", NAN)
+        cells = [name, f"{r['finished']}/{r['runs']}", _fmt(r["val_loss_mean"], r["val_loss_std"]),
+                 "-" if not math.isfinite(d) else f"{d:+.3f}", _fmt(r["val_ppl_mean"], r["val_ppl_std"], 2)]
+        if has_niah:
+            cells.append(_fmt(r["niah_exact_mean"], r["niah_exact_std"], 2))
+        cells += [_fmt(r["tokens_per_s_mean"], r["tokens_per_s_std"], 0), _fmt(r["params_mean"], NAN, 0),
+                  _fmt(r["gate_mean_mean"], r["gate_mean_std"], 3), status]
+        lines.append("| " + " | ".join(cells) + " |")
+    text = "\n".join(lines)
+    return (f"### {title}\n\n" if title else "") + text
+
+
+def plot_grid(df, path: Path, title: str = "") -> Optional[Path]:
+    if df is None or df.empty:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    panels = [("val_loss", "final validation loss (nats)"), ("tokens_per_s", "training tokens/s")]
+    if "niah_exact_mean" in df and df["niah_exact_mean"].notna().any():
+        panels.insert(1, ("niah_exact", "NIAH exact match"))
+    names = [r["variant"] + (f" (={r['same_as']})" if r["same_as"] else "") for _, r in df.iterrows()]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 0.9 + 0.38 * len(df)), squeeze=False)
+    for ax, (metric, label) in zip(axes[0], panels):
+        means = df[f"{metric}_mean"].astype(float).fillna(0.0).tolist()
+        stds = df[f"{metric}_std"].astype(float).fillna(0.0).tolist()
+        colors = ["tab:gray" if n.startswith("base") else "tab:blue" for n in names]
+        ax.barh(range(len(df)), means, xerr=stds, color=colors, capsize=3)
+        ax.set_yticks(range(len(df)), names if ax is axes[0][0] else [""] * len(df))
+        ax.invert_yaxis()
+        ax.set_xlabel(label)
+        if metric == "val_loss" and any(m > 0 for m in means):
+            low = min(m for m in means if m > 0)
+            high = max(m + s for m, s in zip(means, stds))
+            pad = 0.15 * (high - low) + 0.02
+            ax.set_xlim(max(0.0, low - pad), high + pad)
+        if metric == "niah_exact":
+            ax.set_xlim(0.0, 1.0)
+        ax.grid(axis="x", alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def grid_report(store: Store, grid: str, out_dir: Optional[Path] = None, log: bool = True,
+                echo: Callable[[str], None] = print) -> dict:
+    """Rebuild the grid's summary from MLflow: print it, write CSV/Markdown/PNG, attach to the parent run."""
+    parent = find_parent(store, "grid", grid)
+    if parent is None:
+        raise LookupError(f"no MLflow parent run of grid {grid!r} in experiment {store.experiment!r} at {store.uri}")
+    tags = parent.data.tags
+    order = json.loads(tags.get("fwpkm.variants", "[]") or "[]")
+    aliases = json.loads(tags.get("fwpkm.aliases", "{}") or "{}")
+    df = summarise_grid(grid_runs(store, parent), order, aliases)
+    title = f"ablation grid {grid}"
+    md = grid_markdown(df, title)
+    echo(md)
+    files = {}
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        files["csv"] = out / "summary.csv"
+        df.to_csv(files["csv"], index=False)
+        files["md"] = out / "summary.md"
+        files["md"].write_text(md + "\n")
+        png = plot_grid(df, out / "summary.png", title)
+        if png:
+            files["png"] = png
+        if log:
+            _attach(store, parent.info.run_id, files.values(), "summary")
+            _log_summary_metrics(store, parent.info.run_id, df)
+    return {"table": df, "markdown": md, "files": files, "parent_run_id": parent.info.run_id}
+
+
+def _log_summary_metrics(store: Store, run_id: str, df) -> None:
+    """The table's numbers also as metrics of the parent run (``<variant>/val_loss`` ...), for MLflow's charts."""
+    from mlflow.entities import Metric
+    import time
+
+    now = int(time.time() * 1000)
+    metrics = []
+    for _, r in df.iterrows():
+        for metric in ("val_loss", "val_ppl", "niah_exact", "tokens_per_s"):
+            value = r.get(f"{metric}_mean", NAN)
+            if value is not None and math.isfinite(value):
+                metrics.append(Metric(f"summary/{r['variant']}/{metric}", float(value), now, 0))
+    with contextlib.suppress(Exception):
+        for start in range(0, len(metrics), 500):
+            store.client.log_batch(run_id, metrics=metrics[start:start + 500])
+
+
+def _attach(store: Store, run_id: str, paths, artifact_path: str) -> None:
+    for path in paths:
+        with contextlib.suppress(Exception):
+            store.client.log_artifact(run_id, str(path), artifact_path)
+
+
+# --------------------------------------------------------------------------- study
+
+
+def study_trials(store: Store, parent) -> list[dict]:
+    children = search_runs(store, tag_filter(mlflow__parentRunId=parent.info.run_id), [parent.info.experiment_id])
+    chosen: dict = {}
+    for run in children:
+        number = run.data.tags.get("optuna.trial_number")
+        if number is None:
+            continue
+        if number not in chosen or (run.info.start_time or 0) > (chosen[number].info.start_time or 0):
+            chosen[number] = run
+    client = store.client
+    rows = []
+    for number, run in chosen.items():
+        tags, m = run.data.tags, run.data.metrics
+        ppl = m.get("val/ppl", NAN)
+        value = m.get("optuna/value", NAN)
+        row = {"trial": int(number), "state": tags.get("optuna.state", run.info.status), "value": value,
+               "val_ppl": ppl, "run_id": run.info.run_id, "status": run.info.status,
+               "params": json.loads(tags.get("optuna.params", "{}") or "{}"),
+               "intermediate": {}, "error": _first_line(tags.get("fwpkm.error", ""))}
+        with contextlib.suppress(Exception):  # Lightning logs a validation at step (optimizer step - 1)
+            for point in client.get_metric_history(run.info.run_id, "val/ppl"):
+                if point.value and point.value > 0:
+                    row["intermediate"][int(point.step) + 1] = math.log(point.value)
+        with contextlib.suppress(Exception):
+            row["steps"] = max(int(p.step) for p in client.get_metric_history(run.info.run_id, "train/loss")) + 1
+        rows.append(row)
+    rows.sort(key=lambda r: r["trial"])
+    return rows
+
+
+def summarise_study(rows: list[dict], direction: str = "minimize"):
+    import pandas as pd
+
+    names = sorted({k for r in rows for k in r["params"]})
+    table = []
+    for r in rows:
+        entry = {"trial": r["trial"], "state": r["state"], "value": r["value"], "val_ppl": r["val_ppl"]}
+        entry.update({f"param:{n}": r["params"].get(n, NAN) for n in names})
+        entry["steps"] = r.get("steps", NAN)
+        entry["error"] = r["error"]
+        table.append(entry)
+    df = pd.DataFrame(table)
+    if not df.empty:
+        complete = df[(df["state"] == "COMPLETE") & df["value"].notna()]
+        df["best"] = False
+        if len(complete):
+            best = complete["value"].idxmin() if direction == "minimize" else complete["value"].idxmax()
+            df.loc[best, "best"] = True
+    return df
+
+
+def study_markdown(df, title: str = "") -> str:
+    if df is None or df.empty:
+        return (f"### {title}\n\n" if title else "") + "(no trials)"
+    params = [c for c in df.columns if c.startswith("param:")]
+    header = ["trial", "state", "value (val loss)", "val ppl"] + [p[len("param:"):] for p in params] + ["steps"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
+    for _, r in df.iterrows():
+        cells = [f"{int(r['trial'])}{' (best)' if r.get('best') else ''}", str(r["state"]), _fmt(r["value"], NAN, 4),
+                 _fmt(r["val_ppl"], NAN, 2)]
+        cells += [_fmt_param(r[p]) for p in params]
+        cells.append("-" if not math.isfinite(r["steps"]) else str(int(r["steps"])))
+        lines.append("| " + " | ".join(cells) + " |")
+    return (f"### {title}\n\n" if title else "") + "\n".join(lines)
+
+
+def _plain(value):
+    return value.item() if hasattr(value, "item") else value
+
+
+def _fmt_param(value) -> str:
+    if isinstance(value, float):
+        return "-" if not math.isfinite(value) else f"{value:.4g}"
+    return str(value)
+
+
+def rebuild_study(rows: list[dict], distributions: dict, direction: str = "minimize"):
+    """An in-memory Optuna study holding the trials recorded in MLflow (for Optuna's plots)."""
+    import optuna
+    from optuna.distributions import json_to_distribution
+    from optuna.trial import TrialState, create_trial
+
+    dists = {k: json_to_distribution(v) if isinstance(v, str) else v for k, v in distributions.items()}
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        study = optuna.create_study(direction=direction)
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+    for r in rows:
+        try:
+            state = TrialState[str(r["state"])]
+        except KeyError:
+            continue
+        if state not in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL):
+            continue
+        params = {k: v for k, v in r["params"].items() if k in dists}
+        value = r["value"] if state == TrialState.COMPLETE and math.isfinite(r["value"]) else None
+        if state == TrialState.COMPLETE and value is None:
+            continue
+        with contextlib.suppress(Exception):
+            study.add_trial(create_trial(state=state, value=value, params=params,
+                                         distributions={k: dists[k] for k in params},
+                                         intermediate_values=r["intermediate"]))
+    return study
+
+
+def study_plots(study, out_dir: Path) -> list[Path]:
+    """Optimisation history, parameter importances and slice plots (matplotlib), whatever can be drawn."""
+    import warnings
+
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    from optuna.trial import TrialState
+    from optuna.visualization import matplotlib as ovm
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    complete = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+    plots = [("optimization_history", ovm.plot_optimization_history, 1),
+             ("param_importances", ovm.plot_param_importances, 2),
+             ("slice", ovm.plot_slice, 1),
+             ("intermediate_values", ovm.plot_intermediate_values, 0)]
+    written = []
+    for name, fn, needed in plots:
+        if len(complete) < needed:
+            continue
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                result = fn(study)
+        except Exception:  # e.g. importances of a study without spread in its values
+            plt.close("all")
+            continue
+        ax = result.flat[0] if hasattr(result, "flat") else result
+        fig = ax.figure
+        fig.set_size_inches(max(fig.get_size_inches()[0], 6), max(fig.get_size_inches()[1], 4))
+        fig.tight_layout()
+        path = out_dir / f"{name}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def study_report(store: Store, study: str, out_dir: Optional[Path] = None, log: bool = True,
+                 echo: Callable[[str], None] = print) -> dict:
+    parent = find_parent(store, "study", study)
+    if parent is None:
+        raise LookupError(f"no MLflow parent run of study {study!r} in experiment {store.experiment!r} at {store.uri}")
+    tags = parent.data.tags
+    direction = tags.get("optuna.direction", "minimize")
+    rows = study_trials(store, parent)
+    df = summarise_study(rows, direction)
+    title = f"Optuna study {study} ({direction} {tags.get('optuna.objective', 'val loss')})"
+    md = study_markdown(df, title)
+    best = df[df["best"]] if not df.empty else df
+    if len(best):
+        b = best.iloc[0]
+        params = {c[len("param:"):]: _plain(b[c]) for c in df.columns if c.startswith("param:")}
+        md += f"\n\nbest trial {int(b['trial'])}: value {b['value']:.4f}, params {params}"
+    echo(md)
+    files: dict = {}
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        files["csv"] = out / "summary.csv"
+        df.to_csv(files["csv"], index=False)
+        files["md"] = out / "summary.md"
+        files["md"].write_text(md + "\n")
+        distributions = json.loads(tags.get("optuna.distributions", "{}") or "{}")
+        for i, path in enumerate(study_plots(rebuild_study(rows, distributions, direction), out)):
+            files[f"plot{i}"] = path
+        if log:
+            _attach(store, parent.info.run_id, files.values(), "report")
+    return {"table": df, "markdown": md, "files": files, "parent_run_id": parent.info.run_id}
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def find_any(runs_dir: Path, name: str, tracking_uri: Optional[str] = None, experiment: Optional[str] = None):
+    """(kind, Store) of the grid or study called ``name`` in any experiment of the store."""
+    from mlflow.tracking import MlflowClient
+
+    from ablations.runner import resolve_uri
+    from lit.tracking import store_lock
+
+    uri, artifacts = resolve_uri(Path(runs_dir).resolve(), tracking_uri)
+    probe = Store(uri=uri, experiment=experiment or "", artifact_location=artifacts,
+                  runs_dir=Path(runs_dir).resolve())
+    client = MlflowClient(tracking_uri=uri)
+    with store_lock(uri):  # a fresh SQLite store gets its tables here, one process at a time
+        client.search_experiments(max_results=1)
+    experiments = [experiment] if experiment else [e.name for e in client.search_experiments()]
+    for exp_name in experiments:
+        exp = client.get_experiment_by_name(exp_name)
+        if exp is None:
+            continue
+        store = Store(uri=uri, experiment=exp_name, artifact_location=artifacts, experiment_id=exp.experiment_id,
+                      runs_dir=probe.runs_dir)
+        for kind in ("grid", "study"):
+            if find_parent(store, kind, name) is not None:
+                return kind, store
+    return None, probe
+
+
+def report(name: str, runs_dir: str = "runs", tracking_uri: Optional[str] = None, out_dir: Optional[str] = None,
+           log: bool = True, experiment: Optional[str] = None, echo: Callable[[str], None] = print) -> int:
+    from ablations.grid import grid_dir
+
+    kind, store = find_any(Path(runs_dir), name, tracking_uri, experiment)
+    if kind is None:
+        echo(f"fwpkm report: error: no grid or study named {name!r} in the MLflow store {store.uri}")
+        return 2
+    if kind == "grid":
+        out = Path(out_dir) if out_dir else grid_dir(store.runs_dir, name)
+        result = grid_report(store, name, out, log=log, echo=echo)
+    else:
+        out = Path(out_dir) if out_dir else store.runs_dir / "tune" / name
+        result = study_report(store, name, out, log=log, echo=echo)
+    echo(f"[report] {kind} {name!r}: " + ", ".join(str(p) for p in result["files"].values()))
+    return 0

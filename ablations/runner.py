@@ -1,0 +1,604 @@
+"""``fwpkm ablate GRID``: run every (variant, seed) of a grid, tracked in MLflow.
+
+Each run is a ``fwpkm train`` subprocess (crash isolation; ``--workers N`` of them at a time,
+or one per GPU with ``--gpus``) started with ``--config <run folder>/grid_config.yaml``, the
+resolved config of the run, in ``<runs>/ablations/<grid>/<variant>/seed<k>/``. Its MLflow run
+is tagged ``fwpkm.grid``, ``fwpkm.variant``, ``fwpkm.seed``, ``fwpkm.config_hash`` and nested
+under the grid's parent run (tag ``mlflow.parentRunId``); the parent is found again by its
+tags, so every invocation of the same grid adds to the same parent.
+
+* A run whose MLflow run is FINISHED with the same config hash (and evaluated) is skipped.
+* An interrupted run (runner or machine killed) is started again on the same run folder:
+  ``fwpkm train`` resumes from ``last.ckpt`` and logs into the same MLflow run.
+* A run that fails (invalid config, crash, timeout) is recorded as a FAILED MLflow run with
+  its error (tag ``fwpkm.error``, log as artifact); the other runs go on. A FAILED run is tried
+  again by the next invocation.
+* After training: the parameter count, and the NIAH accuracy when the grid has ``eval.niah``
+  (final checkpoint, ``lit.evaluation.niah``), are logged on the run; tag ``fwpkm.stage=done``.
+* At the end :mod:`ablations.report` builds the summary table (printed, CSV, Markdown, plot)
+  from the MLflow store and attaches it to the parent run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import yaml
+
+from ablations import PROJECT_ROOT
+from ablations.grid import Grid, RunSpec, describe, grid_dir, load_grid, resolve_runs, validate_all
+
+STATE_FILE = "ablation.json"
+CONFIG_FILE = "grid_config.yaml"
+LOG_FILE = "train.log"
+ROLE_GRID, ROLE_RUN = "grid", "grid-run"
+MAX_TAG = 5000
+
+
+# --------------------------------------------------------------------------- MLflow store
+
+
+@dataclass
+class Store:
+    """An MLflow tracking store and the experiment the grid (or study) logs into."""
+
+    uri: str
+    experiment: str
+    artifact_location: Optional[str]
+    experiment_id: str = ""
+    runs_dir: Path = Path("runs")
+
+    @property
+    def client(self):
+        from mlflow.tracking import MlflowClient
+
+        return MlflowClient(tracking_uri=self.uri)
+
+    def lock(self, name: str):
+        """An exclusive lock (a file in the runs folder) for find-or-create sections."""
+        from lit.tracking import _file_lock
+
+        self.runs_dir.mkdir(parents=True, exist_ok=True)
+        return _file_lock(self.runs_dir / f".{name}.lock")
+
+
+def resolve_uri(runs_dir: Path, tracking_uri: Optional[str] = None) -> tuple[str, Optional[str]]:
+    """(tracking URI, artifact location for a new experiment)."""
+    from lit.tracking import default_tracking_uri
+
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        Path(runs_dir).mkdir(parents=True, exist_ok=True)
+        uri = default_tracking_uri(Path(runs_dir))
+    artifacts = None
+    if uri.startswith("sqlite:///"):
+        artifacts = (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
+    return uri, artifacts
+
+
+def open_store(runs_dir: Path, experiment: str, tracking_uri: Optional[str] = None) -> Store:
+    """The store of ``--tracking-uri``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<runs>/mlflow.db``
+    (artifacts next to a SQLite database in ``mlartifacts/``); creates the experiment if missing."""
+    from lit.tracking import ensure_experiment, store_lock
+
+    runs_dir = Path(runs_dir).resolve()
+    uri, artifacts = resolve_uri(runs_dir, tracking_uri)
+    os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+    with store_lock(uri):
+        ensure_experiment(uri, experiment, artifacts)
+    store = Store(uri=uri, experiment=experiment, artifact_location=artifacts, runs_dir=runs_dir)
+    store.experiment_id = store.client.get_experiment_by_name(experiment).experiment_id
+    return store
+
+
+def search_runs(store: Store, filter_string: str = "", experiment_ids: Optional[list] = None) -> list:
+    client, out, token = store.client, [], None
+    while True:
+        page = client.search_runs(experiment_ids or [store.experiment_id], filter_string, max_results=1000,
+                                  page_token=token)
+        out.extend(page)
+        token = page.token
+        if not token:
+            return out
+
+
+def tag_filter(**tags: str) -> str:
+    return " and ".join(f"tags.`{k.replace('__', '.')}` = '{v}'" for k, v in tags.items())
+
+
+def find_parent(store: Store, role: str, name: str):
+    """The parent run of a grid (role "grid") or study (role "study"), the oldest if several."""
+    runs = search_runs(store, tag_filter(**{"fwpkm__role": role, f"fwpkm__{role}": name}))
+    runs.sort(key=lambda r: (r.info.start_time or 0, r.info.run_id))
+    return runs[0] if runs else None
+
+
+def ensure_parent(store: Store, role: str, name: str, tags: Optional[dict] = None) -> str:
+    """Find or create the parent run (under a lock, so concurrent runners share one)."""
+    with store.lock(f"{role}-{name}"):
+        run = find_parent(store, role, name)
+        if run is not None:
+            return run.info.run_id
+        all_tags = {"fwpkm.role": role, f"fwpkm.{role}": name, "mlflow.runName": f"{role}:{name}"}
+        all_tags.update(tags or {})
+        run = store.client.create_run(store.experiment_id, tags=all_tags, run_name=f"{role}:{name}")
+        return run.info.run_id
+
+
+def set_running(store: Store, run_id: str) -> None:
+    store.client.update_run(run_id, status="RUNNING")
+
+
+# --------------------------------------------------------------------------- the grid runner
+
+
+@dataclass
+class Outcome:
+    spec: RunSpec
+    status: str  # FINISHED | SKIPPED | FAILED
+    run_id: Optional[str] = None
+    seconds: float = 0.0
+    error: Optional[str] = None
+
+
+class GridRunner:
+    def __init__(self, grid: Grid, specs: list[RunSpec], store: Store, workers: int = 1,
+                 gpus: Optional[list[str]] = None, timeout: Optional[float] = None, python: Optional[str] = None,
+                 echo: Callable[[str], None] = print):
+        self.grid, self.specs, self.store = grid, specs, store
+        self.gpus = list(gpus or [])
+        self.workers = max(1, int(workers or (len(self.gpus) or 1)))
+        self.timeout = timeout
+        self.python = python or sys.executable
+        self.echo = echo
+        self.parent_id: Optional[str] = None
+        self._procs: dict[int, subprocess.Popen] = {}
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._gpu_slots: "queue.Queue[str]" = queue.Queue()
+        for gpu in self.gpus:
+            self._gpu_slots.put(gpu)
+
+    # ----------------------------------------------------------------- top level
+
+    def run(self) -> list[Outcome]:
+        grid = self.grid
+        self.parent_id = ensure_parent(self.store, ROLE_GRID, grid.name)
+        client = self.store.client
+        set_running(self.store, self.parent_id)
+        tags = {"fwpkm.variants": json.dumps(grid.order), "fwpkm.aliases": json.dumps(grid.aliases),
+                "fwpkm.eval": json.dumps(grid.eval, sort_keys=True), "fwpkm.grid_file": str(grid.path),
+                "fwpkm.seeds": json.dumps(sorted({s.seed for s in self.specs} | set(grid.seeds)))}
+        for k, v in tags.items():
+            client.set_tag(self.parent_id, k, v[:MAX_TAG])
+        out_dir = grid_dir(self.store.runs_dir, grid.name)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "grid.yaml").write_text(yaml.safe_dump(grid.to_dict(), sort_keys=False))
+        with contextlib.suppress(Exception):
+            client.log_artifact(self.parent_id, str(out_dir / "grid.yaml"))
+        self.echo(f"[ablate] grid {grid.name!r}: {len(self.specs)} run(s), {self.workers} worker(s); "
+                  f"MLflow parent run {self.parent_id} ({self.store.uri}, experiment {self.store.experiment!r})")
+
+        outcomes: list[Outcome] = []
+        todo = []
+        for spec in self.specs:
+            if spec.error is not None:
+                outcomes.append(self._record_failure(spec, f"invalid config: {spec.error}", seconds=0.0))
+                continue
+            done = self.finished_run(spec)
+            if done is not None and done.data.tags.get("fwpkm.stage") == "done":
+                self.echo(f"[ablate] skip {spec.key}: MLflow run {done.info.run_id} already FINISHED "
+                          f"(hash {spec.config_hash})")
+                outcomes.append(Outcome(spec, "SKIPPED", done.info.run_id))
+                continue
+            todo.append(spec)
+
+        previous = _install_sigterm()
+        try:
+            with ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="ablate") as pool:
+                futures = [pool.submit(self._execute, spec) for spec in todo]
+                try:
+                    for future in as_completed(futures):
+                        outcomes.append(future.result())
+                except BaseException:
+                    self._stopping.set()
+                    for f in futures:
+                        f.cancel()
+                    self._kill_all()
+                    raise
+        except BaseException:
+            with contextlib.suppress(Exception):
+                client.set_terminated(self.parent_id, "KILLED")
+            raise
+        finally:
+            _restore_sigterm(previous)
+        order = {id(s): i for i, s in enumerate(self.specs)}
+        outcomes.sort(key=lambda o: order.get(id(o.spec), 0))
+        return outcomes
+
+    def finished_run(self, spec: RunSpec):
+        runs = search_runs(self.store, tag_filter(fwpkm__grid=spec.grid, fwpkm__variant=spec.variant,
+                                                  fwpkm__seed=str(spec.seed), fwpkm__config_hash=spec.config_hash))
+        finished = [r for r in runs if r.info.status == "FINISHED"]
+        finished.sort(key=lambda r: (r.data.tags.get("fwpkm.stage") == "done", r.info.start_time or 0))
+        return finished[-1] if finished else None
+
+    # ----------------------------------------------------------------- one run
+
+    def _execute(self, spec: RunSpec) -> Outcome:
+        start = time.time()
+        gpu = self._gpu_slots.get() if self.gpus else None
+        try:
+            if self._stopping.is_set():
+                return Outcome(spec, "FAILED", error="interrupted")
+            done = self.finished_run(spec)  # trained but not evaluated: only finish it
+            if done is not None:
+                return self._finalize(spec, done.info.run_id, start, gpu)
+            self._prepare_folder(spec)
+            run_id = _read_run_id(spec.run_dir)
+            if run_id:
+                with contextlib.suppress(Exception):
+                    self.store.client.set_tag(run_id, "fwpkm.stage", "training")
+            config_path = self._write_config(spec, gpu)
+            rc, log_tail = self._train(spec, config_path, gpu)
+            run_id = _read_run_id(spec.run_dir)
+            if rc != 0:
+                if self._stopping.is_set():
+                    return Outcome(spec, "FAILED", run_id, time.time() - start, "interrupted")
+                reason = "timed out" if rc == "timeout" else f"fwpkm train exited with code {rc}"
+                return self._record_failure(spec, failure_text(reason, log_tail), time.time() - start, run_id)
+            if not run_id:
+                return self._record_failure(spec, "training finished but left no MLflow run id in the run folder",
+                                            time.time() - start)
+            return self._finalize(spec, run_id, start, gpu)
+        except Exception as err:  # the runner's own bug must not take the other runs down
+            return self._record_failure(spec, f"runner error: {type(err).__name__}: {err}\n{traceback.format_exc()}",
+                                        time.time() - start, _read_run_id(spec.run_dir))
+        finally:
+            if gpu is not None:
+                self._gpu_slots.put(gpu)
+
+    def _prepare_folder(self, spec: RunSpec) -> None:
+        """A run folder of another model/data/seed (the grid changed) is moved aside, so that the new
+        run does not try to resume a checkpoint of a different model."""
+        state_path = spec.run_dir / STATE_FILE
+        if state_path.is_file():
+            try:
+                state = json.loads(state_path.read_text())
+            except (OSError, ValueError):
+                state = {}
+            if state.get("experiment_hash") not in (None, spec.experiment_hash):
+                target = spec.run_dir.with_name(f"{spec.run_dir.name}.{state.get('config_hash', 'old')}")
+                n = 1
+                while target.exists():
+                    target = spec.run_dir.with_name(f"{spec.run_dir.name}.{state.get('config_hash', 'old')}.{n}")
+                    n += 1
+                spec.run_dir.rename(target)
+                self.echo(f"[ablate] {spec.key}: the grid changed this run's model/data; previous run folder "
+                          f"moved to {target}")
+        spec.run_dir.mkdir(parents=True, exist_ok=True)
+        state_path.write_text(json.dumps({"grid": spec.grid, "variant": spec.variant, "seed": spec.seed,
+                                          "config_hash": spec.config_hash,
+                                          "experiment_hash": spec.experiment_hash}, indent=1) + "\n")
+
+    def run_tags(self, spec: RunSpec) -> dict:
+        return {"mlflow.parentRunId": self.parent_id, "fwpkm.role": ROLE_RUN, "fwpkm.grid": spec.grid,
+                "fwpkm.variant": spec.variant, "fwpkm.seed": str(spec.seed), "fwpkm.config_hash": spec.config_hash,
+                "fwpkm.stage": "training"}
+
+    def _write_config(self, spec: RunSpec, gpu: Optional[str]) -> Path:
+        config = json.loads(json.dumps(spec.config))
+        tracking = dict(config.get("tracking") or {})
+        user_tags = dict(tracking.get("tags") or {})
+        tracking.update({"enabled": True, "uri": self.store.uri, "experiment": self.store.experiment,
+                         "variant": spec.variant, "tags": {**user_tags, **self.run_tags(spec)}})
+        config["tracking"] = tracking
+        config["run_dir"] = str(spec.run_dir)
+        if gpu is not None:  # one variant per GPU
+            trainer = config.setdefault("trainer", {})
+            trainer.update({"accelerator": "gpu", "devices": 1, "strategy": "auto"})
+        path = spec.run_dir / CONFIG_FILE
+        path.write_text("# written by `fwpkm ablate`: the resolved config of this run\n"
+                        + yaml.safe_dump(config, sort_keys=False))
+        return path
+
+    def _train(self, spec: RunSpec, config_path: Path, gpu: Optional[str]):
+        env = child_env(threads=_threads_per_worker(self.workers) if gpu is None else None)
+        if gpu is not None:
+            env["CUDA_VISIBLE_DEVICES"] = physical_gpu(gpu)
+        log_path = spec.run_dir / LOG_FILE
+        cmd = [self.python, "-m", "lit.cli", "train", "--config", str(config_path)]
+        with open(log_path, "a") as log:
+            offset = log.tell()
+            log.write(f"\n===== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n")
+            log.flush()
+            self.echo(f"[ablate] start {spec.key} (hash {spec.config_hash}{', GPU ' + gpu if gpu else ''}); "
+                      f"log: {log_path}")
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd())
+            with self._lock:
+                self._procs[proc.pid] = proc
+            try:
+                rc = proc.wait(timeout=self.timeout)
+            except subprocess.TimeoutExpired:
+                _stop(proc)
+                rc = "timeout"
+            finally:
+                with self._lock:
+                    self._procs.pop(proc.pid, None)
+        with open(log_path, errors="replace") as log:
+            log.seek(offset)
+            tail = log.read()[-6000:]
+        return rc, tail
+
+    def _kill_all(self) -> None:
+        with self._lock:
+            procs = list(self._procs.values())
+        for proc in procs:
+            _stop(proc)
+
+    # ----------------------------------------------------------------- after training
+
+    def _finalize(self, spec: RunSpec, run_id: str, start: float, gpu: Optional[str]) -> Outcome:
+        client = self.store.client
+        client.set_tag(run_id, "mlflow.runName", spec.key)
+        for k, v in self.run_tags(spec).items():
+            if k != "fwpkm.stage":
+                client.set_tag(run_id, k, v)
+        try:
+            params = count_parameters(spec.run_dir)
+            if params is not None:
+                client.log_metric(run_id, "model/params", float(params))
+            if self.grid.eval.get("niah"):
+                self.echo(f"[ablate] NIAH {spec.key}")
+                metrics, csv_path = evaluate_niah(spec.run_dir, self.grid.eval["niah"], spec.config, gpu)
+                for k, v in metrics.items():
+                    client.log_metric(run_id, k, v)
+                client.log_artifact(run_id, str(csv_path))
+        except Exception as err:
+            message = f"evaluation after training failed: {type(err).__name__}: {err}"
+            client.set_tag(run_id, "fwpkm.error", (message + "\n" + traceback.format_exc())[:MAX_TAG])
+            client.set_tag(run_id, "fwpkm.stage", "failed")
+            client.set_terminated(run_id, "FAILED")
+            self.echo(f"[ablate] FAILED {spec.key}: {message}")
+            return Outcome(spec, "FAILED", run_id, time.time() - start, message)
+        client.set_tag(run_id, "fwpkm.stage", "done")
+        run = client.get_run(run_id)
+        if run.info.status != "FINISHED":
+            client.set_terminated(run_id, "FINISHED")
+        ppl = run.data.metrics.get("val/ppl")
+        note = f"val/ppl={ppl:.3f}" if ppl is not None else "no val/ppl"
+        self.echo(f"[ablate] done {spec.key} in {time.time() - start:.1f} s: {note} (MLflow run {run_id})")
+        return Outcome(spec, "FINISHED", run_id, time.time() - start)
+
+    def _record_failure(self, spec: RunSpec, error: str, seconds: float, run_id: Optional[str] = None) -> Outcome:
+        """Mark the run's MLflow run FAILED with the error; create one if training never got that far."""
+        client = self.store.client
+        try:
+            if run_id:
+                with contextlib.suppress(Exception):
+                    client.get_run(run_id)
+                    client.set_tag(run_id, "mlflow.runName", spec.key)
+                    for k, v in self.run_tags(spec).items():
+                        client.set_tag(run_id, k, v)
+                    client.set_tag(run_id, "fwpkm.stage", "failed")
+                    client.set_tag(run_id, "fwpkm.error", error[:MAX_TAG])
+                    client.set_terminated(run_id, "FAILED")
+                    self._log_file(run_id, spec.run_dir / LOG_FILE)
+                    return self._failed(spec, run_id, seconds, error)
+            orphans = [r for r in search_runs(self.store, tag_filter(
+                fwpkm__grid=spec.grid, fwpkm__variant=spec.variant, fwpkm__seed=str(spec.seed),
+                fwpkm__config_hash=spec.config_hash, fwpkm__orphan="1"))]
+            tags = {**self.run_tags(spec), "fwpkm.stage": "failed", "fwpkm.orphan": "1",
+                    "fwpkm.error": error[:MAX_TAG], "variant": spec.variant, "seed": str(spec.seed),
+                    "mlflow.runName": spec.key}
+            if orphans:
+                run_id = orphans[0].info.run_id
+                client.update_run(run_id, status="RUNNING")
+                for k, v in tags.items():
+                    client.set_tag(run_id, k, v)
+            else:
+                run_id = client.create_run(self.store.experiment_id, tags=tags, run_name=spec.key).info.run_id
+            self._log_file(run_id, spec.run_dir / LOG_FILE)
+            client.set_terminated(run_id, "FAILED")
+        except Exception as err:  # the store itself failing: still report the run as failed
+            error += f"\n(and recording the failure in MLflow failed: {type(err).__name__}: {err})"
+        return self._failed(spec, run_id, seconds, error)
+
+    def _failed(self, spec, run_id, seconds, error) -> Outcome:
+        self.echo(f"[ablate] FAILED {spec.key}: {_error_line(error)}")
+        return Outcome(spec, "FAILED", run_id, seconds, error)
+
+    def _log_file(self, run_id: str, path: Path) -> None:
+        if path.is_file():
+            with contextlib.suppress(Exception):
+                self.store.client.log_artifact(run_id, str(path))
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _read_run_id(run_dir: Path) -> Optional[str]:
+    from lit.tracking import read_run_id
+
+    return read_run_id(run_dir)
+
+
+def child_env(threads: Optional[int] = None) -> dict:
+    env = dict(os.environ)
+    root = str(PROJECT_ROOT)
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+    env.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
+    env.pop("MLFLOW_RUN_ID", None)  # never log into the runner's own run
+    if threads and "OMP_NUM_THREADS" not in os.environ:
+        env["OMP_NUM_THREADS"] = str(threads)
+    return env
+
+
+def physical_gpu(gpu: str) -> str:
+    """``--gpus`` indexes the GPUs this process sees; a child gets the matching entry of the
+    runner's own CUDA_VISIBLE_DEVICES (if any) as its only device."""
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    if visible and str(gpu).isdigit() and int(gpu) < len(visible):
+        return visible[int(gpu)]
+    return str(gpu)
+
+
+def _threads_per_worker(workers: int) -> int:
+    return max(1, (os.cpu_count() or 1) // max(1, workers))
+
+
+def _stop(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        proc.terminate()
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        proc.wait()
+
+
+def _error_line(text: str) -> str:
+    """The most telling line of a log: the last ``error: ...`` line or Python exception line, else
+    the last line mentioning an error, else the last non-empty line."""
+    import re
+
+    lines = [ln.strip() for ln in (text or "").splitlines() if ln.strip()]
+    pattern = re.compile(r"(^|\s)error:|^[\w.]*(Error|Exception|Interrupt)\b.*:|^[\w.]*(Error|Exception)$")
+    for line in reversed(lines):
+        if pattern.search(line) and not line.startswith("- "):
+            return line[:500]
+    for line in reversed(lines):
+        if "error" in line.lower() or "exception" in line.lower():
+            return line[:500]
+    return lines[-1][:500] if lines else "(no output)"
+
+
+def failure_text(reason: str, log_tail: str) -> str:
+    """A failure for the ``fwpkm.error`` tag: the reason and the telling line first, then the log's end."""
+    return f"{reason}: {_error_line(log_tail)}\n--- end of train.log ---\n{log_tail[-3500:]}"
+
+
+def _install_sigterm():
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    return signal.signal(signal.SIGTERM, handler)
+
+
+def _restore_sigterm(previous) -> None:
+    if previous is not None and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, previous)
+
+
+def count_parameters(run_dir: Path) -> Optional[int]:
+    """Trainable parameters of the run's model, built on the meta device from ``model_config.yaml``."""
+    import torch
+
+    from fwpkm import HybridLM, ModelConfig
+
+    path = Path(run_dir) / "model_config.yaml"
+    if not path.is_file():
+        return None
+    config = ModelConfig.from_dict(yaml.safe_load(path.read_text()))
+    with torch.device("meta"):
+        model = HybridLM(config)
+    return int(sum(p.numel() for p in model.parameters()))
+
+
+def evaluate_niah(run_dir: Path, niah: dict, config: dict, gpu: Optional[str] = None) -> tuple[dict, Path]:
+    """NIAH accuracy of the run's final checkpoint: metrics ``niah/exact``, ``niah/digit_acc`` and per
+    (context length, passes) ``niah/exact/L<len>/n<passes>``; the rows as ``niah.csv``."""
+    import csv
+
+    import torch
+
+    from lit.data import embedded_text
+    from lit.evaluation.niah import NIAHConfig, run_niah, summarise
+    from lit.module import load_model
+    from lit.tokenizer import load_tokenizer
+
+    niah = dict(niah)
+    haystack = niah.pop("haystack", "embedded")
+    cfg = NIAHConfig(**niah)
+    accelerator = str((config.get("trainer") or {}).get("accelerator", "auto"))
+    if gpu is not None:  # this process sees every GPU of --gpus: the index is the logical one
+        device = torch.device("cuda", int(gpu)) if str(gpu).isdigit() else torch.device("cuda")
+    elif accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available():
+        device = torch.device("cuda")
+    else:
+        device = torch.device("cpu")
+    model, _ = load_model(str(Path(run_dir) / "checkpoints" / "last.ckpt"), map_location=device)
+    model.to(device)
+    tokenizer = load_tokenizer(str((config.get("data") or {}).get("tokenizer", "byte")))
+    if haystack != "embedded":
+        raise ValueError(f"eval.niah.haystack={haystack!r}: only 'embedded' is supported by the grid runner")
+    haystack_ids = tokenizer.encode(embedded_text())
+    rows = run_niah(model, tokenizer, haystack_ids, cfg, progress=False)
+    metrics = {"niah/exact": sum(r["exact"] for r in rows) / max(1, len(rows)),
+               "niah/digit_acc": sum(r["digit_acc"] for r in rows) / max(1, len(rows))}
+    for cell in summarise(rows):
+        metrics[f"niah/exact/L{cell['context_len']}/n{cell['iterations']}"] = cell["exact"]
+    for cell in summarise(rows, by=("iterations",)):
+        metrics[f"niah/exact/n{cell['iterations']}"] = cell["exact"]
+    path = Path(run_dir) / "niah.csv"
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["exact"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return {k: float(v) for k, v in metrics.items() if not math.isnan(float(v))}, path
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def ablate(grid_name: str, runs_dir: str = "runs", tracking_uri: Optional[str] = None, only=None, seeds=None,
+           workers: int = 1, gpus: Optional[list[str]] = None, sets: Optional[dict] = None, dry_run: bool = False,
+           timeout: Optional[float] = None, echo: Callable[[str], None] = print) -> int:
+    """Run (or with ``dry_run`` list) a grid; returns the exit code (1 if any run failed)."""
+    from ablations import report
+
+    grid = load_grid(grid_name)
+    specs = validate_all(resolve_runs(grid, Path(runs_dir), only=only, seeds=seeds, sets=sets))
+    if dry_run:
+        echo(describe(grid, specs))
+        return 0 if all(s.error is None for s in specs) else 1
+    store = open_store(Path(runs_dir), grid.experiment, tracking_uri)
+    runner = GridRunner(grid, specs, store, workers=workers, gpus=gpus, timeout=timeout, echo=echo)
+    try:
+        outcomes = runner.run()
+    except KeyboardInterrupt:
+        echo("[ablate] interrupted: running trainings were stopped; run the same command again to resume them")
+        return 130
+    result = report.grid_report(store, grid.name, out_dir=grid_dir(store.runs_dir, grid.name), log=True, echo=echo)
+    client = store.client
+    failed = [o for o in outcomes if o.status == "FAILED"]
+    client.set_tag(runner.parent_id, "fwpkm.failed_runs", json.dumps([o.spec.key for o in failed])[:MAX_TAG])
+    client.set_terminated(runner.parent_id, "FINISHED")
+    counts = {s: sum(o.status == s for o in outcomes) for s in ("FINISHED", "SKIPPED", "FAILED")}
+    echo(f"[ablate] grid {grid.name!r}: {counts['FINISHED']} trained, {counts['SKIPPED']} skipped (already finished), "
+         f"{counts['FAILED']} failed; summary in {result.get('files', {}).get('md', '-')}")
+    for o in failed:
+        echo(f"[ablate]   FAILED {o.spec.key}: {_error_line(o.error or '')}")
+    return 1 if failed else 0
+

@@ -1,0 +1,662 @@
+"""``fwpkm tune GRID``: an Optuna study over the addressing-loss weight (and more) of a grid's base.
+
+The study is defined by the grid file: its ``base`` train config and its ``tune:`` section::
+
+    tune:
+      study: tiny-addr_loss          # default: <grid>-addr_loss
+      n_trials: 20                   # the study's total number of trials
+      direction: minimize            # the objective is the final validation loss, ln(val/ppl)
+      params:                        # dotted train-config paths (as in variants) -> distribution
+        model.overrides.block.memory.addr_loss_weight: {low: 1.0e-3, high: 10.0, log: true}
+        model.optim.lr: {low: 1.0e-4, high: 3.0e-3, log: true}
+        model.overrides.block.memory.topk: {type: int, low: 4, high: 32, step: 4}
+        model.overrides.block.memory.score: {type: categorical, choices: [idw, dot]}
+      overrides: {trainer.max_steps: 200}   # applied to the base for the trials
+      pruner: {type: median, n_startup_trials: 3, n_warmup_steps: 0, interval_steps: 1}
+      sampler: {n_startup_trials: 5}        # TPE options
+
+Without ``params`` the study tunes the addressing-loss weight, log-uniform on [1e-3, 10].
+
+* TPE sampler (``constant_liar`` so parallel workers do not pick the same point), median
+  pruning on the validation loss: :class:`OptunaPruning` runs inside the trial's Lightning
+  training, reports ``ln(val/ppl)`` at every validation (step = optimizer step) and stops the
+  training when the pruner says so (the step-based equivalent of optuna-integration's
+  ``PyTorchLightningPruningCallback``, which reports per epoch).
+* Each trial is a ``fwpkm train`` subprocess in ``<runs>/tune/<study>/trial<NNNN>/`` and an
+  MLflow run nested under the study's run (tags ``optuna.study``, ``optuna.trial_number``,
+  ``optuna.params``, ``optuna.state``; metric ``optuna/value``).
+* Storage: any Optuna storage URL (``--storage``), default ``sqlite:///<runs>/tune/optuna.db``.
+  ``--n-trials`` is the study's total: a second invocation with a larger number adds trials.
+  Workers (``--workers N`` here, or more ``fwpkm tune`` processes anywhere on the same storage)
+  claim trials under a lock, so the study gets exactly ``n_trials`` trials (with a shared
+  network storage and no shared folder, workers on different machines can overshoot by at
+  most one trial each). A trial whose worker died (no heartbeat, or a dead process on this
+  host) is taken over and resumes from its last checkpoint.
+* At the end: best value and parameters (printed, tags ``best.*`` and metric ``best_value`` on
+  the study's run), Optuna's optimisation-history, parameter-importance and slice plots, and
+  the trial table, all attached to the study's run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import yaml
+from lightning.pytorch.callbacks import Callback
+
+from ablations.grid import apply, load_grid, validate_train_config
+from ablations.runner import (CONFIG_FILE, LOG_FILE, MAX_TAG, Store, _error_line, _read_run_id, _stop, child_env,
+                              ensure_parent, failure_text, open_store, search_runs, set_running, tag_filter)
+
+STORAGE_ENV = "FWPKM_OPTUNA_STORAGE"
+PRUNED_FILE = "optuna_pruned"
+TRIAL_FILE = "optuna_trial.json"
+DEFAULT_PARAMS = {"model.overrides.block.memory.addr_loss_weight": {"type": "float", "low": 1e-3, "high": 10.0,
+                                                                   "log": True}}
+HEARTBEAT_S = 15.0
+STALE_AFTER_S = 120.0
+MAX_CONSECUTIVE_FAILURES = 3
+
+
+class TuneError(ValueError):
+    """An invalid study definition or option."""
+
+
+# --------------------------------------------------------------------------- definitions
+
+
+def distributions(params: dict) -> dict:
+    """``tune.params`` -> Optuna distributions (float by default; int; categorical)."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    out = {}
+    for name, spec in (params or {}).items():
+        if not isinstance(spec, dict):
+            raise TuneError(f"tune.params.{name}: expected a mapping like {{low: 1e-3, high: 10, log: true}}")
+        kind = spec.get("type", "categorical" if "choices" in spec else "float")
+        try:
+            if kind == "float":
+                out[name] = FloatDistribution(float(spec["low"]), float(spec["high"]), log=bool(spec.get("log", False)),
+                                              step=spec.get("step"))
+            elif kind == "int":
+                out[name] = IntDistribution(int(spec["low"]), int(spec["high"]), log=bool(spec.get("log", False)),
+                                            step=int(spec.get("step", 1)))
+            elif kind == "categorical":
+                out[name] = CategoricalDistribution(list(spec["choices"]))
+            else:
+                raise TuneError(f"tune.params.{name}: type {kind!r} is not one of float, int, categorical")
+        except KeyError as err:
+            raise TuneError(f"tune.params.{name}: missing {err.args[0]!r}") from err
+        except ValueError as err:
+            raise TuneError(f"tune.params.{name}: {err}") from err
+    if not out:
+        raise TuneError("the study has no parameters (tune.params is empty)")
+    return out
+
+
+def make_pruner(spec: Optional[dict]):
+    import optuna
+
+    spec = dict(spec or {})
+    kind = spec.pop("type", "median")
+    try:
+        if kind == "median":
+            return optuna.pruners.MedianPruner(**spec)
+        if kind == "percentile":
+            return optuna.pruners.PercentilePruner(**spec)
+        if kind == "threshold":
+            return optuna.pruners.ThresholdPruner(**spec)
+        if kind in ("none", "nop", None):
+            return optuna.pruners.NopPruner()
+    except TypeError as err:
+        raise TuneError(f"tune.pruner: {err}") from err
+    raise TuneError(f"tune.pruner.type={kind!r}; choose one of median, percentile, threshold, none")
+
+
+def storage_object(url: str):
+    """An Optuna RDB storage with a patient SQLite connection (several workers share the file)."""
+    import optuna
+
+    if url.startswith("sqlite:///"):
+        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 120}})
+    if "://" in url and not url.startswith(("redis", "journal")):
+        return optuna.storages.RDBStorage(url)
+    return url
+
+
+def public_url(url: str) -> str:
+    """The storage URL without its password (for tags and logs)."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return url.split("@")[-1] if "@" in url else url
+
+
+class Setup:
+    """Everything a worker needs to know about the study."""
+
+    def __init__(self, grid_name: str, study_name: Optional[str], storage: Optional[str], n_trials: Optional[int],
+                 runs_dir: str, tracking_uri: Optional[str], sets: Optional[dict], seed: Optional[int],
+                 trial_timeout: Optional[float]):
+        self.grid = load_grid(grid_name)
+        spec = dict(self.grid.tune or {})
+        unknown = sorted(set(spec) - {"study", "n_trials", "direction", "params", "overrides", "pruner", "sampler",
+                                      "seed"})
+        if unknown:
+            raise TuneError(f"grid {self.grid.name!r}: unknown tune option(s) {unknown}")
+        self.name = study_name or spec.get("study") or f"{self.grid.name}-addr_loss"
+        if any(c in self.name for c in "/\\'\"` "):
+            raise TuneError(f"study name {self.name!r} must not contain '/', quotes or spaces")
+        self.runs_dir = Path(runs_dir).resolve()
+        self.storage_url = storage or f"sqlite:///{self.runs_dir / 'tune' / 'optuna.db'}"
+        self.n_trials = int(n_trials if n_trials is not None else spec.get("n_trials", 20))
+        if self.n_trials < 1:
+            raise TuneError(f"--n-trials={self.n_trials} must be >= 1")
+        self.direction = str(spec.get("direction", "minimize"))
+        if self.direction not in ("minimize", "maximize"):
+            raise TuneError(f"tune.direction={self.direction!r}; choose minimize or maximize")
+        self.params_spec = spec.get("params") or DEFAULT_PARAMS
+        self.distributions = distributions(self.params_spec)
+        self.pruner_spec = dict(spec.get("pruner") or {"type": "median"})
+        make_pruner(self.pruner_spec)  # check now
+        self.sampler_spec = dict(spec.get("sampler") or {})
+        self.seed = seed if seed is not None else spec.get("seed")
+        self.trial_timeout = trial_timeout
+        base = apply(self.grid.base, spec.get("overrides") or {})
+        base = apply(base, sets or {})  # the command line wins
+        base.pop("run_dir", None)
+        base["seed_everything"] = int(base.get("seed_everything", self.grid.seeds[0]) or 0)
+        self.base = base
+        self.tracking_uri = tracking_uri
+        self.store: Optional[Store] = None
+        self.parent_id: Optional[str] = None
+
+    @property
+    def folder(self) -> Path:
+        return self.runs_dir / "tune" / self.name
+
+    def trial_config(self, params: dict) -> dict:
+        return apply(self.base, params)
+
+    def check(self) -> None:
+        """Validate the trial config at a sample point of the space (config dataclasses only)."""
+        sample = {}
+        for name, dist in self.distributions.items():
+            if hasattr(dist, "choices"):
+                sample[name] = dist.choices[0]
+            else:
+                sample[name] = dist.low
+        try:
+            validate_train_config(self.trial_config(sample))
+        except Exception as err:
+            raise TuneError(f"study {self.name!r}: the trial config is invalid: {type(err).__name__}: {err}") from err
+
+    def lock(self):
+        """A lock shared by the workers of this machine (next to a SQLite storage, else in the runs folder)."""
+        from lit.tracking import _file_lock
+
+        if self.storage_url.startswith("sqlite:///"):
+            db = Path(self.storage_url[len("sqlite:///"):])
+            db.parent.mkdir(parents=True, exist_ok=True)
+            return _file_lock(db.with_name(f"{db.name}.{self.name}.lock"))
+        self.folder.mkdir(parents=True, exist_ok=True)
+        return _file_lock(self.folder.parent / f".{self.name}.lock")
+
+    def sampler(self, offset: int = 0):
+        """TPE; with a seed, ``seed + offset``: the worker reseeds it before every new trial with the
+        number of trials so far, so a resumed study does not replay the samples of its first run."""
+        import optuna
+
+        seed = None if self.seed is None else int(self.seed) + offset
+        options = {"constant_liar": True, **self.sampler_spec}
+        try:
+            return optuna.samplers.TPESampler(seed=seed, **options)
+        except TypeError as err:
+            raise TuneError(f"tune.sampler: {err}") from err
+
+    def load(self, worker_index: int = 0):
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # the workers print their own lines
+        with self.lock():
+            return optuna.create_study(study_name=self.name, storage=storage_object(self.storage_url),
+                                       direction=self.direction, sampler=self.sampler(worker_index),
+                                       pruner=make_pruner(self.pruner_spec), load_if_exists=True)
+
+
+# --------------------------------------------------------------------------- MLflow
+
+
+def study_parent(setup: Setup, study) -> str:
+    """The study's MLflow run (found by its tags, created once), also recorded in the study's user attrs."""
+    from optuna.distributions import distribution_to_json
+
+    tags = {"optuna.study": setup.name, "optuna.storage": public_url(setup.storage_url),
+            "optuna.direction": setup.direction, "optuna.objective": "final validation loss ln(val/ppl)",
+            "fwpkm.grid_file": str(setup.grid.path),
+            "optuna.distributions": json.dumps({k: distribution_to_json(v) for k, v in setup.distributions.items()})}
+    run_id = ensure_parent(setup.store, "study", setup.name, tags)
+    client = setup.store.client
+    for k, v in tags.items():
+        client.set_tag(run_id, k, v[:MAX_TAG])
+    with contextlib.suppress(Exception):
+        if study.user_attrs.get("mlflow_run_id") != run_id:
+            study.set_user_attr("mlflow_run_id", run_id)
+            study.set_user_attr("mlflow_tracking_uri", setup.store.uri)
+    return run_id
+
+
+# --------------------------------------------------------------------------- the pruning callback
+
+
+class OptunaPruning(Callback):
+    """Report ``ln(monitor)`` (``val/ppl`` -> validation loss) to the Optuna trial after every
+    validation, at the optimizer step, and stop training when the trial should be pruned.
+
+    Runs inside the trial's ``fwpkm train`` process; the trial lives in the storage named by
+    ``$FWPKM_OPTUNA_STORAGE`` (or ``storage``). On pruning it writes ``optuna_pruned`` into
+    the run folder and sets ``trainer.should_stop``: the training ends cleanly (checkpoint,
+    MLflow run FINISHED) and the worker tells Optuna the trial was pruned.
+
+    Args:
+        study_name: the Optuna study.
+        trial_id: the trial's storage id (``trial._trial_id``).
+        monitor: the validation metric; ``val/ppl`` is the first validation set's perplexity.
+        log_value: report ``ln(value)`` (a perplexity becomes a loss).
+        pruner: pruner spec (``{"type": "median", ...}``, see :func:`make_pruner`).
+        storage: storage URL; default ``$FWPKM_OPTUNA_STORAGE``.
+        run_dir: where to write the ``optuna_pruned`` marker; default the trainer's root dir.
+    """
+
+    def __init__(self, study_name: str, trial_id: int, monitor: str = "val/ppl", log_value: bool = True,
+                 pruner: Optional[dict] = None, storage: Optional[str] = None, run_dir: Optional[str] = None):
+        super().__init__()
+        self.study_name, self.trial_id, self.monitor = study_name, int(trial_id), monitor
+        self.log_value, self.pruner, self.run_dir = log_value, pruner, run_dir
+        self.storage = storage
+        self._trial = None
+
+    def trial(self):
+        if self._trial is None:
+            import optuna
+
+            url = self.storage or os.environ.get(STORAGE_ENV)
+            if not url:
+                raise RuntimeError(f"OptunaPruning: no storage (set ${STORAGE_ENV})")
+            study = optuna.load_study(study_name=self.study_name, storage=storage_object(url),
+                                      pruner=make_pruner(self.pruner))
+            self._trial = optuna.trial.Trial(study, self.trial_id)
+        return self._trial
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking:
+            return
+        should_stop = False
+        if trainer.is_global_zero:
+            value = trainer.callback_metrics.get(self.monitor)
+            if value is not None:
+                value = float(value)
+                if self.log_value:
+                    value = math.log(value) if value > 0 else float("nan")
+                trial = self.trial()
+                step = int(trainer.global_step)
+                if math.isfinite(value) and step not in trial.study._storage.get_trial(self.trial_id).intermediate_values:
+                    trial.report(value, step)
+                should_stop = bool(trial.should_prune())
+                if should_stop:
+                    folder = Path(self.run_dir or trainer.default_root_dir)
+                    (folder / PRUNED_FILE).write_text(f"{step}\n")
+                    print(f"[tune] trial pruned at step {step} (value {value:.4f})", flush=True)
+        if trainer.world_size > 1:
+            should_stop = bool(trainer.strategy.broadcast(should_stop))
+        if should_stop:
+            trainer.should_stop = True
+
+
+# --------------------------------------------------------------------------- workers
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _is_stale(trial, now: float) -> bool:
+    owner = trial.user_attrs.get("worker") or {}
+    beat = float(owner.get("heartbeat", 0) or 0)
+    if owner.get("host") == socket.gethostname() and owner.get("pid") and not _alive(int(owner["pid"])):
+        return True
+    return now - beat > STALE_AFTER_S
+
+
+def _own(trial) -> None:
+    trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid(), "heartbeat": time.time()})
+
+
+def claim(setup: Setup, study, worker_index: int = 0):
+    """The next trial for this worker: a RUNNING trial whose worker died, else a new one while the
+    study has fewer than ``n_trials``; None when the study is complete."""
+    import optuna
+    from optuna.trial import TrialState
+
+    with setup.lock():
+        trials = study.get_trials(deepcopy=False)
+        now = time.time()
+        for frozen in trials:
+            if frozen.state == TrialState.RUNNING and _is_stale(frozen, now):
+                trial = optuna.trial.Trial(study, frozen._trial_id)
+                _own(trial)
+                return trial, True
+        if len(trials) >= setup.n_trials:
+            return None, False
+        if setup.seed is not None:
+            study.sampler = setup.sampler(offset=1000 * len(trials) + worker_index)
+        trial = study.ask(fixed_distributions=setup.distributions)
+        _own(trial)
+        return trial, False
+
+
+class _Heartbeat:
+    def __init__(self, trial):
+        self.trial = trial
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._beat, daemon=True)
+
+    def _beat(self) -> None:
+        while not self.stop.wait(HEARTBEAT_S):
+            with contextlib.suppress(Exception):
+                _own(self.trial)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join(timeout=5)
+
+
+def run_trial(setup: Setup, study, trial, echo: Callable[[str], None] = print) -> str:
+    """Train one trial (resuming its folder if it was interrupted) and tell Optuna; returns its state."""
+    from optuna.trial import TrialState
+
+    number, params = trial.number, dict(trial.params)
+    run_dir = setup.folder / f"trial{number:04d}"
+    _prepare_trial_folder(run_dir, setup.name, trial._trial_id, params, echo)
+    config = setup.trial_config(params)
+    tags = {"mlflow.parentRunId": setup.parent_id, "fwpkm.role": "trial", "fwpkm.study": setup.name,
+            "optuna.study": setup.name, "optuna.trial_number": str(number),
+            "optuna.params": json.dumps(params, sort_keys=True, default=str)}
+    tracking = dict(config.get("tracking") or {})
+    tracking.update({"enabled": True, "uri": setup.store.uri, "experiment": setup.store.experiment,
+                     "variant": f"trial{number}", "tags": {**(tracking.get("tags") or {}), **tags}})
+    config["tracking"] = tracking
+    config["run_dir"] = str(run_dir)
+    trainer = config.setdefault("trainer", {})
+    callbacks = trainer.get("callbacks") or []
+    callbacks = list(callbacks) if isinstance(callbacks, list) else [callbacks]
+    callbacks.append({"class_path": "ablations.tune.OptunaPruning",
+                      "init_args": {"study_name": setup.name, "trial_id": int(trial._trial_id),
+                                    "pruner": setup.pruner_spec, "run_dir": str(run_dir)}})
+    trainer["callbacks"] = callbacks
+    config_path = run_dir / CONFIG_FILE
+    config_path.write_text("# written by `fwpkm tune`: the resolved config of this trial\n"
+                           + yaml.safe_dump(config, sort_keys=False))
+    echo(f"[tune] trial {number} start: {json.dumps(params, default=str)}; log: {run_dir / LOG_FILE}")
+
+    start = time.time()
+    rc, tail = 0, ""
+    if not (run_dir / PRUNED_FILE).is_file():  # pruned before its worker died: nothing left to train
+        rc, tail = _train(run_dir, config_path, setup.trial_timeout, setup.storage_url)
+    run_id = _read_run_id(run_dir)
+    frozen = study._storage.get_trial(trial._trial_id)
+    client = setup.store.client
+    if (run_dir / PRUNED_FILE).is_file():
+        study.tell(trial, state=TrialState.PRUNED)
+        state, value = "PRUNED", None
+    elif rc == 0:
+        value = _final_value(frozen, client, run_id)
+        if value is None:
+            study.tell(trial, state=TrialState.FAIL)
+            state, tail = "FAIL", "training finished without a validation loss"
+        else:
+            study.tell(trial, value)
+            state = "COMPLETE"
+    else:
+        study.tell(trial, state=TrialState.FAIL)
+        state, value = "FAIL", None
+    error = None if state != "FAIL" else (failure_text(f"fwpkm train exited with {rc}", tail) if rc != 0 else tail)
+    _record(setup, run_id, number, params, state, value, error, run_dir)
+    shown = "" if value is None else f" value {value:.4f}"
+    echo(f"[tune] trial {number} {state}{shown} in {time.time() - start:.1f} s"
+         + (f": {_error_line(error)}" if error else ""))
+    return state
+
+
+def _prepare_trial_folder(run_dir: Path, study: str, trial_id: int, params: dict, echo) -> None:
+    """A folder left by another study of the same name (storage deleted) is moved aside."""
+    marker = run_dir / TRIAL_FILE
+    identity = {"study": study, "trial_id": int(trial_id), "params": json.loads(json.dumps(params, default=str))}
+    if marker.is_file():
+        try:
+            old = json.loads(marker.read_text())
+        except (OSError, ValueError):
+            old = {}
+        if old != identity:
+            target = run_dir.with_name(run_dir.name + f".old{int(time.time())}")
+            run_dir.rename(target)
+            echo(f"[tune] {run_dir} belonged to another trial; moved to {target}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps(identity) + "\n")
+
+
+def _train(run_dir: Path, config_path: Path, timeout: Optional[float], storage_url: str) -> tuple[Any, str]:
+    env = child_env(threads=None)
+    env[STORAGE_ENV] = storage_url
+    cmd = [sys.executable, "-m", "lit.cli", "train", "--config", str(config_path)]
+    with open(run_dir / LOG_FILE, "a") as log:
+        offset = log.tell()
+        log.write(f"\n===== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n")
+        log.flush()
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd())
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _stop(proc)
+            rc = "timeout"
+        except BaseException:
+            _stop(proc)
+            raise
+    with open(run_dir / LOG_FILE, errors="replace") as log:
+        log.seek(offset)
+        tail = log.read()[-6000:]
+    return rc, tail
+
+
+def _final_value(frozen, client, run_id: Optional[str]) -> Optional[float]:
+    """The objective: the validation loss reported at the last validation, else ln of MLflow's val/ppl."""
+    if frozen.intermediate_values:
+        value = frozen.intermediate_values[max(frozen.intermediate_values)]
+        if math.isfinite(value):
+            return float(value)
+    if run_id:
+        with contextlib.suppress(Exception):
+            ppl = client.get_run(run_id).data.metrics.get("val/ppl")
+            if ppl and ppl > 0:
+                return math.log(ppl)
+    return None
+
+
+def _record(setup: Setup, run_id: Optional[str], number: int, params: dict, state: str, value: Optional[float],
+            error: Optional[str], run_dir: Path) -> None:
+    client = setup.store.client
+    tags = {"mlflow.parentRunId": setup.parent_id, "fwpkm.role": "trial", "fwpkm.study": setup.name,
+            "optuna.study": setup.name, "optuna.trial_number": str(number),
+            "optuna.params": json.dumps(params, sort_keys=True, default=str), "optuna.state": state,
+            "mlflow.runName": f"{setup.name}/trial{number}"}
+    try:
+        if run_id is None:  # training never got as far as creating its MLflow run
+            existing = search_runs(setup.store, tag_filter(optuna__study=setup.name, optuna__trial_number=str(number)))
+            run_id = existing[0].info.run_id if existing else client.create_run(
+                setup.store.experiment_id, tags=tags, run_name=tags["mlflow.runName"]).info.run_id
+        for k, v in tags.items():
+            client.set_tag(run_id, k, v[:MAX_TAG])
+        if value is not None:
+            client.log_metric(run_id, "optuna/value", float(value))
+        if error:
+            client.set_tag(run_id, "fwpkm.error", error[:MAX_TAG])
+            with contextlib.suppress(Exception):
+                client.log_artifact(run_id, str(run_dir / LOG_FILE))
+        status = "FAILED" if state == "FAIL" else "FINISHED"
+        if client.get_run(run_id).info.status != status:
+            client.set_terminated(run_id, status)
+    except Exception as err:
+        print(f"[tune] warning: could not record trial {number} in MLflow: {type(err).__name__}: {err}",
+              file=sys.stderr)
+
+
+def worker(setup: Setup, worker_index: int = 0, deadline: Optional[float] = None,
+           echo: Callable[[str], None] = print) -> int:
+    """Claim and run trials until the study has ``n_trials`` (or the deadline passes); returns trials run."""
+    study = setup.load(worker_index)
+    done, failures = 0, 0
+    while deadline is None or time.time() < deadline:
+        trial, taken_over = claim(setup, study, worker_index)
+        if trial is None:
+            break
+        if taken_over:
+            echo(f"[tune] taking over trial {trial.number} (its worker stopped); resuming it")
+        with _Heartbeat(trial):
+            state = run_trial(setup, study, trial, echo)
+        done += 1
+        failures = failures + 1 if state == "FAIL" else 0
+        if failures >= MAX_CONSECUTIVE_FAILURES:
+            echo(f"[tune] worker {worker_index}: {failures} trials failed in a row; stopping (see their train.log)")
+            break
+    return done
+
+
+# --------------------------------------------------------------------------- end of study
+
+
+def finish(setup: Setup, echo: Callable[[str], None] = print) -> dict:
+    """Best value and params, plots and the trial table, logged on the study's MLflow run."""
+    from optuna.trial import TrialState
+
+    from ablations import report
+
+    study = setup.load()
+    client = setup.store.client
+    trials = study.get_trials(deepcopy=False)
+    counts = {s.name: sum(t.state == s for t in trials) for s in TrialState}
+    echo(f"[tune] study {setup.name!r}: {len(trials)} trial(s): "
+         + ", ".join(f"{n.lower()} {c}" for n, c in counts.items() if c))
+    result: dict = {"study": study, "best": None}
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    if complete:
+        best = study.best_trial
+        result["best"] = best
+        echo(f"[tune] best trial {best.number}: value {best.value:.4f}; params {json.dumps(best.params, default=str)}")
+        client.log_metric(setup.parent_id, "best_value", float(best.value))
+        client.log_metric(setup.parent_id, "best_trial", float(best.number))
+        client.set_tag(setup.parent_id, "best.trial", str(best.number))
+        for k, v in best.params.items():
+            client.set_tag(setup.parent_id, f"best.{k}"[:250], str(v))
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                client.log_metric(setup.parent_id, f"best/{k}"[:250], float(v))
+    else:
+        echo("[tune] no trial completed (all pruned or failed): no best value")
+    client.log_metric(setup.parent_id, "n_trials", float(len(trials)))
+    out = setup.folder
+    for path in report.study_plots(study, out / "optuna"):
+        with contextlib.suppress(Exception):
+            client.log_artifact(setup.parent_id, str(path), "optuna")
+    rep = report.study_report(setup.store, setup.name, out_dir=out, log=True, echo=echo)
+    result["report"] = rep
+    if not any(t.state == TrialState.RUNNING for t in study.get_trials(deepcopy=False)):
+        client.set_terminated(setup.parent_id, "FINISHED")
+    return result
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def tune(grid_name: str, study_name: Optional[str] = None, storage: Optional[str] = None,
+         n_trials: Optional[int] = None, workers: int = 1, timeout: Optional[float] = None,
+         trial_timeout: Optional[float] = None, seed: Optional[int] = None, runs_dir: str = "runs",
+         tracking_uri: Optional[str] = None, sets: Optional[dict] = None, worker_only: bool = False,
+         argv: Optional[list] = None, echo: Callable[[str], None] = print) -> int:
+    setup = Setup(grid_name, study_name, storage, n_trials, runs_dir, tracking_uri, sets, seed, trial_timeout)
+    setup.check()
+    setup.store = open_store(setup.runs_dir, setup.grid.experiment, tracking_uri)
+    study = setup.load()
+    setup.parent_id = study_parent(setup, study)
+    set_running(setup.store, setup.parent_id)
+    deadline = None if timeout is None else time.time() + timeout
+    if not worker_only:
+        echo(f"[tune] study {setup.name!r} in {public_url(setup.storage_url)}: {setup.n_trials} trial(s) in total, "
+             f"{max(1, workers)} worker(s) here; params {sorted(setup.distributions)}; MLflow run {setup.parent_id}")
+        echo(f"[tune] dashboard: optuna-dashboard {public_url(setup.storage_url)}")
+    children = []
+    if workers > 1 and not worker_only:
+        for i in range(1, workers):
+            cmd = [sys.executable, "-m", "lit.cli", "tune", *(_worker_argv(argv or [], i)), "--worker"]
+            env = child_env()
+            env["FWPKM_TUNE_WORKER_INDEX"] = str(i)
+            children.append(subprocess.Popen(cmd, env=env, cwd=os.getcwd()))
+    index = int(os.environ.get("FWPKM_TUNE_WORKER_INDEX", "0")) if worker_only else 0
+    try:
+        worker(setup, index, deadline, echo)
+    except KeyboardInterrupt:
+        for proc in children:
+            _stop(proc)
+        echo("[tune] interrupted: run the same command again to resume the study")
+        return 130
+    finally:
+        for proc in children:
+            with contextlib.suppress(Exception):
+                proc.wait()
+    if worker_only:
+        return 0
+    try:
+        finish(setup, echo)
+    except Exception as err:
+        echo(f"[tune] warning: the end-of-study report failed: {type(err).__name__}: {err}")
+        traceback.print_exc()
+        return 1
+    return 0
+
+
+def _worker_argv(argv: list, index: int) -> list:
+    """The parent's arguments without --workers (a worker runs one loop; it offsets --seed by its index)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg == "--workers":
+            skip = True
+            continue
+        if arg.startswith("--workers=") or arg == "--worker":
+            continue
+        out.append(arg)
+    return out

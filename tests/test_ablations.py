@@ -1,0 +1,386 @@
+"""Ablation grids, the grid runner, Optuna studies and reports (ablations/): CPU only, micro models.
+
+The end-to-end tests run ``python -m lit.cli ablate|tune`` as subprocesses with a tmp runs
+folder and a tmp SQLite MLflow store (``MLFLOW_TRACKING_URI``)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ablations.grid import (GridError, apply, load_grid, override_leaves, parse_sets, resolve_runs,
+                            validate_all)
+
+ROOT = Path(__file__).resolve().parent.parent
+TIMEOUT = 300
+
+
+def env(tmp_path: Path, **extra) -> dict:
+    e = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PL_", "LOCAL_RANK", "NODE_RANK",
+                                                                   "FWPKM_"))}
+    e.update(PYTHONPATH=str(ROOT), CI="true", OMP_NUM_THREADS="1", MLFLOW_ENABLE_ASYNC_LOGGING="false",
+             JSONARGPARSE_DEPRECATION_WARNINGS="off", MLFLOW_TRACKING_URI=store_uri(tmp_path))
+    e.update(extra)
+    return e
+
+
+def store_uri(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+
+
+def fwpkm(tmp_path: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "lit.cli", *args, "--runs-dir", str(tmp_path / "runs")]
+
+
+def run(tmp_path: Path, *args: str, expect: int | None = 0) -> subprocess.CompletedProcess:
+    (tmp_path / "store").mkdir(exist_ok=True)
+    proc = subprocess.run(fwpkm(tmp_path, *args), cwd=tmp_path, env=env(tmp_path), capture_output=True, text=True,
+                          timeout=TIMEOUT)
+    if expect is not None and proc.returncode != expect:
+        raise AssertionError(f"{args} exited with {proc.returncode} (expected {expect}):\n"
+                             f"{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def client(tmp_path: Path):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=store_uri(tmp_path))
+
+
+def runs_of(tmp_path: Path, filter_string: str = "") -> list:
+    c = client(tmp_path)
+    ids = [e.experiment_id for e in c.search_experiments()]
+    return list(c.search_runs(ids, filter_string, max_results=1000))
+
+
+def write_grid(tmp_path: Path, data: dict) -> Path:
+    path = tmp_path / f"{data['name']}.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+# --------------------------------------------------------------------------- grids as data (no training)
+
+
+def test_override_algebra_and_grid_files(tmp_path):
+    base = {"model": {"preset": "tiny", "overrides": {"d_model": 32, "block.memory.topk": 4}},
+            "trainer": {"max_steps": 10}}
+    out = apply(base, {"model.overrides.block.memory.score": "dot", "trainer": {"val_check_interval": 5},
+                       "model": {"overrides": {"block": {"memory": {"lookahead": 0}}}}, "data.seq_len": 64})
+    # model overrides are merged (never replaced) and nested model options become dotted ones
+    assert out["model"]["overrides"] == {"d_model": 32, "block.memory.topk": 4, "block.memory.score": "dot",
+                                         "block.memory.lookahead": 0}
+    assert out["trainer"] == {"max_steps": 10, "val_check_interval": 5} and out["data"] == {"seq_len": 64}
+    assert base["model"]["overrides"] == {"d_model": 32, "block.memory.topk": 4}  # a copy
+    assert override_leaves({"model.overrides": {"block.memory.addr_loss_weight": None}}) == [
+        ("model.overrides.block.memory.addr_loss_weight", None)]
+    assert parse_sets(["trainer.max_steps=100", "data.source=hf:x/y", "a.b=null", "c=[1, 2]"]) == {
+        "trainer.max_steps": 100, "data.source": "hf:x/y", "a.b": None, "c": [1, 2]}
+    with pytest.raises(GridError, match="KEY=VALUE"):
+        parse_sets(["trainer.max_steps"])
+
+    # every ablation of spec section 8 is in each scale, the same names in the same order
+    names = ["base", "dot", "lookahead0", "no_target_norm", "no_addr_loss", "no_gate_weighting", "no_gate", "h1k8",
+             "h1k32", "h4k8", "mean_mse", "fwmlp", "no_memory"]
+    for scale in ("paper", "tiny"):
+        grid = load_grid(scale)
+        assert grid.order == names and grid.aliases == {"h1k8": "base"}
+        no_addr = grid.variants["no_addr_loss"]
+        assert no_addr == {"model.overrides.block.memory.addr_loss_weight": None,
+                           "model.overrides.block.memory.grad_to_values_only": False}
+    smoke = load_grid("smoke")
+    assert 3 <= len(smoke.variants) <= 4 and smoke.eval.get("niah")
+
+    # extends: base merged, variants added or dropped; unknown keys and bad aliases are errors
+    child = write_grid(tmp_path, {"name": "child", "extends": "smoke", "seeds": [1, 2],
+                                  "base": {"trainer.max_steps": 20},
+                                  "variants": {"dot": False, "topk2": {"model.overrides.block.memory.topk": 2}}})
+    grid = load_grid(str(child))
+    assert grid.name == "child" and "dot" not in grid.variants and grid.order[-1] == "topk2"
+    assert grid.base["trainer"]["max_steps"] == 20 and grid.base["model"]["overrides"]["d_model"] == 32
+    specs = resolve_runs(grid, tmp_path / "runs", only=["topk2"])
+    assert [(s.variant, s.seed) for s in specs] == [("topk2", 1), ("topk2", 2)]
+    assert specs[0].config_hash != specs[1].config_hash and specs[0].config["seed_everything"] == 1
+    assert specs[0].run_dir == tmp_path / "runs" / "ablations" / "child" / "topk2" / "seed1"
+    with pytest.raises(GridError, match="no variant"):
+        resolve_runs(grid, tmp_path, only=["nope"])
+    bad = write_grid(tmp_path, {"name": "bad", "extends": "smoke", "varaints": {}})
+    with pytest.raises(GridError, match="unknown key"):
+        load_grid(str(bad))
+    bad = write_grid(tmp_path, {"name": "bad2", "extends": "smoke", "variants": {"x": {"same_as": "nope"}}})
+    with pytest.raises(GridError, match="not a variant"):
+        load_grid(str(bad))
+
+
+def test_dry_run_resolves_paper_and_tiny_without_building_models(tmp_path, monkeypatch, capsys):
+    import fwpkm.model
+    from lit.cli import main
+
+    def no_models(*args, **kwargs):
+        raise AssertionError("--dry-run built a model")
+
+    monkeypatch.setattr(fwpkm.model.HybridLM, "__init__", no_models)
+    for scale, n_runs in (("paper", 12), ("tiny", 12)):
+        code = main(["ablate", scale, "--dry-run", "--runs-dir", str(tmp_path / "runs")])
+        out = capsys.readouterr().out
+        assert code == 0, out
+        assert f"{n_runs} valid, 0 invalid" in out
+        for variant in load_grid(scale).variants:
+            assert f" {variant} " in out
+        assert "alias   h1k8" in out and "HxK=4x8" in out and "memory=fwmlp" in out and "memory=none" in out
+        assert "addr_loss=None, values_only=False" in out
+        assert ("layers=12, d_model=768" if scale == "paper" else "layers=4, d_model=128") in out
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*.ckpt"))
+
+    # an invalid variant shows up in the dry run (config dataclasses only), and the exit code says so
+    grid = write_grid(tmp_path, {"name": "broken", "extends": "smoke",
+                                 "variants": {"bad_topk": {"model.overrides.block.memory.topk": 1000},
+                                              "bad_steps": {"trainer.max_steps": 15}}})
+    code = main(["ablate", str(grid), "--dry-run", "--runs-dir", str(tmp_path / "runs")])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "INVALID bad_topk" in out and "memory.topk=1000 must be <=" in out
+    assert "INVALID bad_steps" in out and "multiple of trainer.val_check_interval" in out
+    specs = validate_all(resolve_runs(load_grid(str(grid)), tmp_path / "runs"))
+    assert sum(s.error is not None for s in specs) == 2
+
+
+# --------------------------------------------------------------------------- the runner, end to end
+
+
+def test_smoke_grid_end_to_end_with_failures_then_skips_finished_runs(tmp_path):
+    grid = write_grid(tmp_path, {
+        "name": "smoke-e2e", "extends": "smoke",
+        "variants": {
+            "bad_config": {"model.overrides.block.memory.topk": 1000},  # caught before training
+            "bad_runtime": {"trainer.precision": "not-a-precision"},  # fails inside `fwpkm train`
+        }})
+    proc = run(tmp_path, "ablate", str(grid), "--workers", "2", expect=1)
+    out = proc.stdout
+    smoke_variants = list(load_grid("smoke").variants)
+    variants = smoke_variants + ["bad_config", "bad_runtime"]
+
+    # the summary table: printed, CSV and Markdown, one row per variant
+    assert "| variant | seeds | val loss |" in out
+    folder = tmp_path / "runs" / "ablations" / "smoke-e2e"
+    import pandas as pd
+
+    table = pd.read_csv(folder / "summary.csv")
+    assert list(table["variant"]) == variants
+    finished = table[table["variant"].isin(smoke_variants)]
+    assert (finished["finished"] == 1).all() and finished["val_loss_mean"].notna().all()
+    assert finished["niah_exact_mean"].notna().all() and (finished["params_mean"] > 0).all()
+    assert finished["tokens_per_s_mean"].notna().all()
+    assert finished.set_index("variant")["gate_mean_mean"].drop("no_memory").notna().all()
+    assert set(table[~table["variant"].isin(smoke_variants)]["status"]) == {"FAILED"}
+    assert (folder / "summary.md").is_file() and (folder / "summary.png").is_file()
+
+    # MLflow: one parent run for the grid, every run nested under it with its tags
+    parents = runs_of(tmp_path, "tags.`fwpkm.role` = 'grid' and tags.`fwpkm.grid` = 'smoke-e2e'")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    parent = parents[0]
+    children = runs_of(tmp_path, f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    by_variant = {r.data.tags["fwpkm.variant"]: r for r in children}
+    assert sorted(by_variant) == sorted(variants) and len(children) == len(variants)
+    for name in smoke_variants:
+        r = by_variant[name]
+        assert r.info.status == "FINISHED" and r.data.tags["fwpkm.stage"] == "done"
+        assert r.data.tags["fwpkm.grid"] == "smoke-e2e" and r.data.tags["fwpkm.seed"] == "0"
+        assert len(r.data.tags["fwpkm.config_hash"]) == 12 and r.data.tags["variant"] == name
+        assert "val/ppl" in r.data.metrics and "niah/exact" in r.data.metrics and "model/params" in r.data.metrics
+    assert by_variant["bad_config"].info.status == "FAILED"
+    assert "topk=1000" in by_variant["bad_config"].data.tags["fwpkm.error"]
+    assert by_variant["bad_runtime"].info.status == "FAILED"
+    assert "not-a-precision" in by_variant["bad_runtime"].data.tags["fwpkm.error"]
+    c = client(tmp_path)
+    artifacts = {a.path for a in c.list_artifacts(parent.info.run_id, "summary")}
+    assert {"summary/summary.csv", "summary/summary.md", "summary/summary.png"} <= artifacts
+
+    # the same command again: finished runs are skipped, failed ones tried (and recorded) again
+    proc = run(tmp_path, "ablate", str(grid), "--workers", "2", expect=1)
+    for name in smoke_variants:
+        assert f"skip smoke-e2e/{name}/seed0" in proc.stdout
+    children = runs_of(tmp_path, f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert len(children) == len(variants)  # no new runs: skipped ones and the failed ones reused
+    assert all((folder / v / "seed0" / "train.log").read_text().count("=====") == 1 for v in smoke_variants)
+
+    # the report rebuilds the same table from the MLflow store alone
+    import shutil
+
+    shutil.rmtree(folder)
+    proc = run(tmp_path, "report", "smoke-e2e", "--out", str(tmp_path / "report"))
+    rebuilt = pd.read_csv(tmp_path / "report" / "summary.csv")
+    assert list(rebuilt["variant"]) == variants
+    pd.testing.assert_series_equal(rebuilt["val_loss_mean"], table["val_loss_mean"])
+    assert (tmp_path / "report" / "summary.png").is_file()
+
+
+def test_killed_runner_resumes_the_interrupted_run(tmp_path):
+    import torch
+
+    args = ["ablate", "smoke", "--only", "base", "--set", "trainer.max_steps=40", "--set",
+            "trainer.val_check_interval=40", "--set", "checkpoint.every_n_steps=4"]
+    (tmp_path / "store").mkdir()
+    proc = subprocess.Popen(fwpkm(tmp_path, *args), cwd=tmp_path, env=env(tmp_path), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    run_dir = tmp_path / "runs" / "ablations" / "smoke" / "base" / "seed0"
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    deadline = time.time() + TIMEOUT
+    step = 0
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if ckpt.is_file():
+                try:
+                    step = torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"]
+                except Exception:  # being written
+                    step = 0
+                if step >= 8:
+                    break
+            time.sleep(0.2)
+        assert proc.poll() is None, f"the runner ended before it could be killed:\n{proc.communicate()[0][-4000:]}"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the runner and its `fwpkm train` child
+        proc.communicate()
+    assert 8 <= step < 40
+    run_id = (run_dir / "mlflow_run_id").read_text().strip()
+    assert client(tmp_path).get_run(run_id).info.status == "RUNNING"
+
+    done = run(tmp_path, *args)
+    assert "done smoke/base/seed0" in done.stdout
+    assert (run_dir / "mlflow_run_id").read_text().strip() == run_id  # the same MLflow run
+    r = client(tmp_path).get_run(run_id)
+    assert r.info.status == "FINISHED" and r.data.tags["fwpkm.stage"] == "done"
+    assert int(r.data.tags["fwpkm.started_at_step"]) >= 8  # resumed from the checkpoint, not from step 0
+    assert "Restored all states from the checkpoint" in (run_dir / "train.log").read_text()
+    assert torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"] == 40
+    losses = client(tmp_path).get_metric_history(run_id, "train/loss")
+    assert sorted({m.step for m in losses}) == list(range(40))
+
+
+# --------------------------------------------------------------------------- Optuna
+
+
+def study_trials(tmp_path: Path, name: str):
+    import optuna
+
+    storage = f"sqlite:///{tmp_path / 'runs' / 'tune' / 'optuna.db'}"
+    return optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
+
+
+def test_tune_study_with_pruning_completes_then_resumes_with_more_trials(tmp_path):
+    from optuna.trial import TrialState
+
+    proc = run(tmp_path, "tune", "smoke", "--n-trials", "3", "--seed", "0")
+    assert "best trial" in proc.stdout
+    first = study_trials(tmp_path, "smoke-addr_loss")
+    assert [t.number for t in first] == [0, 1, 2]
+    assert {t.state for t in first} <= {TrialState.COMPLETE, TrialState.PRUNED}
+    assert sum(t.state == TrialState.COMPLETE for t in first) >= 2  # the pruner's 2 startup trials
+    assert all(t.intermediate_values for t in first)  # the Lightning callback reported val losses
+    assert all(1e-3 <= t.params["model.overrides.block.memory.addr_loss_weight"] <= 10 for t in first)
+
+    parents = runs_of(tmp_path, "tags.`fwpkm.role` = 'study' and tags.`fwpkm.study` = 'smoke-addr_loss'")
+    assert len(parents) == 1
+    parent = client(tmp_path).get_run(parents[0].info.run_id)
+    assert parent.info.status == "FINISHED" and "best_value" in parent.data.metrics
+    assert "best.model.overrides.block.memory.addr_loss_weight" in parent.data.tags
+    artifacts = {a.path for a in client(tmp_path).list_artifacts(parent.info.run_id, "optuna")}
+    assert {"optuna/optimization_history.png", "optuna/param_importances.png"} <= artifacts
+    trials = runs_of(tmp_path, f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert sorted(int(r.data.tags["optuna.trial_number"]) for r in trials) == [0, 1, 2]
+    for r in trials:
+        assert r.data.tags["optuna.state"] in ("COMPLETE", "PRUNED")
+        if r.data.tags["optuna.state"] == "COMPLETE":
+            assert "optuna/value" in r.data.metrics
+
+    # the same study from its storage, with a larger total: one more trial, the first three untouched
+    run(tmp_path, "tune", "smoke", "--n-trials", "4", "--seed", "0")
+    second = study_trials(tmp_path, "smoke-addr_loss")
+    assert [t.number for t in second] == [0, 1, 2, 3]
+    assert [(t.params, t.state, t.value) for t in second[:3]] == [(t.params, t.state, t.value) for t in first]
+    assert second[3].params not in [t.params for t in first]  # a resumed sampler does not replay its samples
+    assert second[3].state in (TrialState.COMPLETE, TrialState.PRUNED)
+
+    proc = run(tmp_path, "report", "smoke-addr_loss", "--out", str(tmp_path / "report"))
+    import pandas as pd
+
+    table = pd.read_csv(tmp_path / "report" / "summary.csv")
+    assert list(table["trial"]) == [0, 1, 2, 3] and table["best"].sum() == 1
+    assert (tmp_path / "report" / "optimization_history.png").is_file()
+
+
+def test_two_tune_workers_share_one_study_without_lost_or_duplicated_trials(tmp_path):
+    from optuna.trial import TrialState
+
+    # every trial is pruned at its second report (step 4 of 6): the pruning path, deterministically
+    grid = write_grid(tmp_path, {"name": "smoke-workers", "extends": "smoke",
+                                 "tune": {"study": "workers", "pruner": {"type": "threshold", "upper": 1.0,
+                                                                         "n_warmup_steps": 3}}})
+    (tmp_path / "store").mkdir()
+    procs = [subprocess.Popen(fwpkm(tmp_path, "tune", str(grid), "--n-trials", "4"), cwd=tmp_path, env=env(tmp_path),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=TIMEOUT)[0] for p in procs]
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-6000:]
+    assert all("[tune] trial" in out for out in outs), "both workers ran trials"
+
+    trials = study_trials(tmp_path, "workers")
+    assert [t.number for t in trials] == [0, 1, 2, 3]
+    assert all(t.state == TrialState.PRUNED for t in trials)
+    assert all(sorted(t.intermediate_values) == [2, 4] for t in trials)
+    parents = runs_of(tmp_path, "tags.`fwpkm.role` = 'study' and tags.`fwpkm.study` = 'workers'")
+    assert len(parents) == 1
+    runs = runs_of(tmp_path, f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}'")
+    assert sorted(int(r.data.tags["optuna.trial_number"]) for r in runs) == [0, 1, 2, 3]
+    folder = tmp_path / "runs" / "tune" / "workers"
+    for number in range(4):
+        run_dir = folder / f"trial{number:04d}"
+        assert (run_dir / "train.log").read_text().count("=====") == 1  # trained once
+        import torch
+
+        assert torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu",
+                          weights_only=True)["global_step"] == 4  # pruning stopped the training
+
+
+def test_killed_tune_worker_leaves_a_trial_that_the_next_worker_resumes(tmp_path):
+    import torch
+    from optuna.trial import TrialState
+
+    args = ["tune", "smoke", "--study-name", "killed", "--n-trials", "1", "--set", "trainer.max_steps=40",
+            "--set", "trainer.val_check_interval=20", "--set", "checkpoint.every_n_steps=4"]
+    (tmp_path / "store").mkdir()
+    proc = subprocess.Popen(fwpkm(tmp_path, *args), cwd=tmp_path, env=env(tmp_path), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    run_dir = tmp_path / "runs" / "tune" / "killed" / "trial0000"
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    deadline, step = time.time() + TIMEOUT, 0
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if ckpt.is_file():
+                try:
+                    step = torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"]
+                except Exception:
+                    step = 0
+                if step >= 8:
+                    break
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.communicate()[0][-4000:]
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+    assert [t.state for t in study_trials(tmp_path, "killed")] == [TrialState.RUNNING]
+
+    out = run(tmp_path, *args).stdout
+    assert "taking over trial 0" in out
+    (trial,) = study_trials(tmp_path, "killed")  # still one trial: resumed, not replaced
+    assert trial.state == TrialState.COMPLETE and sorted(trial.intermediate_values) == [20, 40]
+    log = (run_dir / "train.log").read_text()
+    assert log.count("=====") == 2 and "Restored all states from the checkpoint" in log
