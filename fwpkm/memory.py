@@ -24,29 +24,59 @@ from kernels import ops
 
 @dataclass
 class SparseValues:
-    """theta_c's value table: decay^c * base + sum_j decay^(c-1-j) * scatter(rows_j, delta_j)."""
+    """theta_c's value table: decay^c * base + sum_j decay^(c-1-j) * scatter(rows_j, delta_j).
+
+    With a graph the deltas stay separate (they are graph tensors) until ``commit``. Without
+    one (``immediate``) each delta is added to ``base`` in place as it is made, so a long
+    no-graph call holds the table once plus one chunk; weight decay is then kept as a lazy
+    factor ``scale`` (theta = scale * base) so that a write touches only the rows it writes.
+    """
 
     base: Tensor  # [N, dv] the stored table; never in the graph
     decay: float  # 1 - lr * weight_decay
     deltas: list = field(default_factory=list)  # [(sorted unique rows [U], delta [U, dv])]
+    immediate: bool = False
+    backend: str = "auto"
+    scale: float = 1.0  # immediate mode only
 
-    def gather(self, idx: Tensor) -> Tensor:
-        flat = idx.reshape(-1)
+    def rows(self, urows: Tensor) -> Tensor:
+        """theta_c[urows] for sorted unique row ids: [U, dv], differentiable w.r.t. the deltas."""
         c = len(self.deltas)
-        rows = ops.gather_rows(self.base, flat)
-        if self.decay != 1.0:
-            rows = rows * self.decay**c
-        for j, (urows, delta) in enumerate(self.deltas):
-            pos = torch.searchsorted(urows, flat).clamp_max(len(urows) - 1)
-            hit = (urows[pos] == flat).unsqueeze(-1)
-            rows = rows + self.decay ** (c - 1 - j) * torch.where(hit, delta[pos], 0.0)
-        return rows.view(*idx.shape, -1)
+        rows = self.base.index_select(0, urows)  # a copy: later in-place writes to base do not reach it
+        factor = self.scale if self.immediate else self.decay**c
+        if factor != 1.0:
+            rows.mul_(factor)
+        for j, (drows, delta) in enumerate(self.deltas):
+            pos = torch.searchsorted(drows, urows).clamp_max(len(drows) - 1)
+            hit = (drows[pos] == urows).nonzero().squeeze(-1)  # rows of theta_c that delta j wrote
+            if len(hit):
+                upd = ops.gather_rows(delta, pos[hit], self.backend)
+                if self.decay != 1.0:
+                    upd = upd * self.decay ** (c - 1 - j)
+                rows.index_add_(0, hit, upd)  # in place: rows is a fresh tensor nothing has saved
+        return rows
 
     def add(self, urows: Tensor, delta: Tensor) -> None:
-        self.deltas.append((urows, delta))
+        if not self.immediate:
+            self.deltas.append((urows, delta))
+            return
+        with torch.no_grad():
+            if self.decay != 1.0:
+                self.scale *= self.decay
+                if self.scale < 1e-3:  # fold the factor in now and then (O(N), rare)
+                    self._fold()
+            self.base.index_add_(0, urows, delta.detach() if self.scale == 1.0 else delta.detach() / self.scale)
+
+    def _fold(self) -> None:
+        if self.scale != 1.0:
+            self.base.mul_(self.scale)
+            self.scale = 1.0
 
     def commit(self) -> None:
         with torch.no_grad():
+            if self.immediate:
+                self._fold()
+                return
             c = len(self.deltas)
             if self.decay != 1.0:
                 self.base.mul_(self.decay**c)
@@ -67,6 +97,9 @@ class Read:
     indices: Tensor  # [B, T, H, k] slot ids
     weights: Tensor  # [B, T, H, k]
     top_sub: tuple  # per half: (top-k sub-scores [B,T,H,k], their sub-key ids [B,T,H,k])
+    urows: Tensor  # [U] sorted unique slots read
+    inverse: Tensor  # [B, T, H, k] position of each read slot in urows
+    n_read: Tensor  # [U] reads of each unique slot (N_read)
 
 
 class FwPKMMemory(ChunkedFastWeights):
@@ -130,7 +163,8 @@ class FwPKMMemory(ChunkedFastWeights):
         keys = self.keys
         if keys_update:
             keys = self.keys.detach().clone().requires_grad_(True)
-        return WorkingState(SparseValues(self.values, 1.0 - c.lr * c.weight_decay), keys, keys_update)
+        values = SparseValues(self.values, 1.0 - c.lr * c.weight_decay, immediate=not graph, backend=c.backend)
+        return WorkingState(values, keys, keys_update)
 
     def _read(self, state: WorkingState, q: Tensor, graph: bool) -> Read:
         c = self.config
@@ -139,10 +173,15 @@ class FwPKMMemory(ChunkedFastWeights):
             q = q.detach()
         with torch.set_grad_enabled(graph or state.keys_update):
             qh = q.view(B, T, c.heads, c.k_dim)
-            top_sub, scores, indices = ops.address(qh, state.keys, c.topk, c.score)
+            top_sub, scores, indices = ops.address(qh, state.keys, c.topk, c.score, backend=c.backend)
             weights = self._normalise(scores)
-            out = torch.einsum("bthk,bthkd->btd", weights, state.values.gather(indices))
-        return Read(out, indices, weights, top_sub)
+            # only the rows read are gathered: theta_c[unique slots], then the weighted read
+            urows, inverse, n_read = torch.unique(indices.reshape(-1), return_inverse=True, return_counts=True)
+            table = state.values.rows(urows)
+            hk = c.heads * c.topk
+            out = ops.weighted_gather(weights.reshape(B * T, hk), table, inverse.view(B * T, hk),
+                                      backend=c.backend).view(B, T, -1)
+        return Read(out, indices, weights, top_sub, urows, inverse.view(B, T, c.heads, c.topk), n_read)
 
     def _write(self, state: WorkingState, seg: Segment, read: Read, graph: bool) -> dict:
         c = self.config
@@ -200,7 +239,8 @@ class FwPKMMemory(ChunkedFastWeights):
 
     def _update_keys(self, state: WorkingState, mem_loss: Tensor, addr_loss: Tensor, graph: bool) -> Tensor:
         c = self.config
-        loss = addr_loss if c.grad_to_values_only else mem_loss + addr_loss
+        with torch.enable_grad():  # the sum needs a graph even under an outer no_grad
+            loss = addr_loss if c.grad_to_values_only else mem_loss + addr_loss
         (grad,) = torch.autograd.grad(loss, state.keys, create_graph=graph, allow_unused=True)
         if grad is None:
             grad = torch.zeros_like(state.keys)
@@ -215,18 +255,29 @@ class FwPKMMemory(ChunkedFastWeights):
         """Sparse SGD on the rows read in this chunk (spec 1.2 steps 5-8)."""
         c = self.config
         B, T, H, k = read.indices.shape
-        urows, inverse, n_read = torch.unique(read.indices.reshape(-1), return_inverse=True, return_counts=True)
+        urows, n_read = read.urows, read.n_read
         d_read = err * (coef / (B * P * c.v_dim)).unsqueeze(-1)  # d mem_loss / d read_t, [B, P, dv]
-        written = inverse.view(B, T, H, k)[:, :P].reshape(-1)
-        grad = ops.scatter_rows(read.weights[:, :P], d_read, written, len(urows))
+        written = read.inverse[:, :P].reshape(B * P, H * k)
+        row_scale = None  # S / N_read per unique row ("sum" MSE)
         if c.mse == "sum":
-            n_samples = float(B * T) if seg.mask is None else (seg.mask[:, :P] > 0).sum().to(grad.dtype)
+            n_samples = float(B * T) if seg.mask is None else (seg.mask[:, :P] > 0).sum().to(err.dtype)
             scale = n_samples * c.v_dim * c.topk * c.heads
-            grad = grad * (scale / n_read.to(grad.dtype)).unsqueeze(-1)
-        if c.grad_clip:
-            grad = grad.clamp(-1.0, 1.0)
-        state.values.add(urows, -c.lr * grad)
-        return _usage_stats(n_read, B * T * H * k, c.n_slots) | {"grad_norm_values": grad.detach().norm()}
+            row_scale = scale / n_read.to(err.dtype)
+        fuse_lr = not c.grad_clip and c.lr > 0  # then the scatter writes -lr * grad directly
+        if fuse_lr:
+            row_scale = -c.lr * (err.new_ones(len(urows)) if row_scale is None else row_scale)
+        grad = ops.scatter_rows(read.weights[:, :P].reshape(B * P, H * k), d_read.reshape(B * P, -1), written,
+                                len(urows), row_scale, backend=c.backend)
+        if fuse_lr:
+            delta = grad
+            grad_norm = delta.detach().norm() / c.lr
+        else:
+            if c.grad_clip:
+                grad = grad.clamp(-1.0, 1.0)
+            delta = -c.lr * grad
+            grad_norm = grad.detach().norm()
+        state.values.add(urows, delta)
+        return _usage_stats(n_read, B * T * H * k, c.n_slots) | {"grad_norm_values": grad_norm}
 
 
 def _usage_stats(n_read: Tensor, total_reads: int, n_slots: int) -> dict:
@@ -243,4 +294,5 @@ def _usage_stats(n_read: Tensor, total_reads: int, n_slots: int) -> dict:
 
 def _detach_read(read: Read) -> Read:
     top_sub = tuple((s.detach(), i) for s, i in read.top_sub)
-    return Read(read.out.detach(), read.indices, read.weights.detach(), top_sub)
+    return Read(read.out.detach(), read.indices, read.weights.detach(), top_sub, read.urows, read.inverse,
+                read.n_read)

@@ -83,14 +83,16 @@ def test_reference_chunk_size_per_call_and_shorter_last_chunk():
     compare_with_reference(mem, *inputs(mem, T=11), chunk=4)  # chunks 4, 4, 3
 
 
-def test_eval_mode_same_values_no_graph():
-    mem = make()
+@pytest.mark.parametrize("addr,values_only", list(itertools.product([1.0, None], [True, False])))
+def test_eval_mode_same_values_no_graph(addr, values_only):
+    mem = make(addr_loss_weight=addr, grad_to_values_only=values_only)
     q, v, g, _ = inputs(mem, gated=True)
     state = {k: t.clone() for k, t in mem.state_dict().items()}
     train_out = mem.train()(q, v, g).output
     train_state = {k: t.clone() for k, t in mem.state_dict().items()}
     mem.load_state_dict(state)
-    eval_out = mem.eval()(q, v, g).output
+    with torch.no_grad():  # as in Lightning's validation
+        eval_out = mem.eval()(q, v, g).output
     assert not eval_out.requires_grad
     torch.testing.assert_close(eval_out, train_out.detach())
     for k in state:

@@ -1,0 +1,352 @@
+"""Kernels of the memory's hot paths (kernels/): each Triton kernel against its PyTorch path,
+their gradients to second order, and the whole memory with the Triton backend against the
+dense reference of the spec.
+
+Triton kernels run on the CPU with Triton's interpreter: a module fixture sets
+TRITON_INTERPRET=1 for these tests only (kernels.triton_ops jits lazily, per interpreter
+setting, so the order in which modules imported triton or torch does not matter) and the
+tests that need Triton skip, with the reason, when it cannot run.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+try:  # imported before TRITON_INTERPRET is set, as another library may have done: the kernels must cope
+    import triton.language  # noqa: F401
+except Exception:  # pragma: no cover - triton missing: the Triton tests skip
+    pass
+
+from kernels import ops, torch_ops
+from tests import reference
+from tests.test_memory import compare_with_reference, inputs, make, ref_config
+
+
+# -- fixtures ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def triton_ops():
+    """kernels.triton_ops with TRITON_INTERPRET=1 for the duration of this module's tests."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRITON_INTERPRET", "1")
+        try:
+            from kernels import triton_ops as tops
+        except Exception as exc:  # pragma: no cover - depends on the installation
+            pytest.skip(f"kernels.triton_ops cannot be imported: {exc!r}")
+        if not tops.HAVE_TRITON:
+            pytest.skip(f"triton cannot be imported: {tops.IMPORT_ERROR!r}")
+        try:  # a tiny probe: the interpreter must actually run a kernel here
+            out = tops.weighted_gather(torch.ones(1, 1), torch.full((2, 3), 2.0), torch.tensor([[1]]))
+            assert torch.equal(out, torch.full((1, 3), 2.0))
+        except Exception as exc:  # pragma: no cover
+            pytest.skip(f"triton cannot run kernels in interpreter mode here: {exc!r}")
+        yield tops
+
+
+@pytest.fixture
+def count_kernels(triton_ops, monkeypatch):
+    """Counts the calls of each Triton kernel wrapper (ops looks them up on the module)."""
+    calls = {}
+    for name in ("weighted_gather", "row_dot", "scatter_rows", "select_subkeys"):
+        fn = getattr(triton_ops, name)
+
+        def counted(*args, _fn=fn, _name=name, **kwargs):
+            calls[_name] = calls.get(_name, 0) + 1
+            return _fn(*args, **kwargs)
+
+        monkeypatch.setattr(triton_ops, name, counted)
+    return calls
+
+
+@pytest.fixture(autouse=True)
+def restore_process_backend():
+    saved = ops.get_backend()
+    yield
+    ops.set_backend(saved)
+
+
+def rows_case(M, P, R, D, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, R, (M, P), generator=g)
+    idx[0, -1] = idx[0, 0]  # a row read twice by the same reader
+    w = torch.randn(M, P, generator=g, dtype=dtype)
+    table = torch.randn(R, D, generator=g, dtype=dtype)
+    x = torch.randn(M, D, generator=g, dtype=dtype)
+    scale = torch.rand(R, generator=g, dtype=dtype) + 0.5
+    return w, table, x, idx, scale
+
+
+CASES = [(5, 3, 7, 37), (4, 1, 3, 130), (6, 8, 2, 16), (3, 5, 40, 9)]  # D > 128: several column blocks
+
+
+def tol(dtype):
+    return dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+
+
+# -- the three row operations -------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", CASES)
+def test_row_kernels_match_torch(triton_ops, case, dtype):
+    w, table, x, idx, scale = rows_case(*case, dtype)
+    R = table.shape[0]
+    pairs = [
+        (triton_ops.weighted_gather(w, table, idx), torch_ops.weighted_gather(w, table, idx)),
+        (triton_ops.weighted_gather(None, table, idx), torch_ops.weighted_gather(None, table, idx)),
+        (triton_ops.row_dot(x, table, idx), torch_ops.row_dot(x, table, idx)),
+        (triton_ops.scatter_rows(w, x, idx, R), torch_ops.scatter_rows(w, x, idx, R)),
+        (triton_ops.scatter_rows(None, x, idx, R + 2), torch_ops.scatter_rows(None, x, idx, R + 2)),
+        (triton_ops.scatter_rows(w, x, idx, R, scale), torch_ops.scatter_rows(w, x, idx, R, scale)),
+    ]
+    for got, want in pairs:
+        assert got.dtype == want.dtype and got.shape == want.shape
+        torch.testing.assert_close(got, want, **tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_row_kernels_against_definitions(dtype):
+    """The PyTorch paths themselves, against the formulas written out."""
+    w, table, x, idx, scale = rows_case(5, 3, 7, 6, dtype)
+    rows = table[idx]  # [M, P, D]
+    torch.testing.assert_close(torch_ops.weighted_gather(w, table, idx), (w.unsqueeze(-1) * rows).sum(1))
+    torch.testing.assert_close(torch_ops.row_dot(x, table, idx), (rows * x.unsqueeze(1)).sum(-1))
+    want = torch.zeros(7, 6, dtype=dtype)
+    for m, p in itertools.product(range(5), range(3)):
+        want[idx[m, p]] += w[m, p] * x[m]
+    torch.testing.assert_close(torch_ops.scatter_rows(w, x, idx, 7, scale), want * scale.unsqueeze(-1))
+
+
+def _row_functions(backend, idx, R, scale):
+    return {
+        "weighted_gather": (lambda w, t, x: ops.weighted_gather(w, t, idx, backend), ("w", "table")),
+        "row_dot": (lambda w, t, x: ops.row_dot(x, t, idx, backend), ("x", "table")),
+        "scatter_rows": (lambda w, t, x: ops.scatter_rows(w, x, idx, R, scale, backend), ("w", "x")),
+    }
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("op", ["weighted_gather", "row_dot", "scatter_rows"])
+def test_row_ops_gradcheck_to_second_order(op, backend, request):
+    if backend == "triton":
+        request.getfixturevalue("triton_ops")
+    w, table, x, idx, scale = rows_case(3, 2, 4, 3, torch.float64, seed=3)
+    fn, wrt = _row_functions(backend, idx, 4, scale)[op]
+    args = {"w": w, "table": table, "x": x}
+    leaves = [args[n].clone().requires_grad_(True) for n in wrt]
+
+    def f(*ts):
+        kw = dict(args) | dict(zip(wrt, ts))
+        return fn(kw["w"], kw["table"], kw["x"])
+
+    assert torch.autograd.gradcheck(f, leaves, eps=1e-6, atol=1e-8)
+    assert torch.autograd.gradgradcheck(f, leaves, eps=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("op", ["weighted_gather", "row_dot", "scatter_rows"])
+def test_row_ops_gradients_triton_equal_torch(triton_ops, op):
+    """First and second derivatives (create_graph) of each op: Triton path == PyTorch path."""
+    w, table, x, idx, scale = rows_case(6, 4, 9, 20, torch.float32, seed=5)
+    results = []
+    for backend in ("torch", "triton"):
+        fn, wrt = _row_functions(backend, idx, 9, scale)[op]
+        leaves = {n: t.clone().requires_grad_(True) for n, t in (("w", w), ("table", table), ("x", x))}
+        out = fn(leaves["w"], leaves["table"], leaves["x"])
+        probe = torch.linspace(-1, 1, out.numel()).view_as(out)
+        grads = torch.autograd.grad((out * probe).sum(), [leaves[n] for n in wrt], create_graph=True)
+        second = torch.autograd.grad(sum((g * g).sum() for g in grads), [leaves[n] for n in wrt])
+        results.append((out, *grads, *second))
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+# -- product-key addressing --------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("score", ["dot", "idw"])
+@pytest.mark.parametrize("shape", [(2, 5, 2, 10, 70, 5), (1, 3, 1, 40, 9, 3)])  # B, T, H, dk, n, k
+def test_select_subkeys_kernel_matches_torch(triton_ops, shape, score, dtype):
+    B, T, H, dk, n, k = shape
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(B, T, H, dk, generator=g, dtype=dtype)
+    keys = torch.randn(H, 2, n, dk // 2, generator=g, dtype=dtype)
+    got = triton_ops.select_subkeys(q, keys, k, score)
+    want = torch_ops.select_subkeys(q, keys, k, score)
+    assert torch.equal(got, want)
+    # and the selection is the top-k of the dense sub-scores, best first
+    for half in range(2):
+        qh = q[..., half * (dk // 2):(half + 1) * (dk // 2)]
+        top = torch_ops.sub_scores(qh, keys[:, half], score).topk(k, -1).indices
+        assert torch.equal(got[..., half, :], top)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("score", ["dot", "idw"])
+def test_address_equals_dense_addressing(score, backend, request):
+    """ops.address (sparse gradients) == torch_ops.address (dense sub-score matrices), to 2nd order."""
+    if backend == "triton":
+        request.getfixturevalue("triton_ops")
+    g = torch.Generator().manual_seed(11)
+    B, T, H, dk, n, k = 2, 4, 2, 8, 9, 3
+    q0 = torch.randn(B, T, H, dk, generator=g, dtype=torch.float64)
+    k0 = torch.randn(H, 2, n, dk // 2, generator=g, dtype=torch.float64)
+    outs = []
+    for fn in (torch_ops.address, lambda *a: ops.address(*a, backend=backend)):
+        q, keys = q0.clone().requires_grad_(True), k0.clone().requires_grad_(True)
+        ((t1, i1), (t2, i2)), scores, slots = fn(q, keys, k, score)
+        loss = (scores.sin() * 3).sum() + (t1.cos() * t2).sum()
+        gq, gk = torch.autograd.grad(loss, (q, keys), create_graph=True)
+        second = torch.autograd.grad((gq**2).sum() + (gk**3).sum(), (q, keys))
+        outs.append((i1, i2, slots, t1, t2, scores, gq, gk, *second))
+    for got, want in zip(outs[1], outs[0]):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-11)
+
+
+# -- the memory with the Triton kernels, against the dense reference -----------------------
+TRITON_CONFIGS = [
+    dict(),
+    dict(score="dot", grad_to_values_only=False, lookahead=0),
+    dict(weight_decay=0.1, lr=0.5, grad_clip=True, mse="mean"),
+    dict(heads=1, topk=6, score_fn="silu", addr_loss_weight=None),
+]
+
+
+@pytest.mark.parametrize("overrides", TRITON_CONFIGS)
+def test_memory_triton_backend_matches_reference(count_kernels, overrides):
+    mem = make(backend="triton", **overrides)
+    compare_with_reference(mem, *inputs(mem, gated=True, masked=True))
+    assert set(count_kernels) == {"weighted_gather", "row_dot", "scatter_rows", "select_subkeys"}
+
+
+def test_memory_process_wide_triton_backend(count_kernels):
+    ops.set_backend("triton")  # the memory's config says "auto": the process setting decides
+    mem = make()
+    compare_with_reference(mem, *inputs(mem, T=11), chunk=4)
+    assert count_kernels.get("weighted_gather", 0) > 0 and count_kernels.get("select_subkeys", 0) > 0
+
+
+def test_memory_streaming_with_triton_equals_torch(triton_ops):
+    outs = []
+    for backend in ("torch", "triton"):
+        mem = make(backend=backend).eval()
+        q, v, g, m = inputs(mem, T=12, gated=True, masked=True)
+        stream = mem.new_stream()
+        pieces = [mem(q[:, a:b], v[:, a:b], g[:, a:b], m[:, a:b], stream=stream).output for a, b in
+                  ((0, 3), (3, 9), (9, 12))]
+        mem.flush(stream)
+        outs.append((torch.cat(pieces, 1), mem.keys.clone(), mem.values.clone()))
+    for got, want in zip(outs[1], outs[0]):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+# -- backend choice ------------------------------------------------------------------------
+def test_backend_resolution(monkeypatch):
+    cpu = torch.zeros(1)
+    assert ops.resolve("auto", cpu) == "torch"  # auto: Triton only for CUDA tensors
+    assert ops.resolve(None, cpu) == "torch"
+    assert ops.resolve("torch", cpu) == "torch"
+    with pytest.raises(ValueError, match="backend"):
+        ops.set_backend("cuda")
+    with pytest.raises(ValueError, match="backend"):
+        ops.resolve("fast", cpu)
+    with ops.use_backend("torch"):
+        assert ops.get_backend() == "torch"
+    assert ops.get_backend() == "auto"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET|triton"):
+        ops.resolve("triton", cpu)  # no GPU, no interpreter: a clear error, never a silent fallback
+    ops.set_backend("triton")
+    assert ops.resolve("torch", cpu) == "torch"  # an explicit per-call choice wins
+
+
+def test_triton_backend_in_config(triton_ops):
+    mem = make(backend="triton")
+    assert mem.config.backend == "triton"
+    out = mem.eval()(*inputs(mem)[:2]).output
+    assert torch.isfinite(out).all()
+
+
+# -- the sparse core keeps nothing of size N ---------------------------------------------
+def test_training_graph_saves_no_table_sized_tensor():
+    """Only read rows are kept for backward: no saved tensor has N rows (or N * dv elements)."""
+    mem = make(n_subkeys=40, v_dim=4, heads=1, topk=2, chunk_size=4)  # N = 1600 slots
+    q, v, g, _ = inputs(mem, B=1, T=12, gated=True)
+    N = mem.config.n_slots
+    shapes = []
+
+    def pack(t):
+        shapes.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = mem.train()(q, v, g).output
+    out.sum().backward()
+    assert shapes, "no tensor was saved: the hook did not run"
+    too_big = [s for s in shapes if (len(s) and s[0] >= N) or torch.Size(s).numel() >= N]
+    assert not too_big, too_big
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.5])
+def test_no_graph_path_writes_in_place_same_result(weight_decay):
+    """Without a graph each chunk is written into the table at once (weight decay as a lazy
+    factor, folded in now and then): same reads and state as the graph path."""
+    mem = make(weight_decay=weight_decay, lr=1.0, chunk_size=2)  # decay 0.5: the factor folds
+    q, v, g, m = inputs(mem, T=31, gated=True, masked=True)
+    saved = {k: t.clone() for k, t in mem.state_dict().items()}
+    train_out = mem.train()(q, v, g, m).output.detach()
+    train_state = {k: t.clone() for k, t in mem.state_dict().items()}
+    mem.load_state_dict(saved)
+    eval_out = mem.eval()(q, v, g, m).output
+    torch.testing.assert_close(eval_out, train_out, rtol=1e-10, atol=1e-12)
+    for k in saved:
+        torch.testing.assert_close(mem.state_dict()[k], train_state[k], rtol=1e-10, atol=1e-12)
+
+
+# -- the benchmark's dense baseline is the same algorithm ---------------------------------
+@pytest.mark.parametrize("overrides", [dict(), dict(score="dot", grad_to_values_only=False, mse="mean"),
+                                       dict(weight_decay=0.1, grad_clip=True, lookahead=0, score_fn="relu")])
+def test_benchmark_dense_baseline_matches_reference(overrides):
+    from benchmarks import dense
+
+    mem = make(**overrides)
+    q, v, g, m = inputs(mem, gated=True, masked=True)
+    cfg = ref_config(mem)
+    want = reference.run(mem.keys, mem.values, q, v, g, m, cfg, 5)
+    got = dense.run(mem.keys, mem.values, q, v, g, m, cfg, 5)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+    for a, b in zip(torch.autograd.grad(got[0].sum(), (q, v, g)), torch.autograd.grad(want[0].sum(), (q, v, g))):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+
+
+# -- the kernels also build for a GPU -------------------------------------------------------
+@pytest.mark.parametrize("dtype", ["fp32", "fp64"])
+def test_kernels_compile_for_cuda_ahead_of_time(triton_ops, dtype, monkeypatch):
+    """The interpreter runs the kernels' Python; this lowers each one with Triton's real compiler
+    to a CUDA binary (sm_90, no GPU needed), catching what only the compiler checks."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, stated to silence its warning
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    f, i64, i32, c = f"*{dtype}", "*i64", "i32", "constexpr"
+    use_dot = dtype == "fp32"
+    kernels = {
+        "_weighted_gather_kernel": (dict(w_ptr=f, table_ptr=f, idx_ptr=i64, out_ptr=f, P=i32, D=i32),
+                                    dict(HAS_W=True, BLOCK_P=8, BLOCK_D=128)),
+        "_row_dot_kernel": (dict(x_ptr=f, table_ptr=f, idx_ptr=i64, out_ptr=f, P=i32, D=i32),
+                            dict(BLOCK_P=8, BLOCK_D=128)),
+        "_scatter_rows_kernel": (dict(w_ptr=f, x_ptr=f, order_ptr=i64, offsets_ptr=i64, scale_ptr=f, out_ptr=f,
+                                      P=i32, D=i32), dict(HAS_W=True, HAS_SCALE=True, BLOCK_R=16, BLOCK_D=128)),
+        "_select_subkeys_kernel": (dict(q_ptr=f, k_ptr=f, out_ptr=i64, M=i32, N=i32, D=i32, HD2=i32),
+                                   dict(K=8, KP=8, IDW=True, USE_DOT=use_dot, BLOCK_M=32 if use_dot else 16,
+                                        BLOCK_N=64 if use_dot else 16, BLOCK_D=64 if use_dot else 16)),
+    }
+    for name, (signature, constexprs) in kernels.items():
+        src = ASTSource(fn=triton.jit(getattr(triton_ops, name)), signature=signature | dict.fromkeys(constexprs, c),
+                        constexprs=constexprs)
+        try:
+            compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32))
+        except (FileNotFoundError, ImportError) as exc:  # pragma: no cover - no CUDA toolchain in this wheel
+            pytest.skip(f"no CUDA compiler toolchain: {exc!r}")
+        assert "cubin" in compiled.asm, name
