@@ -100,6 +100,7 @@ class Read:
     urows: Tensor  # [U] sorted unique slots read
     inverse: Tensor  # [B, T, H, k] position of each read slot in urows
     n_read: Tensor  # [U] reads of each unique slot (N_read)
+    out_for_keys: Optional[Tensor] = None  # no graph: ``out`` with the graph to the keys, for their update
 
 
 class FwPKMMemory(ChunkedFastWeights):
@@ -179,9 +180,17 @@ class FwPKMMemory(ChunkedFastWeights):
             urows, inverse, n_read = torch.unique(indices.reshape(-1), return_inverse=True, return_counts=True)
             table = state.values.rows(urows)
             hk = c.heads * c.topk
-            out = ops.weighted_gather(weights.reshape(B * T, hk), table, inverse.view(B * T, hk),
+            # without a graph, the read needs one only when the keys learn from mem_loss, and only
+            # until the write: the caller keeps detached reads, so a long call holds no graph
+            keys_see_reads = graph or (state.keys_update and not c.grad_to_values_only)
+            w = weights if keys_see_reads else weights.detach()
+            out = ops.weighted_gather(w.reshape(B * T, hk), table, inverse.view(B * T, hk),
                                       backend=c.backend).view(B, T, -1)
-        return Read(out, indices, weights, top_sub, urows, inverse.view(B, T, c.heads, c.topk), n_read)
+        inverse = inverse.view(B, T, c.heads, c.topk)
+        if graph:
+            return Read(out, indices, weights, top_sub, urows, inverse, n_read)
+        return Read(out.detach(), indices, weights.detach(), top_sub, urows, inverse, n_read,
+                    out_for_keys=out if keys_see_reads else None)
 
     def _write(self, state: WorkingState, seg: Segment, read: Read, graph: bool) -> dict:
         c = self.config
@@ -191,7 +200,8 @@ class FwPKMMemory(ChunkedFastWeights):
             return {}
         with torch.set_grad_enabled(graph or state.keys_update):
             coef = self._loss_coefficients(seg, P)
-            err = read.out[:, :P] - seg.v[:, c.lookahead:]
+            out = read.out if read.out_for_keys is None else read.out_for_keys
+            err = out[:, :P] - seg.v[:, c.lookahead:]
             mem_loss = 0.5 * (err.pow(2).mean(-1) * coef).mean()
             addr_loss = self._addressing_loss(read.top_sub) if c.uses_addr_loss else mem_loss.new_zeros(())
         stats = {"mem_loss": mem_loss.detach(), "addr_loss": addr_loss.detach()}
@@ -295,4 +305,4 @@ def _usage_stats(n_read: Tensor, total_reads: int, n_slots: int) -> dict:
 def _detach_read(read: Read) -> Read:
     top_sub = tuple((s.detach(), i) for s, i in read.top_sub)
     return Read(read.out.detach(), read.indices, read.weights.detach(), top_sub, read.urows, read.inverse,
-                read.n_read)
+                read.n_read)  # (drops out_for_keys)

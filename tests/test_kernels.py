@@ -285,11 +285,12 @@ def test_training_graph_saves_no_table_sized_tensor():
     assert not too_big, too_big
 
 
-@pytest.mark.parametrize("weight_decay", [0.0, 0.5])
-def test_no_graph_path_writes_in_place_same_result(weight_decay):
+@pytest.mark.parametrize("weight_decay,values_only", [(0.0, True), (0.5, True), (0.0, False)])
+def test_no_graph_path_writes_in_place_same_result(weight_decay, values_only):
     """Without a graph each chunk is written into the table at once (weight decay as a lazy
-    factor, folded in now and then): same reads and state as the graph path."""
-    mem = make(weight_decay=weight_decay, lr=1.0, chunk_size=2)  # decay 0.5: the factor folds
+    factor, folded in now and then) and reads keep no graph past their write: same reads and
+    state as the graph path."""
+    mem = make(weight_decay=weight_decay, lr=1.0, chunk_size=2, grad_to_values_only=values_only)  # decay 0.5 folds
     q, v, g, m = inputs(mem, T=31, gated=True, masked=True)
     saved = {k: t.clone() for k, t in mem.state_dict().items()}
     train_out = mem.train()(q, v, g, m).output.detach()
@@ -350,3 +351,25 @@ def test_kernels_compile_for_cuda_ahead_of_time(triton_ops, dtype, monkeypatch):
         except (FileNotFoundError, ImportError) as exc:  # pragma: no cover - no CUDA toolchain in this wheel
             pytest.skip(f"no CUDA compiler toolchain: {exc!r}")
         assert "cubin" in compiled.asm, name
+
+
+# -- the benchmark script runs (tiny sizes) -------------------------------------------------
+def test_benchmark_script_smoke(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_memory.py"
+    tiny = ["--n-subkeys", "8", "--dim", "16", "--chunk", "16", "--topk", "2", "--out", str(tmp_path)]
+    for mode, extra in (("train", ["--batch", "1", "--seq", "40", "--steps", "1", "--warmup", "0",
+                                   "--dense-steps", "1", "--dense-warmup", "0"]),
+                        ("stream", ["--tokens", "100", "--piece", "30"])):
+        proc = subprocess.run([sys.executable, str(script), mode, *tiny, *extra], capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert (tmp_path / f"{mode}.csv").exists()
+        payload = json.loads((tmp_path / f"{mode}.json").read_text())
+    row = json.loads((tmp_path / "train.json").read_text())["table"][0]
+    assert row["ours_tok_s"] > 0 and row["dense_tok_s"] > 0 and row["ours_peak_mib"] > 0
+    assert payload["result"]["tokens"] == 100 and payload["result"]["peak_over_state_plus_chunk"] > 0

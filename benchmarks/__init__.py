@@ -1,0 +1,1 @@
+"""Benchmarks of the FwPKM memory core (see bench_memory.py)."""
