@@ -51,8 +51,8 @@ class FastWeightBlock(nn.Module):
         mode = self.config.query_compression
         if mode == "none":
             return q
-        heads = self.config.memory.heads if self.config.kind == "fwpkm" else 1
-        halves = q.unflatten(-1, (heads, 2, -1)) if self.config.kind == "fwpkm" else q.unflatten(-1, (1, 1, -1))
+        # FwPKM compresses each head's two halves separately; FwMLP its whole query
+        halves = q.unflatten(-1, (self.config.memory.heads, 2, -1) if self.config.kind == "fwpkm" else (1, 1, -1))
         halves = F.normalize(halves, dim=-1) if mode == "l2norm" else halves - halves.mean(-1, keepdim=True)
         return halves.flatten(-3)
 
