@@ -18,14 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-
-def sub_scores(q_half, keys_half, score):
-    """q_half [B,L,H,d], keys_half [H,n,d] -> [B,L,H,n]"""
-    dot = torch.einsum("blhd,hnd->blhn", q_half, keys_half)
-    if score == "dot":
-        return dot
-    sq = q_half.pow(2).sum(-1, keepdim=True) - 2 * dot + keys_half.pow(2).sum(-1)[None, None]
-    return -torch.log(1e-3 + sq.clamp_min(0.0))
+from kernels.torch_ops import sub_scores
+from tests.reference import marginal_entropy
 
 
 def read(q, K, V, cfg):
@@ -47,14 +41,6 @@ def read(q, K, V, cfg):
         w = F.silu(t) if cfg["score_fn"] == "silu" else F.relu(t)
     out = torch.einsum("blhk,blhkd->bld", w, V[idx])
     return out, idx, s1, s2
-
-
-def marginal_entropy(rows, k):
-    n = rows.shape[-1]
-    top, ids = rows.topk(k, -1)
-    masked = torch.full_like(rows, float("-inf")).scatter(-1, ids, top)
-    p_bar = torch.softmax(masked, -1).reshape(-1, n).mean(0)
-    return -(p_bar * torch.log(p_bar + 1e-8)).sum()
 
 
 def run(keys, values, q, v, gates, mask, cfg, chunk, graph=True):
