@@ -10,6 +10,8 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
+from lit.evaluation.inspect import gate_histograms
+
 LAST_NAME = "last"
 BEST_NAME = "best"
 
@@ -75,17 +77,8 @@ def plot_memory(memory: dict, memory_configs: dict, out_dir: Path, step: int) ->
 
     gated = [i for i in layers if memory[i].get("gates") is not None]
     if gated:
-        fig, axes = plt.subplots(1, len(gated), figsize=(4 * len(gated), 3), squeeze=False)
-        for ax, layer in zip(axes[0], gated):
-            g = memory[layer]["gates"].detach().float().cpu().numpy().ravel()
-            ax.hist(g, bins=50, range=(0.0, 1.0), color="tab:blue")
-            ax.set_title(f"layer {layer} gates (mean {g.mean():.3f})")
-            ax.set_xlabel("g")
-        fig.suptitle(f"gate distribution, step {step}")
-        fig.tight_layout()
         path = out_dir / f"gates_step{step:07d}.png"
-        fig.savefig(path, dpi=80)
-        plt.close(fig)
+        gate_histograms({i: memory[i]["gates"] for i in gated}, str(path), f"gate distribution, step {step}", dpi=80)
         written.append(path)
 
     addressed = [i for i in layers if memory[i].get("indices") is not None and memory_configs.get(i) is not None
