@@ -512,6 +512,3 @@ def _brief(config: dict) -> str:
             f"batch={data.get('batch_size')} max_steps={trainer.get('max_steps')} "
             f"val_every={trainer.get('val_check_interval')}")
 
-
-def run_config_yaml(config: dict) -> str:
-    return yaml.safe_dump(config, sort_keys=False, default_flow_style=False)
