@@ -182,6 +182,7 @@ class DataConfig:
     # needle in a haystack (spec section 7)
     niah_fraction: float = 0.0  # share of training rows that are NIAH sequences (text sources)
     niah_needles: int = 5  # needles per NIAH sequence (fewer if they do not fit)
+    niah_max_fraction: float = 0.5  # most of a NIAH sequence that needles and questions may take
     niah_haystack: str = "embedded"  # text source the `niah` source takes its haystack from
     # synthetic sources (`niah`, `recall`)
     synthetic_train_size: int = 8192  # rows per epoch
@@ -198,6 +199,8 @@ class DataConfig:
             raise ConfigError(f"data.val_fraction={self.val_fraction!r} must be in [0, 1)")
         if not 0.0 <= self.niah_fraction < 1.0:
             raise ConfigError(f"data.niah_fraction={self.niah_fraction!r} must be in [0, 1)")
+        if not 0.0 < self.niah_max_fraction < 1.0:
+            raise ConfigError(f"data.niah_max_fraction={self.niah_max_fraction!r} must be in (0, 1)")
         if self.num_workers < 0:
             raise ConfigError(f"data.num_workers={self.num_workers!r} must be >= 0")
         if self.max_documents is not None:
@@ -362,8 +365,9 @@ class GeneratedDataset(Dataset):
         return {name: torch.tensor(values, dtype=torch.long) for name, values in row.items()}
 
 
-def niah_row(haystack_ids: np.ndarray, tokenizer: Tokenizer, seq_len: int, n_needles: int, seed: int) -> dict:
-    tokens = niah_training_sequence(haystack_ids, tokenizer, seq_len + 1, seed, n_needles)
+def niah_row(haystack_ids: np.ndarray, tokenizer: Tokenizer, seq_len: int, n_needles: int, max_fraction: float,
+             seed: int) -> dict:
+    tokens = niah_training_sequence(haystack_ids, tokenizer, seq_len + 1, seed, n_needles, max_fraction=max_fraction)
     return {"input_ids": tokens[:-1], "labels": tokens[1:]}
 
 
@@ -521,7 +525,8 @@ class FwPKMDataModule(L.LightningDataModule):
         if kind == "recall":
             make_row = functools.partial(associative_recall_sequence, cfg.seq_len, cfg.recall_pairs, cfg.recall_queries, cfg.recall_vocab)
         else:
-            make_row = functools.partial(niah_row, self._haystack(haystack_docs), self.tokenizer, cfg.seq_len, cfg.niah_needles)
+            make_row = functools.partial(niah_row, self._haystack(haystack_docs), self.tokenizer, cfg.seq_len, cfg.niah_needles,
+                                         cfg.niah_max_fraction)
         dataset = GeneratedDataset(size, make_row, cfg.seed, stream)
         try:
             dataset[0]  # fail now, not in the middle of training, if rows cannot be made

@@ -255,13 +255,16 @@ def niah_training_sequence(
     seed: int,
     n_needles: int = 5,
     snap_window: int = 64,
+    max_fraction: float = 0.5,
 ) -> list[int]:
     """``length`` tokens: haystack with needles, then every needle asked and answered.
 
     Layout: ``haystack+needles`` then, for each needle in random order, ``"\\n" + question
-    + answer + "."``. Needles and questions take at most half of the sequence: fewer than
-    ``n_needles`` are used when they would not fit (at least one).
+    + answer + "."``. Needles and questions take at most ``max_fraction`` of the sequence:
+    fewer than ``n_needles`` are used when they would not fit (at least one).
     """
+    if not 0.0 < max_fraction < 1.0:
+        raise ValueError(f"max_fraction={max_fraction} must be in (0, 1)")
     rng = random.Random(seed)
     keys, values = random_needles(rng, n_needles)
     separator_ids, period_ids = tokenizer.encode(SEPARATOR), tokenizer.encode(".")
@@ -270,7 +273,7 @@ def niah_training_sequence(
               for k, v in zip(keys, values)]
     costs = [len(n) + len(q) for n, q in zip(needles_ids, qa_ids)]
     n_used = n_needles
-    while n_used > 1 and sum(costs[:n_used]) > length // 2:
+    while n_used > 1 and sum(costs[:n_used]) > int(length * max_fraction):
         n_used -= 1
     if sum(costs[:n_used]) >= length:
         raise ValueError(f"length={length} is too short for a needle and its question ({costs[0]} tokens)")
