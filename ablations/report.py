@@ -58,13 +58,25 @@ def run_row(client, run) -> dict:
         "val_loss": math.log(ppl) if ppl and ppl > 0 and math.isfinite(ppl) else NAN,
         "val_ppl": ppl,
         "niah_exact": m.get("niah/exact", NAN),
+        "niah_digit_acc": m.get("niah/digit_acc", NAN),
         "tokens_per_s": _median_history(client, run.info.run_id, "train/tokens_per_s"),
         "params": m.get("model/params", NAN),
         "gate_mean": _metric_mean(m, "/gate_mean"),
         "error": _first_line(tags.get("fwpkm.error", "")),
         **{f"niah_{k[len('niah/exact/'):]}": v for k, v in m.items()
            if k.startswith("niah/exact/") and k.count("/") == 2},
+        "cells": _niah_cells(m),
     }
+
+
+def _niah_cells(metrics: dict) -> dict:
+    """{(measure, context length, passes): value} from ``niah/<measure>/L<len>/n<passes>``."""
+    cells = {}
+    for key, value in metrics.items():
+        parts = key.split("/")
+        if len(parts) == 4 and parts[0] == "niah" and parts[2][:1] == "L" and parts[3][:1] == "n":
+            cells[(parts[1], int(parts[2][1:]), int(parts[3][1:]))] = value
+    return cells
 
 
 def _first_line(text: str) -> str:
@@ -104,7 +116,7 @@ def _mean_std(values: list) -> tuple[float, float]:
     return mean, std
 
 
-METRICS = ("val_loss", "val_ppl", "niah_exact", "tokens_per_s", "params", "gate_mean")
+METRICS = ("val_loss", "val_ppl", "niah_exact", "niah_digit_acc", "tokens_per_s", "params", "gate_mean")
 
 
 def summarise_grid(rows: list[dict], order: Optional[list] = None, aliases: Optional[dict] = None):
@@ -116,7 +128,7 @@ def summarise_grid(rows: list[dict], order: Optional[list] = None, aliases: Opti
     for r in rows:
         if r["variant"] not in variants:
             variants.append(r["variant"])
-    extra = sorted({k for r in rows for k in r if k.startswith("niah_") and k != "niah_exact"})
+    extra = sorted({k for r in rows for k in r if k.startswith("niah_") and k not in METRICS})
     table = []
     for variant in variants:
         source = aliases.get(variant, variant)
@@ -156,7 +168,7 @@ def grid_markdown(df, title: str = "") -> str:
     if df is None or df.empty:
         return (f"### {title}\n\n" if title else "") + "(no runs)"
     has_niah = "niah_exact_mean" in df and df["niah_exact_mean"].notna().any()
-    header = ["variant", "seeds", "val loss", "Δ vs base", "val ppl"] + (["NIAH exact"] if has_niah else []) + \
+    header = ["variant", "seeds", "val loss", "Δ vs base", "val ppl"] + (["NIAH exact", "NIAH digits"] if has_niah else []) + \
         ["tokens/s", "params", "gate", "status"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
     for _, r in df.iterrows():
@@ -168,12 +180,85 @@ def grid_markdown(df, title: str = "") -> str:
         cells = [name, f"{r['finished']}/{r['runs']}", _fmt(r["val_loss_mean"], r["val_loss_std"]),
                  "-" if not math.isfinite(d) else f"{d:+.3f}", _fmt(r["val_ppl_mean"], r["val_ppl_std"], 2)]
         if has_niah:
-            cells.append(_fmt(r["niah_exact_mean"], r["niah_exact_std"], 2))
+            cells += [_fmt(r["niah_exact_mean"], r["niah_exact_std"], 2),
+                      _fmt(r.get("niah_digit_acc_mean", NAN), r.get("niah_digit_acc_std", NAN), 2)]
         cells += [_fmt(r["tokens_per_s_mean"], r["tokens_per_s_std"], 0), _fmt(r["params_mean"], NAN, 0),
                   _fmt(r["gate_mean_mean"], r["gate_mean_std"], 3), status]
         lines.append("| " + " | ".join(cells) + " |")
     text = "\n".join(lines)
     return (f"### {title}\n\n" if title else "") + text
+
+
+def _variant_order(rows: list[dict], order: Optional[list]) -> list:
+    variants = [v for v in (order or []) if any(r["variant"] == v for r in rows)]
+    return variants + sorted({r["variant"] for r in rows} - set(variants))
+
+
+def niah_markdown(rows: list[dict], order: Optional[list] = None) -> str:
+    """NIAH per (variant, passes) and context length, "exact / digit accuracy": mean ± std over the
+    finished seeds, then every seed's own figures. Empty when no run has per-cell NIAH metrics."""
+    rows = [r for r in rows if r.get("cells") and r["status"] == "FINISHED"]
+    if not rows:
+        return ""
+    lengths = sorted({L for r in rows for (_, L, _) in r["cells"]})
+    passes = sorted({n for r in rows for (_, _, n) in r["cells"]})
+    header = "| variant | passes | " + " | ".join(f"{L} tokens" for L in lengths) + " |"
+    rule = "|---|---|" + "---|" * len(lengths)
+
+    def cell(group, L, n):
+        parts = []
+        for measure in ("exact", "digit_acc"):
+            mean, std = _mean_std([r["cells"].get((measure, L, n), NAN) for r in group])
+            parts.append(_fmt(mean, std if len(group) > 1 else NAN, 2))
+        return " / ".join(parts)
+
+    lines = ["NIAH exact match / digit accuracy (chance: 0 / 0.1), mean ± std over seeds:", "", header, rule]
+    per_seed = ["NIAH exact match / digit accuracy of each seed:", "", header.replace("passes", "seed, passes"), rule]
+    for variant in _variant_order(rows, order):
+        group = sorted((r for r in rows if r["variant"] == variant), key=lambda r: r["seed"])
+        for n in passes:
+            lines.append(f"| {variant} | {n} | " + " | ".join(cell(group, L, n) for L in lengths) + " |")
+            for r in group:
+                per_seed.append(f"| {variant} | {r['seed']}, {n} | " + " | ".join(cell([r], L, n) for L in lengths) + " |")
+    return "\n".join(lines + [""] + per_seed)
+
+
+def plot_niah(rows: list[dict], path: Path, order: Optional[list] = None, title: str = "") -> Optional[Path]:
+    """Digit accuracy against context length, one panel per number of passes, a line per variant."""
+    rows = [r for r in rows if r.get("cells") and r["status"] == "FINISHED"]
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    lengths = sorted({L for r in rows for (_, L, _) in r["cells"]})
+    passes = sorted({n for r in rows for (_, _, n) in r["cells"]})
+    fig, axes = plt.subplots(1, len(passes), figsize=(4.0 * len(passes), 3.4), squeeze=False, sharey=True)
+    for ax, n in zip(axes[0], passes):
+        for variant in _variant_order(rows, order):
+            group = [r for r in rows if r["variant"] == variant]
+            stats = [_mean_std([r["cells"].get(("digit_acc", L, n), NAN) for r in group]) for L in lengths]
+            ax.errorbar(lengths, [m for m, _ in stats], yerr=[0.0 if math.isnan(e) else e for _, e in stats],
+                        marker="o", capsize=3, label=variant)
+        ax.axhline(0.1, color="gray", linestyle=":", linewidth=1)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(lengths, [str(L) for L in lengths])
+        ax.set_xlabel("context length (tokens)")
+        ax.set_title(f"{n} extra pass{'es' if n != 1 else ''}")
+        ax.set_ylim(0.0, 1.0)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("NIAH digit accuracy (dotted: chance)")
+    axes[0][-1].legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def plot_grid(df, path: Path, title: str = "") -> Optional[Path]:
@@ -224,9 +309,13 @@ def grid_report(store: Store, grid: str, out_dir: Optional[Path] = None, log: bo
     tags = parent.data.tags
     order = json.loads(tags.get("fwpkm.variants", "[]") or "[]")
     aliases = json.loads(tags.get("fwpkm.aliases", "{}") or "{}")
-    df = summarise_grid(grid_runs(store, parent), order, aliases)
+    rows = grid_runs(store, parent)
+    df = summarise_grid(rows, order, aliases)
     title = f"ablation grid {grid}"
     md = grid_markdown(df, title)
+    niah_md = niah_markdown(rows, order)
+    if niah_md:
+        md += "\n\n" + niah_md
     echo(md)
     files = {}
     if out_dir is not None:
@@ -239,6 +328,9 @@ def grid_report(store: Store, grid: str, out_dir: Optional[Path] = None, log: bo
         png = plot_grid(df, out / "summary.png", title)
         if png:
             files["png"] = png
+        niah_png = plot_niah(rows, out / "summary_niah.png", order, title)
+        if niah_png:
+            files["niah_png"] = niah_png
         if log:
             _attach(store, parent.info.run_id, files.values(), "summary")
             _log_summary_metrics(store, parent.info.run_id, df)

@@ -526,15 +526,29 @@ def count_parameters(run_dir: Path) -> Optional[int]:
     return int(sum(p.numel() for p in model.parameters()))
 
 
+def niah_metrics(rows: list[dict]) -> dict:
+    """``niah/<exact|digit_acc>`` over all samples, per number of passes (``.../n<passes>``) and per
+    (context length, passes) (``.../L<len>/n<passes>``)."""
+    from lit.evaluation.niah import summarise
+
+    metrics = {}
+    for name in ("exact", "digit_acc"):
+        metrics[f"niah/{name}"] = sum(r[name] for r in rows) / max(1, len(rows))
+        for cell in summarise(rows):
+            metrics[f"niah/{name}/L{cell['context_len']}/n{cell['iterations']}"] = cell[name]
+        for cell in summarise(rows, by=("iterations",)):
+            metrics[f"niah/{name}/n{cell['iterations']}"] = cell[name]
+    return metrics
+
+
 def evaluate_niah(run_dir: Path, niah: dict, config: dict, gpu: Optional[str] = None) -> tuple[dict, Path]:
-    """NIAH accuracy of the run's final checkpoint: metrics ``niah/exact``, ``niah/digit_acc`` and per
-    (context length, passes) ``niah/exact/L<len>/n<passes>``; the rows as ``niah.csv``."""
+    """NIAH accuracy of the run's final checkpoint (:func:`niah_metrics`); the rows as ``niah.csv``."""
     import csv
 
     import torch
 
     from lit.data import embedded_text
-    from lit.evaluation.niah import NIAHConfig, run_niah, summarise
+    from lit.evaluation.niah import NIAHConfig, run_niah
     from lit.module import load_model
     from lit.tokenizer import load_tokenizer
 
@@ -555,12 +569,7 @@ def evaluate_niah(run_dir: Path, niah: dict, config: dict, gpu: Optional[str] = 
         raise ValueError(f"eval.niah.haystack={haystack!r}: only 'embedded' is supported by the grid runner")
     haystack_ids = tokenizer.encode(embedded_text())
     rows = run_niah(model, tokenizer, haystack_ids, cfg, progress=False)
-    metrics = {"niah/exact": sum(r["exact"] for r in rows) / max(1, len(rows)),
-               "niah/digit_acc": sum(r["digit_acc"] for r in rows) / max(1, len(rows))}
-    for cell in summarise(rows):
-        metrics[f"niah/exact/L{cell['context_len']}/n{cell['iterations']}"] = cell["exact"]
-    for cell in summarise(rows, by=("iterations",)):
-        metrics[f"niah/exact/n{cell['iterations']}"] = cell["exact"]
+    metrics = niah_metrics(rows)
     path = Path(run_dir) / "niah.csv"
     with open(path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["exact"])

@@ -156,6 +156,24 @@ def test_dry_run_resolves_paper_and_tiny_without_building_models(tmp_path, monke
 # --------------------------------------------------------------------------- the runner, end to end
 
 
+def test_niah_tables_average_seeds_and_list_each_seed():
+    from ablations.report import niah_markdown
+
+    def row(variant, seed, exact, digits, status="FINISHED"):
+        return {"variant": variant, "seed": seed, "status": status,
+                "cells": {("exact", 256, 0): exact, ("digit_acc", 256, 0): digits}}
+
+    rows = [row("fwpkm", 1, 0.5, 0.75), row("fwpkm", 0, 0.25, 0.25), row("swa", 0, 0.0, 0.1),
+            row("swa", 1, 0.9, 0.9, status="FAILED")]
+    text = niah_markdown(rows, order=["swa", "fwpkm"])
+    lines = text.splitlines()
+    assert "| swa | 0 | 0.00 / 0.10 |" in lines  # the failed seed is left out, one seed: no std
+    assert "| fwpkm | 0 | 0.38 ± 0.18 / 0.50 ± 0.35 |" in lines
+    assert "| fwpkm | 0, 0 | 0.25 / 0.25 |" in lines and "| fwpkm | 1, 0 | 0.50 / 0.75 |" in lines
+    assert lines.index("| swa | 0 | 0.00 / 0.10 |") < lines.index("| fwpkm | 0 | 0.38 ± 0.18 / 0.50 ± 0.35 |")
+    assert niah_markdown([row("x", 0, 0.1, 0.1, status="FAILED")]) == ""
+
+
 def test_smoke_grid_end_to_end_with_failures_then_skips_finished_runs(tmp_path):
     grid = write_grid(tmp_path, {
         "name": "smoke-e2e", "extends": "smoke",
@@ -182,6 +200,8 @@ def test_smoke_grid_end_to_end_with_failures_then_skips_finished_runs(tmp_path):
     assert finished.set_index("variant")["gate_mean_mean"].drop("no_memory").notna().all()
     assert set(table[~table["variant"].isin(smoke_variants)]["status"]) == {"FAILED"}
     assert (folder / "summary.md").is_file() and (folder / "summary.png").is_file()
+    assert finished["niah_digit_acc_mean"].between(0, 1).all()
+    assert "NIAH exact match / digit accuracy of each seed" in out and (folder / "summary_niah.png").is_file()
 
     # MLflow: one parent run for the grid, every run nested under it with its tags
     parents = runs_of(tmp_path, "tags.`fwpkm.role` = 'grid' and tags.`fwpkm.grid` = 'smoke-e2e'")
@@ -196,6 +216,7 @@ def test_smoke_grid_end_to_end_with_failures_then_skips_finished_runs(tmp_path):
         assert r.data.tags["fwpkm.grid"] == "smoke-e2e" and r.data.tags["fwpkm.seed"] == "0"
         assert len(r.data.tags["fwpkm.config_hash"]) == 12 and r.data.tags["variant"] == name
         assert "val/ppl" in r.data.metrics and "niah/exact" in r.data.metrics and "model/params" in r.data.metrics
+        assert {"niah/digit_acc/L128/n0", "niah/digit_acc/L128/n1", "niah/exact/L128/n1"} <= set(r.data.metrics)
     assert by_variant["bad_config"].info.status == "FAILED"
     assert "topk=1000" in by_variant["bad_config"].data.tags["fwpkm.error"]
     assert by_variant["bad_runtime"].info.status == "FAILED"
