@@ -218,7 +218,8 @@ def niah_markdown(rows: list[dict], order: Optional[list] = None) -> str:
         group = sorted((r for r in rows if r["variant"] == variant), key=lambda r: r["seed"])
         for n in passes:
             lines.append(f"| {variant} | {n} | " + " | ".join(cell(group, L, n) for L in lengths) + " |")
-            for r in group:
+        for r in group:
+            for n in passes:
                 per_seed.append(f"| {variant} | {r['seed']}, {n} | " + " | ".join(cell([r], L, n) for L in lengths) + " |")
     return "\n".join(lines + [""] + per_seed)
 

@@ -98,24 +98,31 @@ def sub_scores(q_half: Tensor, keys_half: Tensor, score: str) -> Tensor:
     return -torch.log(1e-3 + sq_dist.clamp_min(0.0))
 
 
+SELECT_TILE_ELEMENTS = 1 << 18  # score entries per tile of tokens: 1 MiB of float32, cache-resident
+
+
 def select_subkeys(q: Tensor, keys: Tensor, topk: int, score: str) -> Tensor:
     """Ids of the top-k sub-keys of each half, best first (no gradient).
 
     q [B,T,H,dk], keys [H,2,n,dk/2] -> [B,T,H,2,k] int64. Ranking key: <q, key> for
     ``dot``; for ``idw`` 2<q, key> - |key|^2, which orders sub-keys exactly as
     -log(1e-3 + |q - key|^2) does (|q|^2 is the same for every key of a row and the
-    log is monotone) while costing one matrix product.
+    log is monotone) while costing one matrix product. Tokens go in tiles so that each
+    tile's [tokens, n] score matrix stays in cache between the product and the top-k.
     """
     B, T, H, dk = q.shape
     n, d = keys.shape[2], dk // 2
+    M = B * T
     with torch.no_grad():
-        qh = q.detach().reshape(B * T, H, 2, d).permute(1, 2, 0, 3).reshape(H * 2, B * T, d)
-        kh = keys.detach().reshape(H * 2, n, d)
-        if score == "dot":
-            rank = torch.bmm(qh, kh.transpose(1, 2))
-        else:
-            rank = torch.baddbmm(-kh.pow(2).sum(-1).unsqueeze(1), qh, kh.transpose(1, 2), alpha=2.0)
-        ids = rank.topk(topk, dim=-1).indices  # [H*2, B*T, k]
+        qh = q.detach().reshape(M, H, 2, d).permute(1, 2, 0, 3).reshape(H * 2, M, d)
+        kt = keys.detach().reshape(H * 2, n, d).transpose(1, 2)
+        bias = None if score == "dot" else -keys.detach().reshape(H * 2, n, d).pow(2).sum(-1).unsqueeze(1)
+        ids = torch.empty(H * 2, M, topk, dtype=torch.int64, device=q.device)
+        tile = max(1, SELECT_TILE_ELEMENTS // (n * H * 2))
+        for start in range(0, M, tile):
+            qt = qh[:, start:start + tile]
+            rank = torch.bmm(qt, kt) if bias is None else torch.baddbmm(bias, qt, kt, alpha=2.0)
+            ids[:, start:start + tile] = rank.topk(topk, dim=-1).indices
     return ids.view(H, 2, B, T, topk).permute(2, 3, 0, 1, 4)
 
 

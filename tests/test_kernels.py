@@ -161,6 +161,20 @@ def test_row_ops_gradients_triton_equal_torch(triton_ops, op):
 
 
 # -- product-key addressing --------------------------------------------------------------
+@pytest.mark.parametrize("score", ["dot", "idw"])
+def test_torch_select_subkeys_in_token_tiles_matches_the_dense_top_k(monkeypatch, score):
+    """The PyTorch selection scores tokens in tiles; tile edges (1, 3 and 7 tokens per tile,
+    none dividing B*T = 10) must not change which sub-keys are chosen."""
+    B, T, H, dk, n, k = 2, 5, 2, 8, 11, 3
+    g = torch.Generator().manual_seed(3)
+    q, keys = torch.randn(B, T, H, dk, generator=g), torch.randn(H, 2, n, dk // 2, generator=g)
+    want = torch.stack([torch_ops.sub_scores(q[..., h * 4:(h + 1) * 4], keys[:, h], score).topk(k, -1).indices
+                        for h in range(2)], dim=-2)
+    for tile_tokens in (1, 3, 7):
+        monkeypatch.setattr(torch_ops, "SELECT_TILE_ELEMENTS", tile_tokens * n * H * 2)
+        assert torch.equal(torch_ops.select_subkeys(q, keys, k, score), want)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("score", ["dot", "idw"])
 @pytest.mark.parametrize("shape", [(2, 5, 2, 10, 70, 5), (1, 3, 1, 40, 9, 3)])  # B, T, H, dk, n, k
