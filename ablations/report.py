@@ -189,6 +189,17 @@ def grid_markdown(df, title: str = "") -> str:
     return (f"### {title}\n\n" if title else "") + text
 
 
+def _save_figure(fig, path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _variant_order(rows: list[dict], order: Optional[list]) -> list:
     variants = [v for v in (order or []) if any(r["variant"] == v for r in rows)]
     return variants + sorted({r["variant"] for r in rows} - set(variants))
@@ -254,12 +265,7 @@ def plot_niah(rows: list[dict], path: Path, order: Optional[list] = None, title:
     axes[0][-1].legend(fontsize=8)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, path)
 
 
 def plot_grid(df, path: Path, title: str = "") -> Optional[Path]:
@@ -293,12 +299,7 @@ def plot_grid(df, path: Path, title: str = "") -> Optional[Path]:
         ax.grid(axis="x", alpha=0.3)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, path)
 
 
 def grid_report(store: Store, grid: str, out_dir: Optional[Path] = None, log: bool = True,
@@ -503,11 +504,7 @@ def study_plots(study, out_dir: Path) -> list[Path]:
         ax = result.flat[0] if hasattr(result, "flat") else result
         fig = ax.figure
         fig.set_size_inches(max(fig.get_size_inches()[0], 6), max(fig.get_size_inches()[1], 4))
-        fig.tight_layout()
-        path = out_dir / f"{name}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save_figure(fig, out_dir / f"{name}.png"))
     return written
 
 
