@@ -205,14 +205,19 @@ def _variant_order(rows: list[dict], order: Optional[list]) -> list:
     return variants + sorted({r["variant"] for r in rows} - set(variants))
 
 
+def _niah_axes(rows: list[dict]) -> tuple[list, list, list]:
+    """(finished rows with per-cell NIAH metrics, their context lengths, their numbers of passes)."""
+    rows = [r for r in rows if r.get("cells") and r["status"] == "FINISHED"]
+    return (rows, sorted({L for r in rows for (_, L, _) in r["cells"]}),
+            sorted({n for r in rows for (_, _, n) in r["cells"]}))
+
+
 def niah_markdown(rows: list[dict], order: Optional[list] = None) -> str:
     """NIAH per (variant, passes) and context length, "exact / digit accuracy": mean ± std over the
     finished seeds, then every seed's own figures. Empty when no run has per-cell NIAH metrics."""
-    rows = [r for r in rows if r.get("cells") and r["status"] == "FINISHED"]
+    rows, lengths, passes = _niah_axes(rows)
     if not rows:
         return ""
-    lengths = sorted({L for r in rows for (_, L, _) in r["cells"]})
-    passes = sorted({n for r in rows for (_, _, n) in r["cells"]})
     header = "| variant | passes | " + " | ".join(f"{L} tokens" for L in lengths) + " |"
     rule = "|---|---|" + "---|" * len(lengths)
 
@@ -237,7 +242,7 @@ def niah_markdown(rows: list[dict], order: Optional[list] = None) -> str:
 
 def plot_niah(rows: list[dict], path: Path, order: Optional[list] = None, title: str = "") -> Optional[Path]:
     """Digit accuracy against context length, one panel per number of passes, a line per variant."""
-    rows = [r for r in rows if r.get("cells") and r["status"] == "FINISHED"]
+    rows, lengths, passes = _niah_axes(rows)
     if not rows:
         return None
     import matplotlib
@@ -245,8 +250,6 @@ def plot_niah(rows: list[dict], path: Path, order: Optional[list] = None, title:
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    lengths = sorted({L for r in rows for (_, L, _) in r["cells"]})
-    passes = sorted({n for r in rows for (_, _, n) in r["cells"]})
     fig, axes = plt.subplots(1, len(passes), figsize=(4.0 * len(passes), 3.4), squeeze=False, sharey=True)
     for ax, n in zip(axes[0], passes):
         for variant in _variant_order(rows, order):
@@ -302,12 +305,17 @@ def plot_grid(df, path: Path, title: str = "") -> Optional[Path]:
     return _save_figure(fig, path)
 
 
+def _parent_run(store: Store, kind: str, name: str):
+    parent = find_parent(store, kind, name)
+    if parent is None:
+        raise LookupError(f"no MLflow parent run of {kind} {name!r} in experiment {store.experiment!r} at {store.uri}")
+    return parent
+
+
 def grid_report(store: Store, grid: str, out_dir: Optional[Path] = None, log: bool = True,
                 echo: Callable[[str], None] = print) -> dict:
     """Rebuild the grid's summary from MLflow: print it, write CSV/Markdown/PNG, attach to the parent run."""
-    parent = find_parent(store, "grid", grid)
-    if parent is None:
-        raise LookupError(f"no MLflow parent run of grid {grid!r} in experiment {store.experiment!r} at {store.uri}")
+    parent = _parent_run(store, "grid", grid)
     tags = parent.data.tags
     order = json.loads(tags.get("fwpkm.variants", "[]") or "[]")
     aliases = json.loads(tags.get("fwpkm.aliases", "{}") or "{}")
@@ -510,9 +518,7 @@ def study_plots(study, out_dir: Path) -> list[Path]:
 
 def study_report(store: Store, study: str, out_dir: Optional[Path] = None, log: bool = True,
                  echo: Callable[[str], None] = print) -> dict:
-    parent = find_parent(store, "study", study)
-    if parent is None:
-        raise LookupError(f"no MLflow parent run of study {study!r} in experiment {store.experiment!r} at {store.uri}")
+    parent = _parent_run(store, "study", study)
     tags = parent.data.tags
     direction = tags.get("optuna.direction", "minimize")
     rows = study_trials(store, parent)

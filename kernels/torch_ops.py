@@ -115,8 +115,9 @@ def select_subkeys(q: Tensor, keys: Tensor, topk: int, score: str) -> Tensor:
     M = B * T
     with torch.no_grad():
         qh = q.detach().reshape(M, H, 2, d).permute(1, 2, 0, 3).reshape(H * 2, M, d)
-        kt = keys.detach().reshape(H * 2, n, d).transpose(1, 2)
-        bias = None if score == "dot" else -keys.detach().reshape(H * 2, n, d).pow(2).sum(-1).unsqueeze(1)
+        kh = keys.detach().reshape(H * 2, n, d)
+        kt = kh.transpose(1, 2)
+        bias = None if score == "dot" else -kh.pow(2).sum(-1).unsqueeze(1)
         ids = torch.empty(H * 2, M, topk, dtype=torch.int64, device=q.device)
         tile = max(1, SELECT_TILE_ELEMENTS // (n * H * 2))
         for start in range(0, M, tile):
