@@ -48,7 +48,7 @@ import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
 
 from fwpkm.config import ConfigError, check_positive
-from lit.synthetic import associative_recall_sequence, hash_seed, niah_training_sequence
+from lit.synthetic import associative_recall_sequence, hash_seed, niah_training_sequence, repeated_span_sequence
 from lit.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
 
 ASSET_DIR = Path(__file__).parent / "assets"
@@ -184,6 +184,9 @@ class DataConfig:
     niah_needles: int = 5  # needles per NIAH sequence (fewer if they do not fit)
     niah_max_fraction: float = 0.5  # most of a NIAH sequence that needles and questions may take
     niah_haystack: str = "embedded"  # text source the `niah` source takes its haystack from
+    # repeated spans: rows in which a span of the training text comes back later in the row
+    repeat_fraction: float = 0.0  # share of training rows that are repeated-span rows (text sources)
+    repeat_min_span: int = 64  # shortest repeated span, in tokens (the longest is seq_len // 2)
     # synthetic sources (`niah`, `recall`)
     synthetic_train_size: int = 8192  # rows per epoch
     synthetic_val_size: int = 256
@@ -193,12 +196,25 @@ class DataConfig:
 
     def __post_init__(self):
         self.val_sources = self._as_list(self.val_sources)
-        for name in ("seq_len", "batch_size", "niah_needles", "synthetic_train_size", "synthetic_val_size", "recall_pairs"):
+        for name in ("seq_len", "batch_size", "niah_needles", "synthetic_train_size", "synthetic_val_size", "recall_pairs",
+                     "repeat_min_span"):
             check_positive(f"data.{name}", getattr(self, name))
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction={self.val_fraction!r} must be in [0, 1)")
         if not 0.0 <= self.niah_fraction < 1.0:
             raise ConfigError(f"data.niah_fraction={self.niah_fraction!r} must be in [0, 1)")
+        if not 0.0 <= self.repeat_fraction < 1.0:
+            raise ConfigError(f"data.repeat_fraction={self.repeat_fraction!r} must be in [0, 1)")
+        if self.niah_fraction + self.repeat_fraction >= 1.0:
+            raise ConfigError(
+                f"data.niah_fraction + data.repeat_fraction = {self.niah_fraction + self.repeat_fraction!r} must be < 1: "
+                "some rows must be plain text"
+            )
+        if self.repeat_fraction > 0 and 2 * self.repeat_min_span > self.seq_len + 1:
+            raise ConfigError(
+                f"data.repeat_min_span={self.repeat_min_span} is too long for data.seq_len={self.seq_len}: "
+                "two spans must fit in a row (2 * repeat_min_span <= seq_len + 1)"
+            )
         if not 0.0 < self.niah_max_fraction < 1.0:
             raise ConfigError(f"data.niah_max_fraction={self.niah_max_fraction!r} must be in (0, 1)")
         if self.num_workers < 0:
@@ -371,6 +387,11 @@ def niah_row(haystack_ids: np.ndarray, tokenizer: Tokenizer, seq_len: int, n_nee
     return {"input_ids": tokens[:-1], "labels": tokens[1:]}
 
 
+def repeat_row(haystack_ids: np.ndarray, seq_len: int, min_span: int, seed: int) -> dict:
+    tokens = repeated_span_sequence(haystack_ids, seq_len + 1, seed, min_span)
+    return {"input_ids": tokens[:-1], "labels": tokens[1:]}
+
+
 # --------------------------------------------------------------------------- resumable order
 
 
@@ -524,6 +545,8 @@ class FwPKMDataModule(L.LightningDataModule):
         cfg = self.config
         if kind == "recall":
             make_row = functools.partial(associative_recall_sequence, cfg.seq_len, cfg.recall_pairs, cfg.recall_queries, cfg.recall_vocab)
+        elif kind == "repeat":
+            make_row = functools.partial(repeat_row, self._haystack(haystack_docs), cfg.seq_len, cfg.repeat_min_span)
         else:
             make_row = functools.partial(niah_row, self._haystack(haystack_docs), self.tokenizer, cfg.seq_len, cfg.niah_needles,
                                          cfg.niah_max_fraction)
@@ -549,10 +572,14 @@ class FwPKMDataModule(L.LightningDataModule):
             return self._synthetic_set("niah", cfg.synthetic_train_size, "train", self._niah_haystack_split()[0])
         train_docs, _ = self._text_split(spec, "data.source")
         packed = self._packed(train_docs, "data.source", spec)
-        n_niah = round(len(packed) * cfg.niah_fraction / (1 - cfg.niah_fraction))
-        if n_niah == 0:
-            return packed
-        return ConcatDataset([packed, self._synthetic_set("niah", n_niah, "train", train_docs)])
+        total = len(packed) / (1 - cfg.niah_fraction - cfg.repeat_fraction)  # rows of all kinds together
+        n_niah, n_repeat = round(total * cfg.niah_fraction), round(total * cfg.repeat_fraction)
+        parts = [packed]
+        if n_niah:
+            parts.append(self._synthetic_set("niah", n_niah, "train", train_docs))
+        if n_repeat:
+            parts.append(self._synthetic_set("repeat", n_repeat, "train-repeat", train_docs))
+        return packed if len(parts) == 1 else ConcatDataset(parts)
 
     def _held_out_set(self, spec: SourceSpec, option: str) -> Dataset:
         cfg = self.config

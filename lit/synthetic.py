@@ -6,6 +6,9 @@
   :func:`make_niah_sample` builds one evaluation sample, :func:`score_answer` scores a
   decoded answer, :func:`niah_training_sequence` builds fixed-length training sequences in
   the same format with the answers included (so a language model can learn to copy).
+* Repeated spans (:func:`repeated_span_sequence`): a span of text that comes back later in
+  the sequence, the repetition of long documents from which a model learns to copy from
+  its memory.
 * Associative recall: key-value token pairs, then queried keys each followed by its value
   (:func:`associative_recall_sequence`, :func:`associative_recall_batch`).
 """
@@ -284,6 +287,25 @@ def niah_training_sequence(
     for i in rng.sample(range(n_used), n_used):
         sequence += qa_ids[i]
     return sequence
+
+
+def repeated_span_sequence(haystack_ids: Sequence[int], length: int, seed: int, min_span: int = 64) -> list[int]:
+    """``length`` tokens of haystack text in which one span occurs twice.
+
+    Layout: ``span + gap + span + tail``, the span ``min_span`` to ``length // 2`` tokens
+    long, the gap 0 to ``length - 2 * span`` tokens, gap and tail taken from elsewhere in
+    the haystack. Past the first copy every token of the second one is predictable from
+    memory alone, however short the attention window.
+    """
+    if not 1 <= min_span <= length // 2:
+        raise ValueError(f"length={length} is too short for two spans of min_span={min_span} tokens")
+    rng = random.Random(seed)
+    span_len = rng.randint(min_span, length // 2)
+    gap_len = rng.randint(0, length - 2 * span_len)
+    start = rng.randrange(len(haystack_ids))
+    span = haystack_window(haystack_ids, start, span_len)
+    rest = haystack_window(haystack_ids, start + span_len + rng.randrange(len(haystack_ids)), length - 2 * span_len)
+    return span + rest[:gap_len] + span + rest[gap_len:]
 
 
 # --------------------------------------------------------------------------- associative recall

@@ -22,6 +22,7 @@ from lit.synthetic import (
     make_niah_sample,
     needle_text,
     niah_training_sequence,
+    repeated_span_sequence,
     score_answer,
 )
 from lit.tokenizer import ByteTokenizer, load_tokenizer
@@ -131,6 +132,21 @@ def test_niah_training_sequences(haystack_ids):
     assert len(niah_training_sequence(haystack_ids, TOK, 257, seed=3)) == 257  # fewer needles fit
 
 
+def test_repeated_span_sequences(haystack_ids):
+    text = TOK.decode(haystack_ids)
+    for seed in range(20):
+        sequence = repeated_span_sequence(haystack_ids, 257, seed=seed, min_span=64)
+        assert len(sequence) == 257 and repeated_span_sequence(haystack_ids, 257, seed=seed, min_span=64) == sequence
+        # some span of >= 64 tokens occurs twice: find it from its first 64 tokens
+        first = sequence[:64]
+        later = [i for i in range(1, 257 - 63) if sequence[i:i + 64] == first]
+        assert later, f"seed {seed}: the first span does not come back"
+        assert TOK.decode(sequence[:64]) in text  # the span is haystack text
+    assert repeated_span_sequence(haystack_ids, 257, seed=0) != repeated_span_sequence(haystack_ids, 257, seed=1)
+    with pytest.raises(ValueError, match="too short for two spans"):
+        repeated_span_sequence(haystack_ids, 100, seed=0, min_span=64)
+
+
 def test_associative_recall():
     batch = associative_recall_batch(4, seq_len=64, n_pairs=8, seed=0)
     assert batch["input_ids"].shape == batch["labels"].shape == (4, 64)
@@ -230,6 +246,13 @@ def test_synthetic_sources(tmp_path):
     mixed.setup()
     n_niah = len(mixed.train_set.datasets[1])
     assert abs(n_niah / len(mixed.train_set) - 0.25) < 0.01
+
+    mixed = module(tmp_path, source="embedded", seq_len=256, batch_size=2, niah_fraction=0.25, repeat_fraction=0.5)
+    mixed.setup()
+    text, niah, repeat = mixed.train_set.datasets
+    assert abs(len(niah) / len(mixed.train_set) - 0.25) < 0.01 and abs(len(repeat) / len(mixed.train_set) - 0.5) < 0.01
+    row = repeat[3]["input_ids"].tolist()
+    assert any(row[i:i + 64] == row[:64] for i in range(1, 256 - 63))
 
 
 # --------------------------------------------------------------------------- order and resuming
@@ -359,6 +382,12 @@ def test_other_config_errors(tmp_path):
         DataConfig(seq_len=0)
     with pytest.raises(ValueError, match="unknown data option"):
         DataConfig.from_dict({"sauce": "embedded"})
+    with pytest.raises(ValueError, match="data.repeat_fraction"):
+        DataConfig(repeat_fraction=-0.1)
+    with pytest.raises(ValueError, match=r"niah_fraction \+ data.repeat_fraction"):
+        DataConfig(niah_fraction=0.5, repeat_fraction=0.5)
+    with pytest.raises(ValueError, match="data.repeat_min_span=200 is too long for data.seq_len=256"):
+        DataConfig(repeat_fraction=0.5, repeat_min_span=200)
     assert DataConfig.from_dict(DataConfig(val_sources=["niah"]).to_dict()) == DataConfig(val_sources=["niah"])
 
 
