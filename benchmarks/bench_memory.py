@@ -32,8 +32,9 @@ the Python/PyTorch runtime that both implementations share. The memory run sets 
 MALLOC_MMAP_THRESHOLD_=MALLOC_TRIM_THRESHOLD_=128 KiB so that freed tensors go back to the
 OS at once and RSS follows the live tensors rather than the allocator's cache (glibc's
 default raises its mmap threshold as large blocks are freed and then keeps up to ~32 MiB
-blocks on its heap). The timing run keeps the default allocator; its RSS peak is
-reported too ("rss_default_malloc").
+blocks on its heap). The timing run keeps glibc's default settings, or with --malloc tuned
+those that `fwpkm train` uses (lit/runtime.py); its RSS peak is reported too
+("rss_default_malloc").
 
 Examples
 --------
@@ -257,12 +258,12 @@ def _fmt(x, spec):
 
 def mode_train(ns) -> list[dict]:
     common = dict(heads=ns.heads, topk=ns.topk, dim=ns.dim, chunk=ns.chunk, batch=ns.batch, seq=ns.seq,
-                  backend=ns.backend, threads=ns.threads, max_s=ns.max_s)
+                  backend=ns.backend, threads=ns.threads, max_s=ns.max_s, malloc=ns.malloc)
     impls = [("ours", "ours"), ("dense", ns.dense)]
     print(f"train: B={ns.batch} T={ns.seq} chunk={ns.chunk} dk=dv={ns.dim} heads={ns.heads} topk={ns.topk}; "
           f"ours: {ns.steps} timed steps (+{ns.warmup} warm-up) x {ns.rounds} round(s); dense baseline "
           f"({ns.dense}): {ns.dense_steps} (+{ns.dense_warmup}); backend {ns.backend}"
-          + ("; THP on" if ns.thp else ""), flush=True)
+          + ("; THP on" if ns.thp else "") + f"; allocator {ns.malloc}", flush=True)
     results = {(n, key): {"time": [], "memory": None} for n in ns.n_subkeys for key, _ in impls}
 
     def skip(n, key):
@@ -366,13 +367,13 @@ def train_table(flat) -> str:
 def mode_stream(ns) -> dict:
     args = dict(heads=ns.heads, topk=ns.topk, dim=ns.dim, chunk=ns.chunk, batch=ns.stream_batch,
                 backend=ns.backend, threads=ns.threads, n_subkeys=ns.n_subkeys[0], tokens=ns.tokens,
-                piece=ns.piece)
+                piece=ns.piece, malloc=ns.malloc)
     print(f"stream: N={args['n_subkeys']}^2, {ns.tokens} tokens x batch {ns.stream_batch} in pieces of "
           f"{ns.piece}, chunk {ns.chunk}, eval (no graph)", flush=True)
     res = run_worker("stream", args, ns.timeout, precise_malloc=True)  # memory
     if "error" in res:
         return res
-    timing = run_worker("stream", args, ns.timeout, precise_malloc=False)  # time, default allocator
+    timing = run_worker("stream", args, ns.timeout, precise_malloc=False)  # time, --malloc allocator
     if "error" in timing:
         return timing
     res["tok_s_precise_malloc_run"], res["seconds_precise_malloc_run"] = res["tok_s"], res["seconds"]
@@ -445,6 +446,9 @@ def main(argv=None):
     p.add_argument("--thp", action="store_true",
                    help="run the workers with THP_MEM_ALLOC_ENABLE=1: PyTorch backs CPU tensors >= 2 MiB with "
                         "transparent huge pages, which cuts TLB misses of random row accesses to a large table")
+    p.add_argument("--malloc", default="default", choices=["default", "tuned"],
+                   help="glibc allocator of the timing runs: its own settings (default) or lit.runtime's "
+                        "tuned ones, as fwpkm train uses them (freed blocks kept for reuse, fewer page faults)")
     p.add_argument("--tag", default="", help="suffix of the output file names (<mode><tag>.csv/.json)")
     p.add_argument("--out", type=Path, default=None, help="directory for <mode>.csv / <mode>.json")
     ns = p.parse_args(argv)
@@ -481,6 +485,10 @@ def main(argv=None):
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "_worker":
         kind, worker_args = sys.argv[2], json.loads(sys.argv[3])
+        if worker_args.get("malloc") == "tuned" and not any(k in os.environ for k in PRECISE_MALLOC):
+            from lit.runtime import tune_allocator
+
+            tune_allocator("tuned")
         result = worker_train(worker_args) if kind == "train" else worker_stream(worker_args)
         print("RESULT " + json.dumps(result), flush=True)
     else:

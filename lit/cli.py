@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from lit.runtime import tune_allocator
+
 SUBCOMMANDS: dict[str, Callable[[list[str]], Optional[int]]] = {}
 
 
@@ -38,6 +40,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     if name not in SUBCOMMANDS:
         print(f"fwpkm: error: unknown subcommand {name!r}; choose one of {sorted(SUBCOMMANDS)}\n", file=sys.stderr)
         print(_usage(), file=sys.stderr)
+        return 2
+    try:
+        tune_allocator()  # before any tensor exists: freed blocks are kept for reuse (lit/runtime.py)
+    except ValueError as err:
+        print(f"fwpkm: error: {err}", file=sys.stderr)
         return 2
     code = SUBCOMMANDS[name](rest)
     return 0 if code is None else int(code)

@@ -451,3 +451,16 @@ def test_corrupt_or_mismatched_checkpoint_is_a_clear_error(capsys, tmp_path):
     other = dict(MICRO, d_model=48)
     code, out, err = cli(capsys, *base, "--trainer.max_steps", "2", "--model.overrides", json.dumps(other))
     assert code == 1 and "different model" in err and "d_model" in err
+
+
+def test_allocator_settings(capsys, monkeypatch):
+    from lit import cli, runtime
+
+    glibc = runtime._glibc() is not None
+    assert runtime.tune_allocator("tuned") is glibc  # applied wherever the C library is glibc
+    assert runtime.tune_allocator("default") is False
+    with pytest.raises(ValueError, match=r"'fast'.*\('tuned', 'default'\)"):
+        runtime.tune_allocator("fast")
+    monkeypatch.setenv(runtime.MALLOC_ENV, "fast")
+    assert cli.main(["report", "--help"]) == 2
+    assert "FWPKM_MALLOC='fast': expected one of ('tuned', 'default')" in capsys.readouterr().err
