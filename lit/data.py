@@ -541,14 +541,16 @@ class FwPKMDataModule(L.LightningDataModule):
     def _haystack(self, documents: Sequence[str]) -> np.ndarray:
         return join_tokens(tokenize(documents, self.tokenizer), self.tokenizer.encode(HAYSTACK_SEPARATOR))
 
-    def _synthetic_set(self, kind: str, size: int, stream: str, haystack_docs: Sequence[str] = ()) -> GeneratedDataset:
+    def _synthetic_set(self, kind: str, size: int, stream: str, haystack: Optional[np.ndarray] = None) -> GeneratedDataset:
+        """Generated rows of ``kind`` (recall, niah or repeat); niah and repeat rows draw on ``haystack``
+        (the token ids of :meth:`_haystack`)."""
         cfg = self.config
         if kind == "recall":
             make_row = functools.partial(associative_recall_sequence, cfg.seq_len, cfg.recall_pairs, cfg.recall_queries, cfg.recall_vocab)
         elif kind == "repeat":
-            make_row = functools.partial(repeat_row, self._haystack(haystack_docs), cfg.seq_len, cfg.repeat_min_span)
+            make_row = functools.partial(repeat_row, haystack, cfg.seq_len, cfg.repeat_min_span)
         else:
-            make_row = functools.partial(niah_row, self._haystack(haystack_docs), self.tokenizer, cfg.seq_len, cfg.niah_needles,
+            make_row = functools.partial(niah_row, haystack, self.tokenizer, cfg.seq_len, cfg.niah_needles,
                                          cfg.niah_max_fraction)
         dataset = GeneratedDataset(size, make_row, cfg.seed, stream)
         try:
@@ -569,16 +571,17 @@ class FwPKMDataModule(L.LightningDataModule):
         if spec.kind == "recall":
             return self._synthetic_set("recall", cfg.synthetic_train_size, "train")
         if spec.kind == "niah":
-            return self._synthetic_set("niah", cfg.synthetic_train_size, "train", self._niah_haystack_split()[0])
+            return self._synthetic_set("niah", cfg.synthetic_train_size, "train", self._haystack(self._niah_haystack_split()[0]))
         train_docs, _ = self._text_split(spec, "data.source")
         packed = self._packed(train_docs, "data.source", spec)
         total = len(packed) / (1 - cfg.niah_fraction - cfg.repeat_fraction)  # rows of all kinds together
         n_niah, n_repeat = round(total * cfg.niah_fraction), round(total * cfg.repeat_fraction)
         parts = [packed]
+        haystack = self._haystack(train_docs) if n_niah or n_repeat else None  # tokenised once for both kinds
         if n_niah:
-            parts.append(self._synthetic_set("niah", n_niah, "train", train_docs))
+            parts.append(self._synthetic_set("niah", n_niah, "train", haystack))
         if n_repeat:
-            parts.append(self._synthetic_set("repeat", n_repeat, "train-repeat", train_docs))
+            parts.append(self._synthetic_set("repeat", n_repeat, "train-repeat", haystack))
         return packed if len(parts) == 1 else ConcatDataset(parts)
 
     def _held_out_set(self, spec: SourceSpec, option: str) -> Dataset:
@@ -586,7 +589,7 @@ class FwPKMDataModule(L.LightningDataModule):
         if spec.kind == "recall":
             return self._synthetic_set("recall", cfg.synthetic_val_size, "val")
         if spec.kind == "niah":
-            return self._synthetic_set("niah", cfg.synthetic_val_size, "val", self._niah_haystack_split()[1])
+            return self._synthetic_set("niah", cfg.synthetic_val_size, "val", self._haystack(self._niah_haystack_split()[1]))
         if cfg.val_fraction == 0:
             raise ConfigError(f"{option}={spec.text!r} needs held-out documents but data.val_fraction=0")
         return self._packed(self._text_split(spec, option)[1], option, spec)
