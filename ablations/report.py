@@ -11,6 +11,9 @@ Study: one row per trial (number, state, objective, parameters, final val perple
 best trial first-class, and Optuna's optimisation-history, parameter-importance and slice
 plots drawn from an in-memory study rebuilt from the trials' MLflow runs.
 
+Grids also get ``summary_niah.png`` (NIAH digit accuracy against context length) and
+``summary_gates.png`` (each memory layer's mean output gate against the training step).
+
 Both write ``summary.csv``, ``summary.md`` and ``summary.png`` (+ the Optuna plots) into the
 output folder and, unless ``--no-log``, attach them to the grid's or study's parent run.
 """
@@ -46,6 +49,20 @@ def _median_history(client, run_id: str, key: str) -> float:
     return statistics.median(values) if values else NAN
 
 
+def _gate_histories(client, run_id: str, metrics: dict) -> dict:
+    """{memory layer: [(step, mean gate), ...]} from the ``mem/L<layer>/gate_mean`` histories."""
+    histories = {}
+    for key in metrics:
+        parts = key.split("/")
+        if len(parts) == 3 and parts[0] == "mem" and parts[1][:1] == "L" and parts[2] == "gate_mean":
+            try:
+                points = client.get_metric_history(run_id, key)
+            except Exception:
+                continue
+            histories[int(parts[1][1:])] = sorted((p.step, p.value) for p in points if math.isfinite(p.value))
+    return histories
+
+
 def run_row(client, run) -> dict:
     """The numbers of one grid run, from its MLflow run."""
     m, tags = run.data.metrics, run.data.tags
@@ -66,6 +83,7 @@ def run_row(client, run) -> dict:
         **{f"niah_{k[len('niah/exact/'):]}": v for k, v in m.items()
            if k.startswith("niah/exact/") and k.count("/") == 2},
         "cells": _niah_cells(m),
+        "gates": _gate_histories(client, run.info.run_id, m),
     }
 
 
@@ -271,6 +289,41 @@ def plot_niah(rows: list[dict], path: Path, order: Optional[list] = None, title:
     return _save_figure(fig, path)
 
 
+def plot_gates(rows: list[dict], path: Path, order: Optional[list] = None, title: str = "") -> Optional[Path]:
+    """Mean output gate of each memory layer against the training step, a line per run (colour:
+    variant, line style: seed). A gate that closes early and stays closed is a memory the model
+    stopped reading. None when no run logged gates."""
+    rows = [r for r in rows if r.get("gates")]
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    layers = sorted({layer for r in rows for layer in r["gates"]})
+    seeds = sorted({r["seed"] for r in rows})
+    colors = {v: f"C{i % 10}" for i, v in enumerate(_variant_order(rows, order))}
+    styles = ["-", "--", ":", "-."]
+    fig, axes = plt.subplots(1, len(layers), figsize=(4.6 * len(layers), 3.4), squeeze=False, sharey=True)
+    for ax, layer in zip(axes[0], layers):
+        for r in sorted(rows, key=lambda r: (list(colors).index(r["variant"]), r["seed"])):
+            points = r["gates"].get(layer)
+            if points:
+                ax.plot([s for s, _ in points], [g for _, g in points], color=colors[r["variant"]],
+                        linestyle=styles[seeds.index(r["seed"]) % len(styles)], linewidth=1.2,
+                        label=f"{r['variant']} seed {r['seed']}")
+        ax.set_title(f"memory layer {layer}")
+        ax.set_xlabel("training step")
+        ax.set_ylim(0.0, 1.0)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("mean output gate")
+    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    if title:
+        fig.suptitle(title)
+    return _save_figure(fig, path)
+
+
 def plot_grid(df, path: Path, title: str = "") -> Optional[Path]:
     if df is None or df.empty:
         return None
@@ -341,6 +394,9 @@ def grid_report(store: Store, grid: str, out_dir: Optional[Path] = None, log: bo
         niah_png = plot_niah(rows, out / "summary_niah.png", order, title)
         if niah_png:
             files["niah_png"] = niah_png
+        gates_png = plot_gates(rows, out / "summary_gates.png", order, title)
+        if gates_png:
+            files["gates_png"] = gates_png
         if log:
             _attach(store, parent.info.run_id, files.values(), "summary")
             _log_summary_metrics(store, parent.info.run_id, df)

@@ -174,6 +174,22 @@ def test_niah_tables_average_seeds_and_list_each_seed():
     assert niah_markdown([row("x", 0, 0.1, 0.1, status="FAILED")]) == ""
 
 
+def test_gate_histories_are_read_per_memory_layer_and_plotted(tmp_path):
+    from types import SimpleNamespace
+
+    from ablations.report import _gate_histories, plot_gates
+
+    history = {"mem/L1/gate_mean": [(20, 0.4), (10, 0.5), (30, float("nan"))], "mem/L3/gate_mean": [(10, 0.9)]}
+    client = SimpleNamespace(get_metric_history=lambda run_id, key: [
+        SimpleNamespace(step=s, value=v) for s, v in history[key]])
+    metrics = {"mem/L1/gate_mean": 0.4, "mem/L3/gate_mean": 0.9, "mem/L1/mem_loss": 1.0, "val/ppl": 3.0}
+    gates = _gate_histories(client, "run", metrics)
+    assert gates == {1: [(10, 0.5), (20, 0.4)], 3: [(10, 0.9)]}  # sorted by step, non-finite dropped
+    rows = [{"variant": "fwpkm", "seed": 0, "gates": gates}, {"variant": "swa", "seed": 0, "gates": {}}]
+    assert plot_gates(rows, tmp_path / "g.png").is_file()
+    assert plot_gates(rows[1:], tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()
+
+
 def test_smoke_grid_end_to_end_with_failures_then_skips_finished_runs(tmp_path):
     grid = write_grid(tmp_path, {
         "name": "smoke-e2e", "extends": "smoke",
@@ -202,6 +218,7 @@ def test_smoke_grid_end_to_end_with_failures_then_skips_finished_runs(tmp_path):
     assert (folder / "summary.md").is_file() and (folder / "summary.png").is_file()
     assert finished["niah_digit_acc_mean"].between(0, 1).all()
     assert "NIAH exact match / digit accuracy of each seed" in out and (folder / "summary_niah.png").is_file()
+    assert (folder / "summary_gates.png").is_file()  # gate trajectories of the memory runs
 
     # MLflow: one parent run for the grid, every run nested under it with its tags
     parents = runs_of(tmp_path, "tags.`fwpkm.role` = 'grid' and tags.`fwpkm.grid` = 'smoke-e2e'")
