@@ -40,12 +40,17 @@ def _metric_mean(metrics: dict, suffix: str, prefix: str = "mem/") -> float:
     return sum(values) / len(values) if values else NAN
 
 
-def _median_history(client, run_id: str, key: str) -> float:
+def _finite_history(client, run_id: str, key: str) -> list[tuple[int, float]]:
+    """The finite (step, value) points of a metric, by step; empty when MLflow cannot give them."""
     try:
-        values = [m.value for m in client.get_metric_history(run_id, key)]
+        points = client.get_metric_history(run_id, key)
     except Exception:
-        return NAN
-    values = [v for v in values if v is not None and math.isfinite(v)]
+        return []
+    return sorted((p.step, p.value) for p in points if p.value is not None and math.isfinite(p.value))
+
+
+def _median_history(client, run_id: str, key: str) -> float:
+    values = [v for _, v in _finite_history(client, run_id, key)]
     return statistics.median(values) if values else NAN
 
 
@@ -55,11 +60,7 @@ def _gate_histories(client, run_id: str, metrics: dict) -> dict:
     for key in metrics:
         parts = key.split("/")
         if len(parts) == 3 and parts[0] == "mem" and parts[1][:1] == "L" and parts[2] == "gate_mean":
-            try:
-                points = client.get_metric_history(run_id, key)
-            except Exception:
-                continue
-            histories[int(parts[1][1:])] = sorted((p.step, p.value) for p in points if math.isfinite(p.value))
+            histories[int(parts[1][1:])] = _finite_history(client, run_id, key)
     return histories
 
 
@@ -303,14 +304,14 @@ def plot_gates(rows: list[dict], path: Path, order: Optional[list] = None, title
 
     layers = sorted({layer for r in rows for layer in r["gates"]})
     seeds = sorted({r["seed"] for r in rows})
-    colors = {v: f"C{i % 10}" for i, v in enumerate(_variant_order(rows, order))}
+    variants = _variant_order(rows, order)
     styles = ["-", "--", ":", "-."]
     fig, axes = plt.subplots(1, len(layers), figsize=(4.6 * len(layers), 3.4), squeeze=False, sharey=True)
     for ax, layer in zip(axes[0], layers):
-        for r in sorted(rows, key=lambda r: (list(colors).index(r["variant"]), r["seed"])):
+        for r in sorted(rows, key=lambda r: (variants.index(r["variant"]), r["seed"])):
             points = r["gates"].get(layer)
             if points:
-                ax.plot([s for s, _ in points], [g for _, g in points], color=colors[r["variant"]],
+                ax.plot([s for s, _ in points], [g for _, g in points], color=f"C{variants.index(r['variant']) % 10}",
                         linestyle=styles[seeds.index(r["seed"]) % len(styles)], linewidth=1.2,
                         label=f"{r['variant']} seed {r['seed']}")
         ax.set_title(f"memory layer {layer}")
