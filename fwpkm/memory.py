@@ -287,18 +287,24 @@ class FwPKMMemory(ChunkedFastWeights):
             delta = -c.lr * grad
             grad_norm = grad.detach().norm()
         state.values.add(urows, delta)
-        return _usage_stats(n_read, B * T * H * k, c.n_slots) | {"grad_norm_values": grad_norm}
+        return _usage_stats(n_read, B * T * H * k, c.n_slots, read.weights) | {"grad_norm_values": grad_norm}
 
 
-def _usage_stats(n_read: Tensor, total_reads: int, n_slots: int) -> dict:
-    """Addressing statistics of one chunk: collisions, coverage, KL(slot usage || uniform)."""
+def _usage_stats(n_read: Tensor, total_reads: int, n_slots: int, weights: Tensor) -> dict:
+    """Addressing statistics of one chunk: collisions, coverage, KL(slot usage || uniform), and
+    ``effective_reads``, the mean over tokens of (sum w)^2 / sum w^2 over the token's H*k read
+    weights: H*k when every read slot weighs the same, 1 when one slot takes all the weight.
+    At H*k the reads are plain averages and the scores give the queries no gradient to act on."""
     unique = n_read.numel()
     p = n_read.double() / total_reads
     kl = math.log(n_slots) + (p * p.log()).sum()
+    w = weights.detach().flatten(2).flatten(0, 1)  # [B*T, H*k]
+    participation = w.sum(-1).pow(2) / w.pow(2).sum(-1).clamp_min(torch.finfo(w.dtype).tiny)
     return {
         "collision_ratio": torch.tensor(1.0 - unique / total_reads),
         "coverage_ratio": torch.tensor(unique / n_slots),
         "kl_to_uniform": kl.float(),
+        "effective_reads": participation.mean().float(),
     }
 
 

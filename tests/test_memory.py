@@ -200,10 +200,29 @@ def test_diagnostics_reported():
     mem = make()
     out = mem(*inputs(mem)[:2])
     for key in ("mem_loss", "addr_loss", "collision_ratio", "coverage_ratio", "kl_to_uniform",
-                "grad_norm_values", "grad_norm_keys"):
+                "effective_reads", "grad_norm_values", "grad_norm_keys"):
         assert torch.isfinite(out.stats[key]), key
     assert out.indices.shape == (2, 13, 2, 3) and out.weights.shape == (2, 13, 2, 3)
     assert 0 <= out.stats["coverage_ratio"] <= 1 and 0 <= out.stats["collision_ratio"] < 1
+    assert 1 < out.stats["effective_reads"] < 2 * 3  # between one-hot and uniform over H*k = 6 reads
+
+
+@pytest.mark.parametrize("temperature,expected", [(1e-6, 1.0), (1e6, 6.0)])
+def test_effective_reads_spans_one_hot_to_uniform(temperature, expected):
+    mem = make(temperature=temperature)
+    out = mem(*inputs(mem)[:2])
+    assert out.stats["effective_reads"].item() == pytest.approx(expected, rel=1e-4)
+
+
+def test_idw_reads_turn_uniform_when_queries_are_far_from_every_key():
+    """-log(1e-3 + |q - key|^2) barely differs between keys once |q| dwarfs them: the diagnosis
+    that ``effective_reads`` exists to catch (block.query_compression=l2norm prevents it)."""
+    mem = make(score="idw", heads=1)  # one head: with several, |q| differs between heads' scores
+    q, v, _, _ = inputs(mem)
+    near = mem(q, v).stats["effective_reads"].item()
+    mem = make(score="idw", heads=1)
+    far = mem(q * 1e3, v).stats["effective_reads"].item()
+    assert near < 2.9 and far == pytest.approx(3.0, rel=1e-4)
 
 
 @pytest.mark.parametrize("kwargs,option", [

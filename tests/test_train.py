@@ -176,7 +176,7 @@ def test_resume_after_kill_is_exact_and_logs_into_the_same_mlflow_run(tmp_path):
     metrics = run.data.metrics
     for name in ("train/loss", "train/ppl", "train/lr", "train/tokens_per_s", "train/grad_norm", "val/ppl",
                  "val/embedded/ppl", "mem/L1/mem_loss", "mem/L1/addr_loss", "mem/L1/gate_mean",
-                 "mem/L1/collision_ratio", "mem/L1/coverage_ratio", "mem/L1/kl_to_uniform",
+                 "mem/L1/collision_ratio", "mem/L1/coverage_ratio", "mem/L1/kl_to_uniform", "mem/L1/effective_reads",
                  "mem/L1/grad_norm_values", "mem/L1/grad_norm_keys"):
         assert name in metrics, name
     artifacts = {a.path for a in client.list_artifacts(first_id)}
