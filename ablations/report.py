@@ -3,7 +3,9 @@
 Grid: one row per variant (aliases repeat their target), mean ± std over seeds of the final
 validation loss (ln of the last ``val/ppl``) and perplexity, the NIAH exact match when the
 grid evaluated it, training tokens/s (median over the steps of a run), parameter count and
-the mean gate (last ``mem/L*/gate_mean``, averaged over memory layers), plus the difference
+the mean gate (last ``mem/L*/gate_mean``, averaged over memory layers), the effective reads
+per token (last ``mem/L*/effective_reads``: k when the reads are plain averages, 1 when one slot
+takes all the weight), plus the difference
 of validation loss to the ``base`` variant and the run status. For each (variant, seed) the
 report takes the newest run, preferring finished ones.
 
@@ -80,6 +82,7 @@ def run_row(client, run) -> dict:
         "tokens_per_s": _median_history(client, run.info.run_id, "train/tokens_per_s"),
         "params": m.get("model/params", NAN),
         "gate_mean": _metric_mean(m, "/gate_mean"),
+        "effective_reads": _metric_mean(m, "/effective_reads"),
         "error": _first_line(tags.get("fwpkm.error", "")),
         **{f"niah_{k[len('niah/exact/'):]}": v for k, v in m.items()
            if k.startswith("niah/exact/") and k.count("/") == 2},
@@ -135,7 +138,8 @@ def _mean_std(values: list) -> tuple[float, float]:
     return mean, std
 
 
-METRICS = ("val_loss", "val_ppl", "niah_exact", "niah_digit_acc", "tokens_per_s", "params", "gate_mean")
+METRICS = ("val_loss", "val_ppl", "niah_exact", "niah_digit_acc", "tokens_per_s", "params", "gate_mean",
+           "effective_reads")
 
 
 def summarise_grid(rows: list[dict], order: Optional[list] = None, aliases: Optional[dict] = None):
@@ -188,7 +192,7 @@ def grid_markdown(df, title: str = "") -> str:
         return (f"### {title}\n\n" if title else "") + "(no runs)"
     has_niah = "niah_exact_mean" in df and df["niah_exact_mean"].notna().any()
     header = ["variant", "seeds", "val loss", "Δ vs base", "val ppl"] + (["NIAH exact", "NIAH digits"] if has_niah else []) + \
-        ["tokens/s", "params", "gate", "status"]
+        ["tokens/s", "params", "gate", "reads/token", "status"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
     for _, r in df.iterrows():
         name = r["variant"] + (f" (= {r['same_as']})" if r.get("same_as") else "")
@@ -202,7 +206,8 @@ def grid_markdown(df, title: str = "") -> str:
             cells += [_fmt(r["niah_exact_mean"], r["niah_exact_std"], 2),
                       _fmt(r.get("niah_digit_acc_mean", NAN), r.get("niah_digit_acc_std", NAN), 2)]
         cells += [_fmt(r["tokens_per_s_mean"], r["tokens_per_s_std"], 0), _fmt(r["params_mean"], NAN, 0),
-                  _fmt(r["gate_mean_mean"], r["gate_mean_std"], 3), status]
+                  _fmt(r["gate_mean_mean"], r["gate_mean_std"], 3),
+                  _fmt(r.get("effective_reads_mean", NAN), r.get("effective_reads_std", NAN), 2), status]
         lines.append("| " + " | ".join(cells) + " |")
     text = "\n".join(lines)
     return (f"### {title}\n\n" if title else "") + text

@@ -214,6 +214,8 @@ def test_smoke_grid_end_to_end_with_failures_then_skips_finished_runs(tmp_path):
     assert finished["niah_exact_mean"].notna().all() and (finished["params_mean"] > 0).all()
     assert finished["tokens_per_s_mean"].notna().all()
     assert finished.set_index("variant")["gate_mean_mean"].drop("no_memory").notna().all()
+    reads = finished.set_index("variant")["effective_reads_mean"]  # FwPKM with top-4: 1 <= reads <= 4
+    assert reads.drop("no_memory").between(1, 4).all() and pd.isna(reads["no_memory"])
     assert set(table[~table["variant"].isin(smoke_variants)]["status"]) == {"FAILED"}
     assert (folder / "summary.md").is_file() and (folder / "summary.png").is_file()
     assert finished["niah_digit_acc_mean"].between(0, 1).all()
