@@ -7,7 +7,7 @@ import torch
 
 from fwpkm import HybridLM
 from lit.evaluation.inspect import MemoryInspector, addressing_stats, collect_gates, gate_histograms, gate_summary
-from lit.evaluation.niah import NIAHConfig, answer_sample, heatmaps, run_niah, summarise
+from lit.evaluation.niah import NIAHConfig, answer_sample, heatmaps, make_samples, run_niah, summarise
 from lit.evaluation.ppl import streamed_perplexity, windowed_perplexity
 from lit.synthetic import make_niah_sample
 from lit.tokenizer import ByteTokenizer
@@ -90,6 +90,18 @@ def test_niah_config_errors():
         NIAHConfig(chunk_policy="sometimes")
     with pytest.raises(ValueError, match="depths"):
         NIAHConfig(depths=[1.5])
+    with pytest.raises(ValueError, match="n_needles"):
+        NIAHConfig(n_needles=0)
+
+
+@pytest.mark.parametrize("needles", [1, 2, 5])
+def test_niah_samples_hold_the_configured_needles_and_ask_for_the_one_at_the_depth(tok, needles):
+    cfg = NIAHConfig(context_lens=[400], depths=[0.5], samples_per_cell=2, n_needles=needles)
+    for length, depth, sample in make_samples(tok.encode(TEXT), tok, cfg):
+        text = tok.decode(sample.context_ids)
+        assert len(sample.keys) == needles and all(k in text for k in sample.keys)
+        assert sample.keys[0] in tok.decode(sample.question_ids) and sample.answer == sample.values[0]
+        assert abs(sample.depths[0] - 0.5) < 0.2 and len(sample.context_ids) + len(sample.question_ids) == 400
 
 
 def test_gates_and_addressing_statistics(model, tok, tmp_path):
@@ -141,7 +153,8 @@ def test_eval_cli_on_a_trained_checkpoint_logs_into_its_run(tmp_path):
     run_dir = tmp_path / "runs" / "micro"
     run_train(run_dir, "--trainer.max_steps", "3")
     commands = [
-        ["niah", "--context-lens", "300", "--depths", "0.5", "--iterations", "0", "1", "--samples", "1"],
+        ["niah", "--context-lens", "300", "--depths", "0.5", "--iterations", "0", "1", "--samples", "1",
+         "--needles", "2"],
         ["ppl", "--max-tokens", "2048", "--window", "64", "--stream-len", "512", "--segment-len", "100"],
         ["gates", "--max-tokens", "1024", "--window", "64"],
         ["inspect", "--text", "The cat sat on the mat. The cat sat on the mat."],

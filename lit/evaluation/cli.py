@@ -193,8 +193,8 @@ def cmd_niah(args) -> None:
     model, tokenizer, run_dir, run_id = load(args)
     out = Outputs(args, "niah", run_dir, run_id)
     cfg = NIAHConfig(context_lens=args.context_lens, depths=args.depths, iterations=args.iterations,
-                     samples_per_cell=args.samples, chunk_policy=args.chunk_policy, segment_len=args.segment_len,
-                     seed=args.seed)
+                     samples_per_cell=args.samples, n_needles=args.needles, chunk_policy=args.chunk_policy,
+                     segment_len=args.segment_len, seed=args.seed)
     haystack = corpus_tokens(args.haystack, tokenizer, max(args.context_lens) * 2 + 4096).tolist()
     rows = run_niah(model, tokenizer, haystack, cfg)
     summary = summarise(rows)
@@ -295,11 +295,14 @@ def parser() -> argparse.ArgumentParser:
     ppl.set_defaults(fn=cmd_ppl)
 
     niah = sub.add_parser("niah", parents=[common], help="needle in a haystack with iterative memorisation")
-    niah.add_argument("--context-lens", type=int, nargs="+", default=[1024])
-    niah.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9])
+    niah.add_argument("--context-lens", type=int, nargs="+", default=[1024], help="haystack lengths in tokens")
+    niah.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9],
+                      help="where the needle asked for sits, as a fraction of the haystack")
     niah.add_argument("--iterations", type=int, nargs="+", default=[0, 1, 2, 3],
                       help="extra passes over the haystack before the question")
     niah.add_argument("--samples", type=int, default=2, help="samples per (context length, depth)")
+    niah.add_argument("--needles", type=int, default=5,
+                      help="needles per haystack, one of them asked for (the paper: 5)")
     niah.add_argument("--chunk-policy", choices=["input", "model"], default="input",
                       help="input: chunk size = input length, one write per pass (the paper); model: trained chunk")
     niah.add_argument("--segment-len", type=int, default=2048, help="tokens fed per call")

@@ -41,6 +41,8 @@ class NIAHConfig:
             raise ValueError(f"niah.iterations={self.iterations} must be >= 0")
         if any(not 0 <= d <= 1 for d in self.depths):
             raise ValueError(f"niah.depths={self.depths} must lie in [0, 1]")
+        if self.n_needles < 1:
+            raise ValueError(f"niah.n_needles={self.n_needles} must be >= 1 (one of them is asked for)")
 
 
 def make_samples(haystack_ids: Sequence[int], tokenizer, cfg: NIAHConfig) -> list[tuple[int, float, NIAHSample]]:
