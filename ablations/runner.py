@@ -8,6 +8,8 @@ under the grid's parent run (tag ``mlflow.parentRunId``); the parent is found ag
 tags, so every invocation of the same grid adds to the same parent.
 
 * A run whose MLflow run is FINISHED with the same config hash (and evaluated) is skipped.
+  One evaluated with another ``eval`` config than the grid's (tag ``fwpkm.evaluated_with``) is
+  evaluated again without training; metrics of the cells both configs share are overwritten.
 * An interrupted run (runner or machine killed) is started again on the same run folder:
   ``fwpkm train`` resumes from ``last.ckpt`` and logs into the same MLflow run.
 * A run that fails (invalid config, crash, timeout) is recorded as a FAILED MLflow run with
@@ -47,6 +49,7 @@ CONFIG_FILE = "grid_config.yaml"
 LOG_FILE = "train.log"
 ROLE_GRID, ROLE_RUN = "grid", "grid-run"
 MAX_TAG = 5000
+EVALUATED_WITH = "fwpkm.evaluated_with"  # tag: the eval config a finished run was evaluated with
 
 
 # --------------------------------------------------------------------------- MLflow store
@@ -181,7 +184,7 @@ class GridRunner:
         client = self.store.client
         set_running(self.store, self.parent_id)
         tags = {"fwpkm.variants": json.dumps(grid.order), "fwpkm.aliases": json.dumps(grid.aliases),
-                "fwpkm.eval": json.dumps(grid.eval, sort_keys=True), "fwpkm.grid_file": str(grid.path),
+                "fwpkm.eval": self.eval_signature, "fwpkm.grid_file": str(grid.path),
                 "fwpkm.seeds": json.dumps(sorted({s.seed for s in self.specs} | set(grid.seeds)))}
         for k, v in tags.items():
             client.set_tag(self.parent_id, k, v[:MAX_TAG])
@@ -201,10 +204,13 @@ class GridRunner:
                 continue
             done = self.finished_run(spec)
             if done is not None and done.data.tags.get("fwpkm.stage") == "done":
-                self.echo(f"[ablate] skip {spec.key}: MLflow run {done.info.run_id} already FINISHED "
-                          f"(hash {spec.config_hash})")
-                outcomes.append(Outcome(spec, "SKIPPED", done.info.run_id))
-                continue
+                if done.data.tags.get(EVALUATED_WITH) == self.eval_signature:
+                    self.echo(f"[ablate] skip {spec.key}: MLflow run {done.info.run_id} already FINISHED "
+                              f"(hash {spec.config_hash})")
+                    outcomes.append(Outcome(spec, "SKIPPED", done.info.run_id))
+                    continue
+                self.echo(f"[ablate] re-evaluate {spec.key}: trained (MLflow run {done.info.run_id}), "
+                          f"evaluated with another eval config than the grid's")
             todo.append(spec)
 
         previous = _install_sigterm()
@@ -295,6 +301,11 @@ class GridRunner:
                                           "config_hash": spec.config_hash,
                                           "experiment_hash": spec.experiment_hash}, indent=1) + "\n")
 
+    @property
+    def eval_signature(self) -> str:
+        """The grid's eval config as text: a finished run evaluated with another one is re-evaluated."""
+        return json.dumps(self.grid.eval, sort_keys=True)[:MAX_TAG]
+
     def run_tags(self, spec: RunSpec) -> dict:
         return {"mlflow.parentRunId": self.parent_id, "fwpkm.role": ROLE_RUN, "fwpkm.grid": spec.grid,
                 "fwpkm.variant": spec.variant, "fwpkm.seed": str(spec.seed), "fwpkm.config_hash": spec.config_hash,
@@ -375,6 +386,7 @@ class GridRunner:
             client.set_terminated(run_id, "FAILED")
             self.echo(f"[ablate] FAILED {spec.key}: {message}")
             return Outcome(spec, "FAILED", run_id, time.time() - start, message)
+        client.set_tag(run_id, EVALUATED_WITH, self.eval_signature[:MAX_TAG])
         client.set_tag(run_id, "fwpkm.stage", "done")
         run = client.get_run(run_id)
         if run.info.status != "FINISHED":

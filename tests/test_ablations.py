@@ -191,12 +191,13 @@ def test_gate_histories_are_read_per_memory_layer_and_plotted(tmp_path):
 
 
 def test_smoke_grid_end_to_end_with_failures_then_skips_finished_runs(tmp_path):
-    grid = write_grid(tmp_path, {
+    grid_data = {
         "name": "smoke-e2e", "extends": "smoke",
         "variants": {
             "bad_config": {"model.overrides.block.memory.topk": 1000},  # caught before training
             "bad_runtime": {"trainer.precision": "not-a-precision"},  # fails inside `fwpkm train`
-        }})
+        }}
+    grid = write_grid(tmp_path, grid_data)
     proc = run(tmp_path, "ablate", str(grid), "--workers", "2", expect=1)
     out = proc.stdout
     smoke_variants = list(load_grid("smoke").variants)
@@ -251,6 +252,18 @@ def test_smoke_grid_end_to_end_with_failures_then_skips_finished_runs(tmp_path):
     children = runs_of(tmp_path, f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     assert len(children) == len(variants)  # no new runs: skipped ones and the failed ones reused
     assert all((folder / v / "seed0" / "train.log").read_text().count("=====") == 1 for v in smoke_variants)
+
+    # another eval config: the trained runs are evaluated again, not trained again
+    niah = {**load_grid("smoke").eval["niah"], "samples_per_cell": 2, "n_needles": 1}
+    write_grid(tmp_path, {**grid_data, "eval": {"niah": niah}})
+    proc = run(tmp_path, "ablate", str(grid), "--workers", "2", expect=1)
+    for name in smoke_variants:
+        assert f"re-evaluate smoke-e2e/{name}/seed0" in proc.stdout
+        assert (folder / name / "seed0" / "train.log").read_text().count("=====") == 1
+        assert len(pd.read_csv(folder / name / "seed0" / "niah.csv")) == 2 * 2  # 2 passes x 2 samples
+    assert len(runs_of(tmp_path, f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")) == len(variants)
+    proc = run(tmp_path, "ablate", str(grid), "--workers", "2", expect=1)
+    assert all(f"skip smoke-e2e/{name}/seed0" in proc.stdout for name in smoke_variants)
 
     # the report rebuilds the same table from the MLflow store alone
     import shutil
