@@ -4,7 +4,7 @@ Grid: one row per variant (aliases repeat their target), mean ± std over seeds 
 validation loss (ln of the last ``val/ppl``) and perplexity, the NIAH exact match when the
 grid evaluated it, training tokens/s (median over the steps of a run), parameter count and
 the mean gate (last ``mem/L*/gate_mean``, averaged over memory layers), the effective reads
-per token (last ``mem/L*/effective_reads``: k when the reads are plain averages, 1 when one slot
+per token (last ``mem/L*/effective_reads``: heads x top-k for plain averages, 1 when one slot
 takes all the weight), plus the difference
 of validation loss to the ``base`` variant and the run status. For each (variant, seed) the
 report takes the newest run, preferring finished ones.

@@ -386,7 +386,7 @@ class GridRunner:
             client.set_terminated(run_id, "FAILED")
             self.echo(f"[ablate] FAILED {spec.key}: {message}")
             return Outcome(spec, "FAILED", run_id, time.time() - start, message)
-        client.set_tag(run_id, EVALUATED_WITH, self.eval_signature[:MAX_TAG])
+        client.set_tag(run_id, EVALUATED_WITH, self.eval_signature)
         client.set_tag(run_id, "fwpkm.stage", "done")
         run = client.get_run(run_id)
         if run.info.status != "FINISHED":

@@ -293,8 +293,8 @@ class FwPKMMemory(ChunkedFastWeights):
 def _usage_stats(n_read: Tensor, total_reads: int, n_slots: int, weights: Tensor) -> dict:
     """Addressing statistics of one chunk: collisions, coverage, KL(slot usage || uniform), and
     ``effective_reads``, the mean over tokens of (sum w)^2 / sum w^2 over the token's H*k read
-    weights: H*k when every read slot weighs the same, 1 when one slot takes all the weight.
-    At H*k the reads are plain averages and the scores give the queries no gradient to act on."""
+    weights: H*k when every read slot weighs the same (the read is a plain average of its slots),
+    1 when one slot takes all the weight."""
     unique = n_read.numel()
     p = n_read.double() / total_reads
     kl = math.log(n_slots) + (p * p.log()).sum()
