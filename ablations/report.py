@@ -207,7 +207,7 @@ def grid_markdown(df, title: str = "") -> str:
                       _fmt(r.get("niah_digit_acc_mean", NAN), r.get("niah_digit_acc_std", NAN), 2)]
         cells += [_fmt(r["tokens_per_s_mean"], r["tokens_per_s_std"], 0), _fmt(r["params_mean"], NAN, 0),
                   _fmt(r["gate_mean_mean"], r["gate_mean_std"], 3),
-                  _fmt(r.get("effective_reads_mean", NAN), r.get("effective_reads_std", NAN), 2), status]
+                  _fmt(r["effective_reads_mean"], r["effective_reads_std"], 2), status]
         lines.append("| " + " | ".join(cells) + " |")
     text = "\n".join(lines)
     return (f"### {title}\n\n" if title else "") + text
