@@ -22,6 +22,29 @@ from .fastweights import ChunkedFastWeights, Segment
 from kernels import ops
 
 
+# Below this fraction of a table's rows, a graph through some of its rows is kept apart from the
+# table's values (a gradient of those rows only); above it one dense [rows, dv] gradient is cheaper.
+SPARSE_BELOW = 1 / 8
+
+
+@dataclass
+class RowUpdate:
+    """One chunk's update of the rows it read: ``delta`` [U, dv] for the sorted unique ``rows`` [U].
+
+    ``recipe`` (w, x, idx, row_scale), when given, is how ``delta`` was made,
+    ``scatter_rows(w, x, idx, U, row_scale)``: a later chunk that reads a few of these rows
+    then differentiates through those rows' writes only, never through all of ``delta``."""
+
+    rows: Tensor
+    delta: Tensor
+    recipe: Optional[tuple] = None
+
+    def at(self, sel: Tensor, backend: str) -> Tensor:
+        if self.recipe is None or len(sel) >= SPARSE_BELOW * len(self.rows):
+            return ops.gather_rows(self.delta, sel, backend)
+        return ops.scatter_rows_at(*self.recipe, sel, self.delta, backend)
+
+
 @dataclass
 class SparseValues:
     """theta_c's value table: decay^c * base + sum_j decay^(c-1-j) * scatter(rows_j, delta_j).
@@ -34,31 +57,45 @@ class SparseValues:
 
     base: Tensor  # [N, dv] the stored table; never in the graph
     decay: float  # 1 - lr * weight_decay
-    deltas: list = field(default_factory=list)  # [(sorted unique rows [U], delta [U, dv])]
+    deltas: list = field(default_factory=list)  # [RowUpdate]
     immediate: bool = False
     backend: str = "auto"
     scale: float = 1.0  # immediate mode only
 
-    def rows(self, urows: Tensor) -> Tensor:
-        """theta_c[urows] for sorted unique row ids: [U, dv], differentiable w.r.t. the deltas."""
-        c = len(self.deltas)
+    def rows(self, urows: Tensor, split: bool = False) -> tuple[Tensor, list]:
+        """theta_c[urows] for sorted unique row ids: ([U, dv], updates).
+
+        The table is differentiable w.r.t. the deltas and ``updates`` is empty; or, with
+        ``split`` when earlier chunks wrote few of these rows, the table has no graph and
+        ``updates`` lists its graph apart: (hit, upd), the rows ``hit`` of the table that chunk
+        j wrote and their differentiable updates ``upd`` [len(hit), dv]. A read that then
+        differentiates the table only at ``hit`` never forms a [U, dv] gradient."""
         rows = self.base.index_select(0, urows)  # a copy: later in-place writes to base do not reach it
-        factor = self.scale if self.immediate else self.decay**c
+        factor = self.scale if self.immediate else self.decay ** len(self.deltas)
         if factor != 1.0:
             rows.mul_(factor)
-        for j, (drows, delta) in enumerate(self.deltas):
-            pos = torch.searchsorted(drows, urows).clamp_max(len(drows) - 1)
-            hit = (drows[pos] == urows).nonzero().squeeze(-1)  # rows of theta_c that delta j wrote
+        updates = list(self._updates(urows))
+        split = split and sum(len(hit) for hit, _ in updates) < SPARSE_BELOW * len(urows)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not split):
+            for hit, upd in updates:
+                rows.index_add_(0, hit, upd)  # in place: rows is a fresh tensor nothing has saved
+        return rows, (updates if split else [])
+
+    def _updates(self, urows: Tensor):
+        """(positions in urows that delta j wrote, those rows of delta j times its decay) per j."""
+        c = len(self.deltas)
+        for j, update in enumerate(self.deltas):
+            pos = torch.searchsorted(update.rows, urows).clamp_max(len(update.rows) - 1)
+            hit = (update.rows[pos] == urows).nonzero().squeeze(-1)
             if len(hit):
-                upd = ops.gather_rows(delta, pos[hit], self.backend)
+                upd = update.at(pos[hit], self.backend)
                 if self.decay != 1.0:
                     upd = upd * self.decay ** (c - 1 - j)
-                rows.index_add_(0, hit, upd)  # in place: rows is a fresh tensor nothing has saved
-        return rows
+                yield hit, upd
 
-    def add(self, urows: Tensor, delta: Tensor) -> None:
+    def add(self, urows: Tensor, delta: Tensor, recipe: Optional[tuple] = None) -> None:
         if not self.immediate:
-            self.deltas.append((urows, delta))
+            self.deltas.append(RowUpdate(urows, delta, recipe))
             return
         with torch.no_grad():
             if self.decay != 1.0:
@@ -80,8 +117,8 @@ class SparseValues:
             c = len(self.deltas)
             if self.decay != 1.0:
                 self.base.mul_(self.decay**c)
-            for j, (urows, delta) in enumerate(self.deltas):
-                self.base.index_add_(0, urows, delta.detach() * self.decay ** (c - 1 - j))
+            for j, update in enumerate(self.deltas):
+                self.base.index_add_(0, update.rows, update.delta.detach() * self.decay ** (c - 1 - j))
 
 
 @dataclass
@@ -178,19 +215,22 @@ class FwPKMMemory(ChunkedFastWeights):
             weights = self._normalise(scores)
             # only the rows read are gathered: theta_c[unique slots], then the weighted read
             urows, inverse, n_read = torch.unique(indices.reshape(-1), return_inverse=True, return_counts=True)
-            table = state.values.rows(urows)
             hk = c.heads * c.topk
             # without a graph, the read needs one only when the keys learn from mem_loss, and only
             # until the write: the caller keeps detached reads, so a long call holds no graph
-            keys_see_reads = graph or (state.keys_update and not c.grad_to_values_only)
-            w = weights if keys_see_reads else weights.detach()
-            out = ops.weighted_gather(w.reshape(B * T, hk), table, inverse.view(B * T, hk),
-                                      backend=c.backend).view(B, T, -1)
+            mem_loss_to_keys = state.keys_update and not c.grad_to_values_only
+            w = weights if graph or mem_loss_to_keys else weights.detach()
+            w, inv = w.reshape(B * T, hk), inverse.view(B * T, hk)
+            # unless the read is differentiated twice, the table's graph is needed only at the
+            # rows earlier chunks wrote: it may be read there apart (no [U, dv] gradient)
+            table, updates = state.values.rows(urows, split=graph and not mem_loss_to_keys)
+            out = ops.weighted_gather(w, table, inv, backend=c.backend)
+            out = _read_updates(out, w, inv, len(urows), updates, c.backend).view(B, T, -1)
         inverse = inverse.view(B, T, c.heads, c.topk)
         if graph:
             return Read(out, indices, weights, top_sub, urows, inverse, n_read)
         return Read(out.detach(), indices, weights.detach(), top_sub, urows, inverse, n_read,
-                    out_for_keys=out if keys_see_reads else None)
+                    out_for_keys=out if mem_loss_to_keys else None)
 
     def _write(self, state: WorkingState, seg: Segment, read: Read, graph: bool) -> dict:
         c = self.config
@@ -276,8 +316,8 @@ class FwPKMMemory(ChunkedFastWeights):
         fuse_lr = not c.grad_clip and c.lr > 0  # then the scatter writes -lr * grad directly
         if fuse_lr:
             row_scale = -c.lr * (err.new_ones(len(urows)) if row_scale is None else row_scale)
-        grad = ops.scatter_rows(read.weights[:, :P].reshape(B * P, H * k), d_read.reshape(B * P, -1), written,
-                                len(urows), row_scale, backend=c.backend)
+        recipe = (read.weights[:, :P].reshape(B * P, H * k), d_read.reshape(B * P, -1), written, row_scale)
+        grad = ops.scatter_rows(*recipe[:3], len(urows), row_scale, backend=c.backend)
         if fuse_lr:
             delta = grad
             grad_norm = delta.detach().norm() / c.lr
@@ -286,8 +326,26 @@ class FwPKMMemory(ChunkedFastWeights):
                 grad = grad.clamp(-1.0, 1.0)
             delta = -c.lr * grad
             grad_norm = grad.detach().norm()
-        state.values.add(urows, delta)
+        state.values.add(urows, delta, recipe if fuse_lr else None)
         return _usage_stats(n_read, B * T * H * k, c.n_slots, read.weights) | {"grad_norm_values": grad_norm}
+
+
+def _read_updates(out: Tensor, w: Tensor, inv: Tensor, n_rows: int, updates: list, backend: str) -> Tensor:
+    """``out`` (the read of a table without a graph) with the graph of each (hit, upd) of
+    :meth:`SparseValues.rows_split` added: the reads of the rows ``hit`` differentiate into
+    ``upd`` (the value, already in ``out``, is unchanged: each term adds ``e - e.detach()``)."""
+    for hit, upd in updates:
+        if not upd.requires_grad:
+            continue
+        local = torch.full((n_rows,), -1, dtype=inv.dtype, device=inv.device)
+        local[hit] = torch.arange(len(hit), dtype=inv.dtype, device=inv.device)
+        local_inv = local[inv]
+        readers = (local_inv >= 0).any(-1).nonzero().squeeze(-1)  # tokens that read a row of hit
+        local_inv = local_inv[readers]
+        kept = (w[readers] * (local_inv >= 0)).detach()  # d out / d w is the plain read's already
+        e = ops.weighted_gather(kept, upd, local_inv.clamp_min(0), backend=backend)
+        out = out.index_add(0, readers, e - e.detach())
+    return out
 
 
 def _usage_stats(n_read: Tensor, total_reads: int, n_slots: int, weights: Tensor) -> dict:

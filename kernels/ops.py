@@ -153,6 +153,41 @@ class _ScatterRows(torch.autograd.Function):
         return gw, gx, None, None, None, None
 
 
+class _ScatterRowsAt(torch.autograd.Function):
+    """scatter_rows(w, x, idx, n_rows, row_scale)[sel] from that scatter's value, computed before.
+
+    The forward only selects rows; the backward goes straight to w and x through the reads
+    that wrote the selected rows, so no [n_rows, D] gradient is ever formed."""
+
+    @staticmethod
+    def forward(ctx, w, x, idx, row_scale, sel, value, backend):
+        ctx.save_for_backward(w, x, idx, row_scale, sel)
+        ctx.n_rows, ctx.backend = value.shape[0], backend
+        return value.index_select(0, sel)
+
+    @staticmethod
+    def backward(ctx, grad):
+        w, x, idx, row_scale, sel = ctx.saved_tensors
+        local = torch.full((ctx.n_rows,), -1, dtype=idx.dtype, device=idx.device)
+        local[sel] = torch.arange(len(sel), dtype=idx.dtype, device=idx.device)
+        local_idx = local[idx]
+        readers = (local_idx >= 0).any(-1).nonzero().squeeze(-1)  # those that wrote a selected row
+        local_idx = local_idx[readers]
+        keep = local_idx >= 0
+        local_idx = local_idx.clamp_min(0)
+        if row_scale is not None:
+            grad = grad * row_scale[sel].unsqueeze(-1)
+        gw = gx = None
+        if ctx.needs_input_grad[0]:
+            gw_read = _RowDot.apply(x[readers], grad, local_idx, ctx.backend) * keep
+            gw = gw_read.new_zeros(w.shape).index_copy(0, readers, gw_read)
+        if ctx.needs_input_grad[1]:
+            kept = keep.to(x.dtype) if w is None else w[readers] * keep
+            gx_read = _WeightedGather.apply(kept, grad, local_idx, ctx.backend)
+            gx = gx_read.new_zeros(x.shape).index_copy(0, readers, gx_read)
+        return gw, gx, None, None, None, None, None
+
+
 def weighted_gather(w: Optional[Tensor], table: Tensor, idx: Tensor, backend: Optional[str] = None) -> Tensor:
     """out[m] = sum_p w[m,p] * table[idx[m,p]]: w [M,P] (None = 1), table [R,D], idx [M,P] -> [M,D]."""
     if w is not None and w.dtype != table.dtype:
@@ -175,6 +210,18 @@ def scatter_rows(w: Optional[Tensor], x: Tensor, idx: Tensor, n_rows: int, row_s
     if w is not None and w.dtype != x.dtype:
         w = w.to(x.dtype)
     return _ScatterRows.apply(w, x, idx, n_rows, row_scale, resolve(backend, x))
+
+
+def scatter_rows_at(w: Optional[Tensor], x: Tensor, idx: Tensor, row_scale: Optional[Tensor], sel: Tensor,
+                    value: Tensor, backend: Optional[str] = None) -> Tensor:
+    """``scatter_rows(w, x, idx, n_rows, row_scale)[sel]`` given ``value``, that scatter's result
+    (n_rows = len(value)): rows ``sel`` of value, differentiable w.r.t. w and x at the cost of
+    the reads, not of n_rows (a chunk reading a few rows of an earlier chunk's update)."""
+    if row_scale is not None:
+        row_scale = row_scale.detach().to(x.dtype)
+    if w is not None and w.dtype != x.dtype:
+        w = w.to(x.dtype)
+    return _ScatterRowsAt.apply(w, x, idx, row_scale, sel, value.detach(), resolve(backend, x))
 
 
 def gather_rows(table: Tensor, rows: Tensor, backend: Optional[str] = None) -> Tensor:

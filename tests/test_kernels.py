@@ -143,6 +143,39 @@ def test_row_ops_gradcheck_to_second_order(op, backend, request):
     assert torch.autograd.gradgradcheck(f, leaves, eps=1e-6, atol=1e-8)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("weighted", [True, False])
+def test_scatter_rows_at_is_rows_of_scatter_rows_to_second_order(backend, weighted, request):
+    """scatter_rows_at(w, x, idx, scale, sel, value) == scatter_rows(w, x, idx, R, scale)[sel], with
+    the same first and second derivatives w.r.t. w and x (its backward skips the [R, D] gradient)."""
+    if backend == "triton":
+        request.getfixturevalue("triton_ops")
+    w, _, x, idx, scale = rows_case(5, 3, 9, 4, torch.float64, seed=7)
+    sel = torch.tensor([6, 0, idx[2, 1].item()])  # some rows read, maybe one nobody read
+    w = w if weighted else None
+
+    def full(w, x):
+        return ops.scatter_rows(w, x, idx, 9, scale, backend)[sel]
+
+    def at(w, x):
+        value = ops.scatter_rows(w, x, idx, 9, scale, backend).detach()
+        return ops.scatter_rows_at(w, x, idx, scale, sel, value, backend)
+
+    leaves = [t.clone().requires_grad_(True) for t in (w, x) if t is not None]
+    call = (lambda *t: f(*t)) if weighted else (lambda t: f(None, t))
+    f = at
+    torch.testing.assert_close(call(*leaves), full(w, x), rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(call, leaves, eps=1e-6, atol=1e-8)
+    assert torch.autograd.gradgradcheck(call, leaves, eps=1e-6, atol=1e-8)
+    probe = torch.randn(len(sel), 4, dtype=torch.float64)
+    grads = {}
+    for f in (full, at):
+        args = [t.clone().requires_grad_(True) for t in leaves]
+        grads[f] = torch.autograd.grad((call(*args) * probe).sum(), args)
+    for got, want in zip(grads[at], grads[full]):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("op", ["weighted_gather", "row_dot", "scatter_rows"])
 def test_row_ops_gradients_triton_equal_torch(triton_ops, op):
     """First and second derivatives (create_graph) of each op: Triton path == PyTorch path."""

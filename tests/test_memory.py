@@ -111,6 +111,48 @@ def test_meta_gradients_match_finite_differences():
     assert torch.autograd.gradcheck(f, (q, v, g), eps=1e-6, atol=1e-6, rtol=1e-5)
 
 
+SPARSE_GRAPH_CONFIGS = [
+    dict(),
+    dict(score="dot", lookahead=0, addr_loss_weight=None, mse="mean"),
+    dict(weight_decay=0.1, lr=0.5),
+    dict(grad_clip=True),  # its updates are clipped: no recipe, rows of the delta itself
+    dict(grad_to_values_only=False),  # the reads are differentiated twice: the table keeps its graph
+]
+
+
+@pytest.mark.parametrize("overrides", SPARSE_GRAPH_CONFIGS)
+@pytest.mark.parametrize("sparse_below", [0.0, 2.0])
+def test_graph_through_earlier_writes_dense_or_row_by_row(monkeypatch, overrides, sparse_below):
+    """A chunk reading rows earlier chunks wrote differentiates through those writes either with
+    one [U, dv] gradient (sparse_below 0) or only at the rows hit (2: always); both are exact."""
+    from fwpkm import memory as memory_module
+    from kernels import ops
+
+    monkeypatch.setattr(memory_module, "SPARSE_BELOW", sparse_below)
+    calls = []
+    scatter_rows_at = ops.scatter_rows_at
+    monkeypatch.setattr(ops, "scatter_rows_at", lambda *a: calls.append(1) or scatter_rows_at(*a))
+    mem = make(**overrides)
+    compare_with_reference(mem, *inputs(mem, T=17, gated=True, masked=True), chunk=4)
+    row_by_row = sparse_below > 1 and not overrides.get("grad_clip")
+    assert bool(calls) == row_by_row
+
+
+def test_meta_gradients_through_rows_hit_match_finite_differences(monkeypatch):
+    from fwpkm import memory as memory_module
+
+    monkeypatch.setattr(memory_module, "SPARSE_BELOW", 2.0)
+    mem = make(heads=1, topk=2, n_subkeys=4, k_dim=4, v_dim=3, chunk_size=3, weight_decay=0.2)
+    q, v, g, _ = inputs(mem, B=1, T=8, gated=True)
+    saved = {k: t.clone() for k, t in mem.state_dict().items()}
+
+    def f(q, v, g):
+        mem.load_state_dict(saved)
+        return mem.train()(q, v, g).output
+
+    assert torch.autograd.gradcheck(f, (q, v, g), eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
 @settings(max_examples=25, deadline=None)
 @given(cuts=st.lists(st.integers(1, 22), max_size=5, unique=True), training=st.booleans(), chunk=st.integers(2, 7))
 def test_streaming_equals_one_shot(cuts, training, chunk):
