@@ -118,7 +118,7 @@ class SparseValues:
             if self.decay != 1.0:
                 self.base.mul_(self.decay**c)
             for j, update in enumerate(self.deltas):
-                self.base.index_add_(0, update.rows, update.delta.detach() * self.decay ** (c - 1 - j))
+                self.base.index_add_(0, update.rows, update.delta.detach(), alpha=self.decay ** (c - 1 - j))
 
 
 @dataclass
