@@ -8,6 +8,10 @@ train   One training step (forward with meta-gradients + backward of a loss on t
         for this project's layer ("ours") and a dense implementation of the same algorithm
         ("dense": benchmarks/dense.py, the paper's way, or tests/reference.py with
         --dense reference). Reports tokens/s and peak memory side by side.
+parts   Our training step split into the parts whose cost grows with N: sub-key selection,
+        commit (the row updates added to the stored table), the rest of the forward, and
+        the backward; wall-clock ms per step for each N (timers wrapped around the
+        memory's functions, one fresh process per N).
 stream  The no-graph streaming path (evaluation): feeds a long input (default 128K tokens)
         through one layer via ``memory.new_stream()`` in pieces and reports tokens/s and
         peak memory against (state size + one chunk's activations).
@@ -40,6 +44,7 @@ Examples
 --------
     python benchmarks/bench_memory.py train --out benchmarks/results
     python benchmarks/bench_memory.py train --n-subkeys 128 512 --steps 3 --dense-max-n 512
+    python benchmarks/bench_memory.py parts --malloc tuned
     python benchmarks/bench_memory.py stream --tokens 131072 --out benchmarks/results
 """
 
@@ -120,9 +125,14 @@ def worker_train(a: dict) -> dict:
     gates = torch.rand(B, T, generator=g).requires_grad_(True)
 
     if a["impl"] == "ours":
-        def step():
-            out = mem(q, v, gates).output
+        def forward():
+            return mem(q, v, gates).output
+
+        def backward(out):
             out.square().mean().backward()
+
+        def step():
+            backward(forward())
     else:
         if a["impl"] == "dense":
             from benchmarks import dense as impl
@@ -137,12 +147,17 @@ def worker_train(a: dict) -> dict:
             out.square().mean().backward()
             state["keys"], state["values"] = K.detach(), V.detach()  # the new stored state
 
+    parts = {}
+    if a.get("parts"):
+        step = _timed_parts(forward, backward, parts)
     rss_state = rss_bytes()
     hwm_reset = reset_peak()
     times, cpu = [], []
     t_start = time.perf_counter()
     for i in range(a["warmup"] + a["steps"]):
         q.grad = v.grad = gates.grad = None
+        if i == a["warmup"]:
+            parts.clear()
         t0, c0 = time.perf_counter(), time.process_time()
         step()
         t1, c1 = time.perf_counter(), time.process_time()
@@ -152,13 +167,46 @@ def worker_train(a: dict) -> dict:
         if times and t1 - t_start > a["max_s"]:
             break  # a very slow configuration: keep the steps timed so far
     peak = peak_bytes()
-    return {
+    return {"parts_ms": {k: 1e3 * t / len(times) for k, t in parts.items()}, 
         "impl": a["impl"], "n_subkeys": a["n_subkeys"], "tokens_per_step": B * T,
         "step_s": times, "cpu_s": cpu,
         "peak_mib": (peak - rss0) / MiB, "working_mib": (peak - rss_state) / MiB,
         "state_mib": state_bytes / MiB, "peak_total_rss_mib": peak / MiB,
         "hwm_reset": hwm_reset, "threads": torch.get_num_threads(),
     }
+
+
+def _timed_parts(forward, backward, acc: dict):
+    """A training step (``backward(forward())``) with wall-clock timers adding seconds into
+    ``acc``: the sub-key selection and the commit (wrapped where the memory calls them), the
+    forward and the backward."""
+    from fwpkm import memory
+    from kernels import ops
+
+    def timed(owner, name, label):
+        fn = getattr(owner, name)
+
+        def wrapper(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                acc[label] = acc.get(label, 0.0) + time.perf_counter() - t0
+
+        setattr(owner, name, wrapper)
+
+    timed(ops, "select_subkeys", "selection")
+    timed(memory.SparseValues, "commit", "commit")
+
+    def timed_step():
+        t0 = time.perf_counter()
+        out = forward()
+        t1 = time.perf_counter()
+        backward(out)
+        acc["forward"] = acc.get("forward", 0.0) + t1 - t0
+        acc["backward"] = acc.get("backward", 0.0) + time.perf_counter() - t1
+
+    return timed_step
 
 
 def chunk_activation_bytes(a: dict, batch: int, chunk: int, elt: int = 4) -> dict:
@@ -256,9 +304,13 @@ def _fmt(x, spec):
     return "skipped" if x is None else format(x, spec)
 
 
+def _train_args(ns) -> dict:
+    return dict(heads=ns.heads, topk=ns.topk, dim=ns.dim, chunk=ns.chunk, batch=ns.batch, seq=ns.seq,
+                backend=ns.backend, threads=ns.threads, max_s=ns.max_s, malloc=ns.malloc)
+
+
 def mode_train(ns) -> list[dict]:
-    common = dict(heads=ns.heads, topk=ns.topk, dim=ns.dim, chunk=ns.chunk, batch=ns.batch, seq=ns.seq,
-                  backend=ns.backend, threads=ns.threads, max_s=ns.max_s, malloc=ns.malloc)
+    common = _train_args(ns)
     impls = [("ours", "ours"), ("dense", ns.dense)]
     print(f"train: B={ns.batch} T={ns.seq} chunk={ns.chunk} dk=dv={ns.dim} heads={ns.heads} topk={ns.topk}; "
           f"ours: {ns.steps} timed steps (+{ns.warmup} warm-up) x {ns.rounds} round(s); dense baseline "
@@ -364,6 +416,42 @@ def train_table(flat) -> str:
     return "\n".join(lines)
 
 
+PARTS = (("selection_ms", "sub-key selection"), ("commit_ms", "commit"), ("forward_rest_ms", "rest of forward"),
+         ("backward_ms", "backward"), ("step_ms", "whole step"))
+
+
+def mode_parts(ns) -> list[dict]:
+    print(f"parts: B={ns.batch} T={ns.seq} chunk={ns.chunk} dk=dv={ns.dim} heads={ns.heads} topk={ns.topk}; "
+          f"{ns.steps} timed steps (+{ns.warmup} warm-up); allocator {ns.malloc}", flush=True)
+    rows = []
+    for n in ns.n_subkeys:
+        res = run_worker("train", _train_args(ns) | {"impl": "ours", "n_subkeys": n, "parts": True,
+                                                     "warmup": ns.warmup, "steps": ns.steps},
+                         ns.timeout, precise_malloc=False)
+        row = {"N": f"{n}^2", "slots": n * n}
+        if "error" in res:
+            print(f"  N={n}^2: {res['error']}", flush=True)
+            rows.append(row | {"error": res["error"]})
+            continue
+        t = res["parts_ms"]
+        fixed = t.get("selection", 0.0) + t.get("commit", 0.0)
+        row |= {"selection_ms": t.get("selection", 0.0), "commit_ms": t.get("commit", 0.0),
+                "forward_rest_ms": t["forward"] - fixed, "backward_ms": t["backward"],
+                "step_ms": t["forward"] + t["backward"], "tokens_per_step": res["tokens_per_step"]}
+        print(f"  N={n}^2: {row['step_ms']:.1f} ms per step", flush=True)
+        rows.append(row)
+    return rows
+
+
+def parts_table(rows) -> str:
+    ok = [r for r in rows if "error" not in r]
+    head = f"{'ms per step':>18} | " + " | ".join(f"{r['N']:>8}" for r in ok)
+    lines = [head, "-" * len(head)]
+    for key, label in PARTS:
+        lines.append(f"{label:>18} | " + " | ".join(f"{r[key]:8.1f}" for r in ok))
+    return "\n".join(lines)
+
+
 def mode_stream(ns) -> dict:
     args = dict(heads=ns.heads, topk=ns.topk, dim=ns.dim, chunk=ns.chunk, batch=ns.stream_batch,
                 backend=ns.backend, threads=ns.threads, n_subkeys=ns.n_subkeys[0], tokens=ns.tokens,
@@ -411,9 +499,10 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__[__doc__.index("Modes"):])
-    p.add_argument("mode", choices=["train", "stream"])
+    p.add_argument("mode", choices=["train", "parts", "stream"])
     p.add_argument("--n-subkeys", type=int, nargs="+", default=None,
-                   help="sub-keys per half n (N = n^2 slots); train default: 128 256 512 1024, stream: 512")
+                   help="sub-keys per half n (N = n^2 slots); train and parts default: 128 256 512 1024, "
+                        "stream: 512")
     p.add_argument("--dim", type=int, default=512, help="dk = dv (default 512)")
     p.add_argument("--heads", type=int, default=1)
     p.add_argument("--topk", type=int, default=8)
@@ -456,7 +545,7 @@ def main(argv=None):
     OMP_WAIT_POLICY = None if ns.omp_wait_policy == "inherit" else ns.omp_wait_policy.upper()
     THP = ns.thp
     if ns.n_subkeys is None:
-        ns.n_subkeys = [128, 256, 512, 1024] if ns.mode == "train" else [512]
+        ns.n_subkeys = [512] if ns.mode == "stream" else [128, 256, 512, 1024]
     meta = {"command": " ".join([Path(sys.executable).name] + sys.argv), "cpu_count": os.cpu_count(),
             "time": time.strftime("%Y-%m-%d %H:%M:%S"), "load_average_before": os.getloadavg()}
     try:
@@ -473,6 +562,12 @@ def main(argv=None):
         print("\n" + table)
         if ns.out:
             write(ns.out, "train" + ns.tag, {"meta": meta, "args": vars(ns), "table": flat, "rows": rows}, flat)
+    elif ns.mode == "parts":
+        rows = mode_parts(ns)
+        meta["load_average_after"] = os.getloadavg()
+        print("\n" + parts_table(rows))
+        if ns.out:
+            write(ns.out, "parts" + ns.tag, {"meta": meta, "args": vars(ns), "table": rows}, rows)
     else:
         res = mode_stream(ns)
         meta["load_average_after"] = os.getloadavg()

@@ -411,6 +411,7 @@ def test_benchmark_script_smoke(tmp_path):
     tiny = ["--n-subkeys", "8", "--dim", "16", "--chunk", "16", "--topk", "2", "--out", str(tmp_path)]
     for mode, extra in (("train", ["--batch", "1", "--seq", "40", "--steps", "1", "--warmup", "0",
                                    "--dense-steps", "1", "--dense-warmup", "0"]),
+                        ("parts", ["--batch", "1", "--seq", "40", "--steps", "2", "--warmup", "0"]),
                         ("stream", ["--tokens", "100", "--piece", "30"])):
         proc = subprocess.run([sys.executable, str(script), mode, *tiny, *extra], capture_output=True, text=True,
                               timeout=300)
@@ -419,4 +420,8 @@ def test_benchmark_script_smoke(tmp_path):
         payload = json.loads((tmp_path / f"{mode}.json").read_text())
     row = json.loads((tmp_path / "train.json").read_text())["table"][0]
     assert row["ours_tok_s"] > 0 and row["dense_tok_s"] > 0 and row["ours_peak_mib"] > 0
+    parts = json.loads((tmp_path / "parts.json").read_text())["table"][0]
+    assert parts["selection_ms"] > 0 and parts["commit_ms"] > 0 and parts["backward_ms"] > 0
+    assert parts["step_ms"] == pytest.approx(parts["selection_ms"] + parts["commit_ms"] + parts["forward_rest_ms"]
+                                             + parts["backward_ms"])
     assert payload["result"]["tokens"] == 100 and payload["result"]["peak_over_state_plus_chunk"] > 0
