@@ -332,18 +332,14 @@ class FwPKMMemory(ChunkedFastWeights):
 
 def _read_updates(out: Tensor, w: Tensor, inv: Tensor, n_rows: int, updates: list, backend: str) -> Tensor:
     """``out`` (the read of a table without a graph) with the graph of each (hit, upd) of
-    :meth:`SparseValues.rows_split` added: the reads of the rows ``hit`` differentiate into
-    ``upd`` (the value, already in ``out``, is unchanged: each term adds ``e - e.detach()``)."""
+    :meth:`SparseValues.rows` with ``split`` added: the reads of the rows ``hit`` differentiate
+    into ``upd`` (the value, already in ``out``, is unchanged: each term adds ``e - e.detach()``)."""
     for hit, upd in updates:
         if not upd.requires_grad:
             continue
-        local = torch.full((n_rows,), -1, dtype=inv.dtype, device=inv.device)
-        local[hit] = torch.arange(len(hit), dtype=inv.dtype, device=inv.device)
-        local_inv = local[inv]
-        readers = (local_inv >= 0).any(-1).nonzero().squeeze(-1)  # tokens that read a row of hit
-        local_inv = local_inv[readers]
-        kept = (w[readers] * (local_inv >= 0)).detach()  # d out / d w is the plain read's already
-        e = ops.weighted_gather(kept, upd, local_inv.clamp_min(0), backend=backend)
+        readers, local_inv, keep = ops.reads_of_rows(inv, hit, n_rows)
+        kept = (w[readers] * keep).detach()  # d out / d w is the plain read's already
+        e = ops.weighted_gather(kept, upd, local_inv, backend=backend)
         out = out.index_add(0, readers, e - e.detach())
     return out
 

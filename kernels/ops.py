@@ -17,7 +17,8 @@ Differentiation: three row operations are closed under differentiation,
 (the gradient of each is made of the other two), so each is an autograd Function whose
 backward calls the others: every order of gradient (the meta-gradient path differentiates
 through inner gradients) runs on the chosen backend, and only indices, weights and the small
-tables are kept for backward, never gathered rows.
+tables are kept for backward, never gathered rows. ``scatter_rows_at`` (some rows of a scatter
+already computed) has a backward made of the same two, restricted to the reads of those rows.
 """
 
 from __future__ import annotations
@@ -153,6 +154,19 @@ class _ScatterRows(torch.autograd.Function):
         return gw, gx, None, None, None, None
 
 
+def reads_of_rows(idx: Tensor, rows: Tensor, n_rows: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The readers of idx [M, P] (ids in [0, n_rows)) that read any of the distinct ``rows``:
+    (readers [M'], their ids as positions in ``rows`` [M', P] (0 where not in rows), keep [M', P]
+    (whether the id is in rows))."""
+    local = torch.full((n_rows,), -1, dtype=idx.dtype, device=idx.device)
+    local[rows] = torch.arange(len(rows), dtype=idx.dtype, device=idx.device)
+    local_idx = local[idx]
+    readers = (local_idx >= 0).any(-1).nonzero().squeeze(-1)
+    local_idx = local_idx[readers]
+    keep = local_idx >= 0
+    return readers, local_idx.clamp_min(0), keep
+
+
 class _ScatterRowsAt(torch.autograd.Function):
     """scatter_rows(w, x, idx, n_rows, row_scale)[sel] from that scatter's value, computed before.
 
@@ -168,13 +182,7 @@ class _ScatterRowsAt(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         w, x, idx, row_scale, sel = ctx.saved_tensors
-        local = torch.full((ctx.n_rows,), -1, dtype=idx.dtype, device=idx.device)
-        local[sel] = torch.arange(len(sel), dtype=idx.dtype, device=idx.device)
-        local_idx = local[idx]
-        readers = (local_idx >= 0).any(-1).nonzero().squeeze(-1)  # those that wrote a selected row
-        local_idx = local_idx[readers]
-        keep = local_idx >= 0
-        local_idx = local_idx.clamp_min(0)
+        readers, local_idx, keep = reads_of_rows(idx, sel, ctx.n_rows)  # the reads that wrote a row of sel
         if row_scale is not None:
             grad = grad * row_scale[sel].unsqueeze(-1)
         gw = gx = None
