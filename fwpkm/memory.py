@@ -5,6 +5,8 @@ Sparse by construction: during one call the value table is the stored table
 (never part of the autograd graph) plus one small delta per written chunk that
 covers only the rows the chunk read. A read gathers its rows from both, so a
 chunk's time and memory grow with the rows it reads, not with the number of slots.
+The meta-gradient through earlier writes is sparse as well: when a chunk reads back few
+rows that earlier chunks wrote, it differentiates through those rows' writes only.
 """
 
 from __future__ import annotations
