@@ -167,12 +167,13 @@ def worker_train(a: dict) -> dict:
         if times and t1 - t_start > a["max_s"]:
             break  # a very slow configuration: keep the steps timed so far
     peak = peak_bytes()
-    return {"parts_ms": {k: 1e3 * t / len(times) for k, t in parts.items()}, 
+    return {
         "impl": a["impl"], "n_subkeys": a["n_subkeys"], "tokens_per_step": B * T,
         "step_s": times, "cpu_s": cpu,
         "peak_mib": (peak - rss0) / MiB, "working_mib": (peak - rss_state) / MiB,
         "state_mib": state_bytes / MiB, "peak_total_rss_mib": peak / MiB,
         "hwm_reset": hwm_reset, "threads": torch.get_num_threads(),
+        "parts_ms": {k: 1e3 * t / len(times) for k, t in parts.items()},
     }
 
 
@@ -433,10 +434,9 @@ def mode_parts(ns) -> list[dict]:
             print(f"  N={n}^2: {res['error']}", flush=True)
             rows.append(row | {"error": res["error"]})
             continue
-        t = res["parts_ms"]
-        fixed = t.get("selection", 0.0) + t.get("commit", 0.0)
-        row |= {"selection_ms": t.get("selection", 0.0), "commit_ms": t.get("commit", 0.0),
-                "forward_rest_ms": t["forward"] - fixed, "backward_ms": t["backward"],
+        t = {"selection": 0.0, "commit": 0.0} | res["parts_ms"]  # parts inside the forward
+        row |= {"selection_ms": t["selection"], "commit_ms": t["commit"],
+                "forward_rest_ms": t["forward"] - t["selection"] - t["commit"], "backward_ms": t["backward"],
                 "step_ms": t["forward"] + t["backward"], "tokens_per_step": res["tokens_per_step"]}
         print(f"  N={n}^2: {row['step_ms']:.1f} ms per step", flush=True)
         rows.append(row)

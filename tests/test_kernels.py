@@ -162,16 +162,18 @@ def test_scatter_rows_at_is_rows_of_scatter_rows_to_second_order(backend, weight
         return ops.scatter_rows_at(w, x, idx, scale, sel, value, backend)
 
     leaves = [t.clone().requires_grad_(True) for t in (w, x) if t is not None]
-    call = (lambda *t: f(*t)) if weighted else (lambda t: f(None, t))
-    f = at
-    torch.testing.assert_close(call(*leaves), full(w, x), rtol=1e-12, atol=1e-12)
-    assert torch.autograd.gradcheck(call, leaves, eps=1e-6, atol=1e-8)
-    assert torch.autograd.gradgradcheck(call, leaves, eps=1e-6, atol=1e-8)
+
+    def of_leaves(fn):  # fn(w, x) as a function of the leaves (x alone when unweighted)
+        return (lambda w, x: fn(w, x)) if weighted else (lambda x: fn(None, x))
+
+    torch.testing.assert_close(of_leaves(at)(*leaves), full(w, x), rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(of_leaves(at), leaves, eps=1e-6, atol=1e-8)
+    assert torch.autograd.gradgradcheck(of_leaves(at), leaves, eps=1e-6, atol=1e-8)
     probe = torch.randn(len(sel), 4, dtype=torch.float64)
     grads = {}
-    for f in (full, at):
+    for fn in (full, at):
         args = [t.clone().requires_grad_(True) for t in leaves]
-        grads[f] = torch.autograd.grad((call(*args) * probe).sum(), args)
+        grads[fn] = torch.autograd.grad((of_leaves(fn)(*args) * probe).sum(), args)
     for got, want in zip(grads[at], grads[full]):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
