@@ -1,12 +1,10 @@
-"""The ``fwpkm ablate``, ``fwpkm tune`` and ``fwpkm report`` subcommands (registered with :mod:`lit.cli`)."""
+"""The ``fwpkm ablate``, ``fwpkm tune`` and ``fwpkm report`` subcommands (listed in :mod:`ablations.__main__`)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from typing import Optional
-
-from lit.cli import register
 
 STORE_HELP = ("MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///<runs-dir>/mlflow.db "
               "with artifacts in <runs-dir>/mlartifacts)")
@@ -97,7 +95,7 @@ def tune(argv: list[str]) -> Optional[int]:
     parser = argparse.ArgumentParser(
         prog="fwpkm tune", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="An Optuna study on the base config of a grid: by default the addressing-loss weight "
-                    "(model.overrides.block.memory.addr_loss_weight, log-uniform), more parameters in the grid's "
+                    "(model.block.memory.addr_loss_weight, log-uniform), more parameters in the grid's "
                     "`tune.params`. TPE sampler, median pruning on the validation loss through Lightning; every "
                     "trial a `fwpkm train` subprocess and an MLflow run nested under the study's run. The study "
                     "lives in an Optuna storage (default: SQLite in <runs-dir>/tune/optuna.db), so an interrupted "
@@ -159,7 +157,3 @@ def report(argv: list[str]) -> Optional[int]:
     except LookupError as err:
         return _error("fwpkm report", err)
 
-
-register("ablate", ablate)
-register("tune", tune)
-register("report", report)

@@ -7,35 +7,34 @@ A grid file (``ablations/grids/<name>.yaml``, or any path) holds::
     extends: smoke                # optional: start from another grid (base merged, variants added)
     experiment: fwpkm-ablations   # MLflow experiment of the grid's runs
     seeds: [0]
-    base:                         # a complete `fwpkm train` config (what --config takes)
-      model: {preset: tiny, optim: {...}, train: {...}}
+    base:                         # a `fwpkm train` run config (what --config takes; lit.config)
+      model: {preset: tiny, d_model: 64}
+      optim: {...}
       data: {...}
       trainer: {...}
     variants:                     # name -> overrides of the base (the order is the table's order)
       base: {}
-      dot: {model.overrides.block.memory.score: dot}
+      dot: {model.block.memory.score: dot}
       fwmlp: {model.preset: tiny-swa_interleave-pkm-fwmlp}
       h1k8: {same_as: base}       # an alias: no run, its row repeats the named variant
     eval:
       niah: {context_lens: [256], iterations: [0, 2]}   # lit.evaluation.niah.NIAHConfig
     tune: {...}                   # the Optuna study of `fwpkm tune` (see ablations.tune)
 
-Override keys are dotted paths into the train config (``trainer.max_steps``,
-``model.optim.lr``); nested mappings are merged, not replaced. Everything after
-``model.overrides.`` is one dotted *model* option (``fwpkm.config.apply_overrides``), so
-``model.overrides.block.memory.score: dot`` and ``model: {overrides: {block.memory.score: dot}}``
-mean the same thing and add to the base's model overrides instead of replacing them.
+Override keys are dotted paths into the run config (``trainer.max_steps``, ``optim.lr``,
+``model.block.memory.score``); nested mappings are merged field by field, not replaced, so
+``model.block.memory.score: dot`` and ``model: {block: {memory: {score: dot}}}`` mean the same
+thing (``lit.config.merge``). A variant's ``model.preset`` changes the starting point of the
+model; the base's other model options still apply over it.
 
 A run is (variant, seed): the base with the variant's overrides and ``seed_everything``.
-Its identity is the hash of that resolved config (without run folder and tracking
-options): the runner skips a run already FINISHED with the same hash.
+Its identity is :meth:`lit.config.RunConfig.hash` of that config (the model resolved, without
+run folder and tracking options): the runner skips a run already FINISHED with the same hash.
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
-import inspect
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,95 +43,28 @@ from typing import Any, Iterable, Optional
 import yaml
 
 from ablations import GRIDS_DIR
+from fwpkm.config import ConfigError
+from lit.config import RunConfig, leaves, merge
 
 GRID_KEYS = ("name", "description", "extends", "experiment", "seeds", "base", "variants", "eval", "tune")
 DEFAULT_EXPERIMENT = "fwpkm-ablations"
-MODEL_OVERRIDES = "model.overrides"
 ALIAS_KEY = "same_as"
-TRAIN_TOP_KEYS = ("seed_everything", "model", "data", "trainer", "checkpoint", "tracking", "run_dir")
-MODEL_KEYS = ("preset", "overrides", "vocab_size", "optim", "train", "seed", "config")
-HASH_EXCLUDED = ("run_dir", "tracking")
 
 
 class GridError(ValueError):
     """An invalid grid file or option; the message names the grid and the key."""
 
 
-# --------------------------------------------------------------------------- override algebra
-
-
-def override_leaves(overrides: Optional[dict], prefix: str = "") -> list[tuple[str, Any]]:
-    """``(dotted path, value)`` assignments of a (nested or dotted) override mapping. Mappings are
-    merged leaf by leaf; under ``model.overrides`` the keys are dotted model options."""
-    leaves: list[tuple[str, Any]] = []
-    for key, value in (overrides or {}).items():
-        path = f"{prefix}.{key}" if prefix else str(key)
-        if path == MODEL_OVERRIDES:
-            if value is None:
-                continue
-            if not isinstance(value, dict):
-                raise GridError(f"{MODEL_OVERRIDES} must be a mapping of dotted model options, got {value!r}")
-            leaves.extend((f"{MODEL_OVERRIDES}.{k}", v) for k, v in _model_leaves(value))
-        elif path.startswith(MODEL_OVERRIDES + "."):
-            if isinstance(value, dict) and value:
-                leaves.extend((f"{path}.{k}", v) for k, v in _model_leaves(value))
-            else:
-                leaves.append((path, value))
-        elif isinstance(value, dict) and value:
-            leaves.extend(override_leaves(value, path))
-        else:
-            leaves.append((path, value))
-    return leaves
-
-
-def _model_leaves(mapping: dict, prefix: str = "") -> list[tuple[str, Any]]:
-    out = []
-    for key, value in mapping.items():
-        path = f"{prefix}.{key}" if prefix else str(key)
-        if isinstance(value, dict) and value:  # model options are never mappings: nested = dotted
-            out.extend(_model_leaves(value, path))
-        else:
-            out.append((path, value))
-    return out
-
-
-def set_path(config: dict, path: str, value: Any) -> None:
-    """Set one dotted path of a train config in place (see :func:`override_leaves`)."""
-    if path.startswith(MODEL_OVERRIDES + "."):
-        model = config.setdefault("model", {})
-        if not isinstance(model, dict):
-            raise GridError(f"cannot set {path!r}: 'model' is not a mapping")
-        overrides = dict(model.get("overrides") or {})
-        overrides[path[len(MODEL_OVERRIDES) + 1:]] = copy.deepcopy(value)
-        model["overrides"] = overrides
-        return
-    parts = path.split(".")
-    node = config
-    for i, part in enumerate(parts[:-1]):
-        child = node.get(part)
-        if child is None:
-            child = node[part] = {}
-        elif not isinstance(child, dict):
-            raise GridError(f"cannot set {path!r}: {'.'.join(parts[:i + 1])!r} is {child!r}, not a section")
-        node = child
-    node[parts[-1]] = copy.deepcopy(value)
-
-
 def apply(config: dict, overrides: Optional[dict]) -> dict:
-    """A copy of ``config`` with ``overrides`` merged in."""
-    out = copy.deepcopy(config)
-    for path, value in override_leaves(overrides):
-        set_path(out, path, value)
-    return out
-
-
-def normalise(config: Optional[dict]) -> dict:
-    """A train config with every dotted key expanded (``model.overrides`` kept flat)."""
-    return apply({}, config or {})
+    """A copy of ``config`` with ``overrides`` merged in field by field."""
+    try:
+        return merge(config, overrides)
+    except ConfigError as err:
+        raise GridError(str(err)) from err
 
 
 def parse_sets(items: Iterable[str]) -> dict:
-    """``["trainer.max_steps=100", "model.overrides.block.memory.score=dot"]`` -> overrides
+    """``["trainer.max_steps=100", "model.block.memory.score=dot"]`` -> overrides
     (values parsed as YAML: numbers, null, true, lists, mappings)."""
     out = {}
     for item in items or ():
@@ -219,8 +151,7 @@ def load_grid(name_or_path: str, _seen: tuple = ()) -> Grid:
             ref = str(path.parent / ref)
         parent = load_grid(ref, _seen + (path.resolve(),))
 
-    base = normalise(parent.base if parent else {})
-    base = apply(base, data.get("base") or {})
+    base = apply(parent.base if parent else {}, data.get("base") or {})
     variants: dict = {}
     aliases: dict = {}
     order: list = []
@@ -250,8 +181,7 @@ def load_grid(name_or_path: str, _seen: tuple = ()) -> Grid:
             continue
         if overrides is not None and not isinstance(overrides, dict):
             raise GridError(f"grid {name!r}, variant {vname!r}: overrides must be a mapping, got {overrides!r}")
-        override_leaves(overrides)  # syntax check now
-        variants[vname] = dict(overrides or {})
+        variants[vname] = apply({}, overrides)  # syntax check now
     for alias, target in aliases.items():
         if target not in variants:
             raise GridError(f"grid {name!r}: variant {alias!r} is '{ALIAS_KEY}: {target}', which is not a variant")
@@ -295,32 +225,22 @@ def _seeds(grid: str, seeds) -> list[int]:
 
 @dataclass
 class RunSpec:
-    """One (variant, seed) of a grid, resolved."""
+    """One (variant, seed) of a grid, resolved and checked."""
 
     grid: str
     variant: str
     seed: int
-    config: dict  # the train config without run_dir and tracking
+    config: dict  # the run config as the grid writes it (without run_dir)
     overrides: dict  # the variant's own overrides (for printing)
     run_dir: Path
-    config_hash: str
-    experiment_hash: str  # model + data + seed: a different value needs a fresh run folder
-    error: Optional[str] = None  # set by validate()
-    summary: dict = field(default_factory=dict)  # set by validate()
+    config_hash: str  # RunConfig.hash(): the run's identity
+    experiment_hash: str  # RunConfig.experiment_hash(): a different value needs a fresh run folder
+    error: Optional[str] = None  # why the config is invalid
+    summary: dict = field(default_factory=dict)  # the resolved model's main options
 
     @property
     def key(self) -> str:
         return f"{self.grid}/{self.variant}/seed{self.seed}"
-
-
-def config_hash(config: dict) -> str:
-    keyed = {k: v for k, v in config.items() if k not in HASH_EXCLUDED}
-    return hashlib.sha1(json.dumps(keyed, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
-def experiment_hash(config: dict) -> str:
-    keyed = {k: config.get(k) for k in ("model", "data", "seed_everything")}
-    return hashlib.sha1(json.dumps(keyed, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def grid_dir(runs_dir: Path, grid: str) -> Path:
@@ -330,7 +250,7 @@ def grid_dir(runs_dir: Path, grid: str) -> Path:
 def resolve_runs(grid: Grid, runs_dir: Path, only: Optional[Iterable[str]] = None,
                  seeds: Optional[Iterable[int]] = None, sets: Optional[dict] = None) -> list[RunSpec]:
     """Every (variant, seed) run of ``grid``: base + ``sets`` (command-line overrides of the base)
-    + the variant's overrides + ``seed_everything``."""
+    + the variant's overrides + ``seed_everything``, each checked as ``fwpkm train`` will."""
     only = list(only or [])
     unknown = [v for v in only if v not in grid.variants and v not in grid.aliases]
     if unknown:
@@ -339,73 +259,38 @@ def resolve_runs(grid: Grid, runs_dir: Path, only: Optional[Iterable[str]] = Non
     wanted += [grid.aliases[a] for a in only if a in grid.aliases and grid.aliases[a] not in wanted]
     seeds = _seeds(grid.name, list(seeds)) if seeds else list(grid.seeds)
     base = apply(grid.base, sets or {})
-    for key in HASH_EXCLUDED:
-        if key == "tracking":
-            continue
-        base.pop(key, None)
+    base.pop("run_dir", None)
     specs = []
     for variant in wanted:
-        overrides = grid.variants[variant]
         for seed in seeds:
-            config = apply(base, overrides)
+            config = apply(base, grid.variants[variant])
             config["seed_everything"] = int(seed)
             config.pop("run_dir", None)
-            specs.append(RunSpec(grid=grid.name, variant=variant, seed=int(seed), config=config,
-                                 overrides=overrides, run_dir=grid_dir(runs_dir, grid.name) / variant / f"seed{seed}",
-                                 config_hash=config_hash(config), experiment_hash=experiment_hash(config)))
+            specs.append(resolve_run(grid.name, variant, int(seed), config, grid.variants[variant],
+                                     grid_dir(runs_dir, grid.name) / variant / f"seed{seed}"))
     return specs
 
 
-# --------------------------------------------------------------------------- validation (no model is built)
-
-
-def trainer_defaults() -> dict:
-    from lit.cli import trainer_defaults as defaults
-
-    return defaults()
-
-
-def validate(spec: RunSpec, tokenizer_vocab: Optional[dict] = None) -> RunSpec:
-    """Check ``spec.config`` the way ``fwpkm train`` will, building only config dataclasses; sets
-    ``spec.error`` (None when valid) and ``spec.summary`` (the resolved model's main options)."""
+def resolve_run(grid: str, variant: str, seed: int, config: dict, overrides: dict, run_dir: Path) -> RunSpec:
+    """A :class:`RunSpec` with its hashes, or with ``error`` set when the config is invalid."""
+    spec = RunSpec(grid=grid, variant=variant, seed=seed, config=config, overrides=overrides, run_dir=run_dir,
+                   config_hash="invalid", experiment_hash="invalid")
     try:
-        spec.summary = validate_train_config(spec.config, tokenizer_vocab)
-        spec.error = None
+        run = RunConfig.from_dict(config)
+        check_grid_run(run)
     except Exception as err:  # every kind of bad value must become a readable per-run error
         spec.error = f"{type(err).__name__}: {err}"
-        spec.summary = {}
+        return spec
+    spec.config_hash, spec.experiment_hash = run.hash(), run.experiment_hash()
+    spec.summary = summary(run)
     return spec
 
 
-def validate_train_config(config: dict, tokenizer_vocab: Optional[dict] = None) -> dict:
-    from fwpkm.config import ConfigError
-    from lit.cli import CheckpointConfig
-    from lit.data import DataConfig
-    from lit.module import OptimConfig, TrainConfig, build_model_config
-    from lit.tracking import TrackingConfig
+def check_grid_run(run: RunConfig) -> None:
+    """What a grid needs beyond a valid run: a final validation loss to compare."""
+    from lit.cli import trainer_defaults
 
-    unknown = sorted(set(config) - set(TRAIN_TOP_KEYS))
-    if unknown:
-        raise ConfigError(f"unknown train option(s) {unknown}; allowed sections: {list(TRAIN_TOP_KEYS)}")
-    model = dict(config.get("model") or {})
-    unknown = sorted(set(model) - set(MODEL_KEYS))
-    if unknown:
-        raise ConfigError(f"unknown model option(s) {unknown}; allowed: {list(MODEL_KEYS)}")
-    data = DataConfig.from_dict(dict(config.get("data") or {}))
-    vocab = _vocab_size(data.tokenizer, tokenizer_vocab)
-    model_config = build_model_config(model.get("preset", "tiny"), model.get("overrides"), vocab)
-    _dataclass(OptimConfig, model.get("optim"), "model.optim")
-    train = _dataclass(TrainConfig, model.get("train"), "model.train")
-    _dataclass(CheckpointConfig, config.get("checkpoint"), "checkpoint")
-    _dataclass(TrackingConfig, config.get("tracking"), "tracking")
-
-    trainer = {**trainer_defaults(), **(config.get("trainer") or {})}
-    from lightning.pytorch import Trainer
-
-    known = set(inspect.signature(Trainer.__init__).parameters) - {"self"}
-    unknown = sorted(set(trainer) - known)
-    if unknown:
-        raise ConfigError(f"unknown trainer option(s) {unknown}")
+    trainer = {**trainer_defaults(), **run.trainer}
     max_steps, interval = trainer.get("max_steps"), trainer.get("val_check_interval")
     if not isinstance(max_steps, int) or max_steps <= 0:
         raise ConfigError(f"trainer.max_steps={max_steps!r} must be a positive number of steps")
@@ -415,63 +300,29 @@ def validate_train_config(config: dict, tokenizer_vocab: Optional[dict] = None) 
                           "so that the run ends with a validation (its final val loss is the grid's result)")
     if trainer.get("limit_val_batches") == 0:
         raise ConfigError("trainer.limit_val_batches=0 leaves no validation loss to compare")
-    block = model_config.block
-    mem = block.memory
-    kind = block.kind if model_config.memory_layers else "none"
-    summary = {
-        "preset": model.get("preset", "tiny"), "layers": model_config.n_layers, "d_model": model_config.d_model,
-        "mixers": "".join(m[0] for m in model_config.mixers), "pkm": model_config.pkm_layers,
-        "memory": kind, "memory_layers": model_config.memory_layers,
-        "max_steps": max_steps, "seq_len": data.seq_len, "batch": data.batch_size,
-        "fa_to_swa": train.fa_to_swa_prob if train.fa_to_swa_prob is not None else model_config.fa_to_swa_prob,
+
+
+def summary(run: RunConfig) -> dict:
+    """The resolved model's main options (the ``--dry-run`` listing)."""
+    model, trainer = run.model, run.trainer
+    block, mem = model.block, model.block.memory
+    kind = block.kind if model.memory_layers else "none"
+    out = {
+        "preset": run.preset, "layers": model.n_layers, "d_model": model.d_model,
+        "mixers": "".join(m[0] for m in model.mixers), "pkm": model.pkm_layers,
+        "memory": kind, "memory_layers": model.memory_layers,
+        "max_steps": trainer.get("max_steps"), "seq_len": run.data.seq_len, "batch": run.data.batch_size,
+        "fa_to_swa": run.train.fa_to_swa_prob if run.train.fa_to_swa_prob is not None else model.fa_to_swa_prob,
     }
     if kind == "fwpkm":
-        summary.update({"score": mem.score, "lookahead": mem.lookahead, "target_norm": block.target_norm,
-                        "addr_loss": mem.addr_loss_weight, "values_only": mem.grad_to_values_only,
-                        "gate_out": block.out_fuse_gate, "gate_loss": block.weight_loss_with_gates,
-                        "HxK": f"{mem.heads}x{mem.topk}", "mse": mem.mse, "slots": mem.n_slots})
+        out.update({"score": mem.score, "lookahead": mem.lookahead, "target_norm": block.target_norm,
+                    "addr_loss": mem.addr_loss_weight, "values_only": mem.grad_to_values_only,
+                    "gate_out": block.out_fuse_gate, "gate_loss": block.weight_loss_with_gates,
+                    "HxK": f"{mem.heads}x{mem.topk}", "mse": mem.mse, "slots": mem.n_slots})
     elif kind == "fwmlp":
-        summary.update({"lookahead": block.fwmlp.lookahead, "hidden": block.fwmlp.hidden,
-                        "gate_out": block.out_fuse_gate, "gate_loss": block.weight_loss_with_gates})
-    return summary
-
-
-def _vocab_size(tokenizer: str, cache: Optional[dict]) -> Optional[int]:
-    """The vocabulary of the byte tokenizer; None (not checked) for others, whose files may live only
-    on the training machines."""
-    if tokenizer != "byte":
-        return None
-    if cache is not None and tokenizer in cache:
-        return cache[tokenizer]
-    from lit.tokenizer import load_tokenizer
-
-    size = load_tokenizer(tokenizer).vocab_size
-    if cache is not None:
-        cache[tokenizer] = size
-    return size
-
-
-def _dataclass(cls, value, option: str):
-    import dataclasses
-
-    from fwpkm.config import ConfigError
-
-    if value is None:
-        return cls()
-    if not isinstance(value, dict):
-        raise ConfigError(f"{option} must be a mapping, got {value!r}")
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(value) - known)
-    if unknown:
-        raise ConfigError(f"unknown {option} option(s) {unknown}; known: {sorted(known)}")
-    return cls(**value)
-
-
-def validate_all(specs: list[RunSpec]) -> list[RunSpec]:
-    cache: dict = {}
-    for spec in specs:
-        validate(spec, cache)
-    return specs
+        out.update({"lookahead": block.fwmlp.lookahead, "hidden": block.fwmlp.hidden,
+                    "gate_out": block.out_fuse_gate, "gate_loss": block.weight_loss_with_gates})
+    return out
 
 
 # --------------------------------------------------------------------------- printing
@@ -490,7 +341,7 @@ def describe(grid: Grid, specs: list[RunSpec]) -> str:
     for spec in specs:
         status = "ok     " if spec.error is None else "INVALID"
         lines.append(f"  {status} {spec.variant:<{width}} seed={spec.seed} hash={spec.config_hash} -> {spec.run_dir}")
-        over = json.dumps(spec.overrides, sort_keys=True, default=str) if spec.overrides else "(base)"
+        over = json.dumps(dict(leaves(spec.overrides)), sort_keys=True, default=str) if spec.overrides else "(base)"
         lines.append(f"          overrides: {over}")
         if spec.error is None:
             lines.append("          resolved: " + ", ".join(f"{k}={v}" for k, v in spec.summary.items()))
@@ -507,7 +358,8 @@ def _brief(config: dict) -> str:
     model = config.get("model", {})
     trainer = config.get("trainer", {})
     data = config.get("data", {})
-    return (f"preset={model.get('preset')} overrides={len(model.get('overrides') or {})} "
+    options = len([k for k, _ in leaves(model) if k != "preset"])
+    return (f"preset={model.get('preset')} model options={options} "
             f"data={data.get('source', 'embedded')}/{data.get('tokenizer', 'byte')} seq_len={data.get('seq_len')} "
             f"batch={data.get('batch_size')} max_steps={trainer.get('max_steps')} "
             f"val_every={trainer.get('val_check_interval')}")

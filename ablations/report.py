@@ -29,7 +29,7 @@ import statistics
 from pathlib import Path
 from typing import Callable, Optional
 
-from ablations.runner import Store, find_parent, search_runs, tag_filter
+from lit.tracking import Store, find_parent, resolve_tracking_uri, search_runs, store_lock, tag_filter
 
 NAN = float("nan")
 
@@ -56,7 +56,7 @@ def _median_history(client, run_id: str, key: str) -> float:
     return statistics.median(values) if values else NAN
 
 
-def _gate_histories(client, run_id: str, metrics: dict) -> dict:
+def gate_histories(client, run_id: str, metrics: dict) -> dict:
     """{memory layer: [(step, mean gate), ...]} from the ``mem/L<layer>/gate_mean`` histories."""
     histories = {}
     for key in metrics:
@@ -87,7 +87,7 @@ def run_row(client, run) -> dict:
         **{f"niah_{k[len('niah/exact/'):]}": v for k, v in m.items()
            if k.startswith("niah/exact/") and k.count("/") == 2},
         "cells": _niah_cells(m),
-        "gates": _gate_histories(client, run.info.run_id, m),
+        "gates": gate_histories(client, run.info.run_id, m),
     }
 
 
@@ -616,10 +616,7 @@ def find_any(runs_dir: Path, name: str, tracking_uri: Optional[str] = None, expe
     """(kind, Store) of the grid or study called ``name`` in any experiment of the store."""
     from mlflow.tracking import MlflowClient
 
-    from ablations.runner import resolve_uri
-    from lit.tracking import store_lock
-
-    uri, artifacts = resolve_uri(Path(runs_dir).resolve(), tracking_uri)
+    uri, artifacts = resolve_tracking_uri(tracking_uri, Path(runs_dir).resolve())
     probe = Store(uri=uri, experiment=experiment or "", artifact_location=artifacts,
                   runs_dir=Path(runs_dir).resolve())
     client = MlflowClient(tracking_uri=uri)

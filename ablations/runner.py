@@ -25,12 +25,9 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import queue
 import signal
-import subprocess
-import sys
 import threading
 import time
 import traceback
@@ -41,109 +38,16 @@ from typing import Callable, Optional
 
 import yaml
 
-from ablations import PROJECT_ROOT
-from ablations.grid import Grid, RunSpec, describe, grid_dir, load_grid, resolve_runs, validate_all
+from ablations.grid import Grid, RunSpec, describe, grid_dir, load_grid, resolve_runs
+from ablations.launch import CONFIG_FILE, LOG_FILE, ProcessGroup, child_env, error_line, failure_text, run_training
+from lit.evaluation.niah import evaluate_run
+from lit.module import count_parameters
+from lit.tracking import Store, ensure_parent, open_store, read_run_id, search_runs, set_running, tag_filter
 
 STATE_FILE = "ablation.json"
-CONFIG_FILE = "grid_config.yaml"
-LOG_FILE = "train.log"
 ROLE_GRID, ROLE_RUN = "grid", "grid-run"
 MAX_TAG = 5000
 EVALUATED_WITH = "fwpkm.evaluated_with"  # tag: the eval config a finished run was evaluated with
-
-
-# --------------------------------------------------------------------------- MLflow store
-
-
-@dataclass
-class Store:
-    """An MLflow tracking store and the experiment the grid (or study) logs into."""
-
-    uri: str
-    experiment: str
-    artifact_location: Optional[str]
-    experiment_id: str = ""
-    runs_dir: Path = Path("runs")
-
-    @property
-    def client(self):
-        from mlflow.tracking import MlflowClient
-
-        return MlflowClient(tracking_uri=self.uri)
-
-    def lock(self, name: str):
-        """An exclusive lock (a file in the runs folder) for find-or-create sections."""
-        from lit.tracking import _file_lock
-
-        self.runs_dir.mkdir(parents=True, exist_ok=True)
-        return _file_lock(self.runs_dir / f".{name}.lock")
-
-
-def resolve_uri(runs_dir: Path, tracking_uri: Optional[str] = None) -> tuple[str, Optional[str]]:
-    """(tracking URI, artifact location for a new experiment)."""
-    from lit.tracking import default_tracking_uri
-
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if not uri:
-        Path(runs_dir).mkdir(parents=True, exist_ok=True)
-        uri = default_tracking_uri(Path(runs_dir))
-    artifacts = None
-    if uri.startswith("sqlite:///"):
-        artifacts = (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
-    return uri, artifacts
-
-
-def open_store(runs_dir: Path, experiment: str, tracking_uri: Optional[str] = None) -> Store:
-    """The store of ``--tracking-uri``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<runs>/mlflow.db``
-    (artifacts next to a SQLite database in ``mlartifacts/``); creates the experiment if missing."""
-    from lit.tracking import ensure_experiment, store_lock
-
-    runs_dir = Path(runs_dir).resolve()
-    uri, artifacts = resolve_uri(runs_dir, tracking_uri)
-    os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
-    with store_lock(uri):
-        ensure_experiment(uri, experiment, artifacts)
-    store = Store(uri=uri, experiment=experiment, artifact_location=artifacts, runs_dir=runs_dir)
-    store.experiment_id = store.client.get_experiment_by_name(experiment).experiment_id
-    return store
-
-
-def search_runs(store: Store, filter_string: str = "", experiment_ids: Optional[list] = None) -> list:
-    client, out, token = store.client, [], None
-    while True:
-        page = client.search_runs(experiment_ids or [store.experiment_id], filter_string, max_results=1000,
-                                  page_token=token)
-        out.extend(page)
-        token = page.token
-        if not token:
-            return out
-
-
-def tag_filter(**tags: str) -> str:
-    return " and ".join(f"tags.`{k.replace('__', '.')}` = '{v}'" for k, v in tags.items())
-
-
-def find_parent(store: Store, role: str, name: str):
-    """The parent run of a grid (role "grid") or study (role "study"), the oldest if several."""
-    runs = search_runs(store, tag_filter(**{"fwpkm__role": role, f"fwpkm__{role}": name}))
-    runs.sort(key=lambda r: (r.info.start_time or 0, r.info.run_id))
-    return runs[0] if runs else None
-
-
-def ensure_parent(store: Store, role: str, name: str, tags: Optional[dict] = None) -> str:
-    """Find or create the parent run (under a lock, so concurrent runners share one)."""
-    with store.lock(f"{role}-{name}"):
-        run = find_parent(store, role, name)
-        if run is not None:
-            return run.info.run_id
-        all_tags = {"fwpkm.role": role, f"fwpkm.{role}": name, "mlflow.runName": f"{role}:{name}"}
-        all_tags.update(tags or {})
-        run = store.client.create_run(store.experiment_id, tags=all_tags, run_name=f"{role}:{name}")
-        return run.info.run_id
-
-
-def set_running(store: Store, run_id: str) -> None:
-    store.client.update_run(run_id, status="RUNNING")
 
 
 # --------------------------------------------------------------------------- the grid runner
@@ -160,17 +64,15 @@ class Outcome:
 
 class GridRunner:
     def __init__(self, grid: Grid, specs: list[RunSpec], store: Store, workers: int = 1,
-                 gpus: Optional[list[str]] = None, timeout: Optional[float] = None, python: Optional[str] = None,
+                 gpus: Optional[list[str]] = None, timeout: Optional[float] = None,
                  echo: Callable[[str], None] = print):
         self.grid, self.specs, self.store = grid, specs, store
         self.gpus = list(gpus or [])
         self.workers = max(1, int(workers or (len(self.gpus) or 1)))
         self.timeout = timeout
-        self.python = python or sys.executable
         self.echo = echo
         self.parent_id: Optional[str] = None
-        self._procs: dict[int, subprocess.Popen] = {}
-        self._lock = threading.Lock()
+        self._procs = ProcessGroup()
         self._stopping = threading.Event()
         self._gpu_slots: "queue.Queue[str]" = queue.Queue()
         for gpu in self.gpus:
@@ -224,7 +126,7 @@ class GridRunner:
                     self._stopping.set()
                     for f in futures:
                         f.cancel()
-                    self._kill_all()
+                    self._procs.stop_all()
                     raise
         except BaseException:
             with contextlib.suppress(Exception):
@@ -255,13 +157,13 @@ class GridRunner:
             if done is not None:
                 return self._finalize(spec, done.info.run_id, start, gpu)
             self._prepare_folder(spec)
-            run_id = _read_run_id(spec.run_dir)
+            run_id = read_run_id(spec.run_dir)
             if run_id:
                 with contextlib.suppress(Exception):
                     self.store.client.set_tag(run_id, "fwpkm.stage", "training")
             config_path = self._write_config(spec, gpu)
             rc, log_tail = self._train(spec, config_path, gpu)
-            run_id = _read_run_id(spec.run_dir)
+            run_id = read_run_id(spec.run_dir)
             if rc != 0:
                 if self._stopping.is_set():
                     return Outcome(spec, "FAILED", run_id, time.time() - start, "interrupted")
@@ -273,7 +175,7 @@ class GridRunner:
             return self._finalize(spec, run_id, start, gpu)
         except Exception as err:  # the runner's own bug must not take the other runs down
             return self._record_failure(spec, f"runner error: {type(err).__name__}: {err}\n{traceback.format_exc()}",
-                                        time.time() - start, _read_run_id(spec.run_dir))
+                                        time.time() - start, read_run_id(spec.run_dir))
         finally:
             if gpu is not None:
                 self._gpu_slots.put(gpu)
@@ -332,34 +234,9 @@ class GridRunner:
         if gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = physical_gpu(gpu)
         log_path = spec.run_dir / LOG_FILE
-        cmd = [self.python, "-m", "lit.cli", "train", "--config", str(config_path)]
-        with open(log_path, "a") as log:
-            offset = log.tell()
-            log.write(f"\n===== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n")
-            log.flush()
-            self.echo(f"[ablate] start {spec.key} (hash {spec.config_hash}{', GPU ' + gpu if gpu else ''}); "
-                      f"log: {log_path}")
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd())
-            with self._lock:
-                self._procs[proc.pid] = proc
-            try:
-                rc = proc.wait(timeout=self.timeout)
-            except subprocess.TimeoutExpired:
-                _stop(proc)
-                rc = "timeout"
-            finally:
-                with self._lock:
-                    self._procs.pop(proc.pid, None)
-        with open(log_path, errors="replace") as log:
-            log.seek(offset)
-            tail = log.read()[-6000:]
-        return rc, tail
-
-    def _kill_all(self) -> None:
-        with self._lock:
-            procs = list(self._procs.values())
-        for proc in procs:
-            _stop(proc)
+        self.echo(f"[ablate] start {spec.key} (hash {spec.config_hash}{', GPU ' + gpu if gpu else ''}); "
+                  f"log: {log_path}")
+        return run_training(config_path, log_path, env, self.timeout, self._procs)
 
     # ----------------------------------------------------------------- after training
 
@@ -375,7 +252,7 @@ class GridRunner:
                 client.log_metric(run_id, "model/params", float(params))
             if self.grid.eval.get("niah"):
                 self.echo(f"[ablate] NIAH {spec.key}")
-                metrics, csv_path = evaluate_niah(spec.run_dir, self.grid.eval["niah"], spec.config, gpu)
+                metrics, csv_path = evaluate_run(spec.run_dir, self.grid.eval["niah"], spec.config, gpu)
                 for k, v in metrics.items():
                     client.log_metric(run_id, k, v)
                 client.log_artifact(run_id, str(csv_path))
@@ -431,7 +308,7 @@ class GridRunner:
         return self._failed(spec, run_id, seconds, error)
 
     def _failed(self, spec, run_id, seconds, error) -> Outcome:
-        self.echo(f"[ablate] FAILED {spec.key}: {_error_line(error)}")
+        self.echo(f"[ablate] FAILED {spec.key}: {error_line(error)}")
         return Outcome(spec, "FAILED", run_id, seconds, error)
 
     def _log_file(self, run_id: str, path: Path) -> None:
@@ -441,24 +318,6 @@ class GridRunner:
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _read_run_id(run_dir: Path) -> Optional[str]:
-    from lit.tracking import read_run_id
-
-    return read_run_id(run_dir)
-
-
-def child_env(threads: Optional[int] = None) -> dict:
-    env = dict(os.environ)
-    root = str(PROJECT_ROOT)
-    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
-    env.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
-    env.pop("MLFLOW_RUN_ID", None)  # never log into the runner's own run
-    if threads and "OMP_NUM_THREADS" not in os.environ:
-        env["OMP_NUM_THREADS"] = str(threads)
-    return env
 
 
 def physical_gpu(gpu: str) -> str:
@@ -472,40 +331,6 @@ def physical_gpu(gpu: str) -> str:
 
 def _threads_per_worker(workers: int) -> int:
     return max(1, (os.cpu_count() or 1) // max(1, workers))
-
-
-def _stop(proc: subprocess.Popen, grace: float = 10.0) -> None:
-    if proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        proc.terminate()
-    try:
-        proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        proc.wait()
-
-
-def _error_line(text: str) -> str:
-    """The most telling line of a log: the last ``error: ...`` line or Python exception line, else
-    the last line mentioning an error, else the last non-empty line."""
-    import re
-
-    lines = [ln.strip() for ln in (text or "").splitlines() if ln.strip()]
-    pattern = re.compile(r"(^|\s)error:|^[\w.]*(Error|Exception|Interrupt)\b.*:|^[\w.]*(Error|Exception)$")
-    for line in reversed(lines):
-        if pattern.search(line) and not line.startswith("- "):
-            return line[:500]
-    for line in reversed(lines):
-        if "error" in line.lower() or "exception" in line.lower():
-            return line[:500]
-    return lines[-1][:500] if lines else "(no output)"
-
-
-def failure_text(reason: str, log_tail: str) -> str:
-    """A failure for the ``fwpkm.error`` tag: the reason and the telling line first, then the log's end."""
-    return f"{reason}: {_error_line(log_tail)}\n--- end of train.log ---\n{log_tail[-3500:]}"
 
 
 def _install_sigterm():
@@ -523,73 +348,6 @@ def _restore_sigterm(previous) -> None:
         signal.signal(signal.SIGTERM, previous)
 
 
-def count_parameters(run_dir: Path) -> Optional[int]:
-    """Trainable parameters of the run's model, built on the meta device from ``model_config.yaml``."""
-    import torch
-
-    from fwpkm import HybridLM, ModelConfig
-
-    path = Path(run_dir) / "model_config.yaml"
-    if not path.is_file():
-        return None
-    config = ModelConfig.from_dict(yaml.safe_load(path.read_text()))
-    with torch.device("meta"):
-        model = HybridLM(config)
-    return int(sum(p.numel() for p in model.parameters()))
-
-
-def niah_metrics(rows: list[dict]) -> dict:
-    """``niah/<exact|digit_acc>`` over all samples, per number of passes (``.../n<passes>``) and per
-    (context length, passes) (``.../L<len>/n<passes>``)."""
-    from lit.evaluation.niah import summarise
-
-    metrics = {}
-    for name in ("exact", "digit_acc"):
-        metrics[f"niah/{name}"] = sum(r[name] for r in rows) / max(1, len(rows))
-        for cell in summarise(rows):
-            metrics[f"niah/{name}/L{cell['context_len']}/n{cell['iterations']}"] = cell[name]
-        for cell in summarise(rows, by=("iterations",)):
-            metrics[f"niah/{name}/n{cell['iterations']}"] = cell[name]
-    return metrics
-
-
-def evaluate_niah(run_dir: Path, niah: dict, config: dict, gpu: Optional[str] = None) -> tuple[dict, Path]:
-    """NIAH accuracy of the run's final checkpoint (:func:`niah_metrics`); the rows as ``niah.csv``."""
-    import csv
-
-    import torch
-
-    from lit.data import embedded_text
-    from lit.evaluation.niah import NIAHConfig, run_niah
-    from lit.module import load_model
-    from lit.tokenizer import load_tokenizer
-
-    niah = dict(niah)
-    haystack = niah.pop("haystack", "embedded")
-    cfg = NIAHConfig(**niah)
-    accelerator = str((config.get("trainer") or {}).get("accelerator", "auto"))
-    if gpu is not None:  # this process sees every GPU of --gpus: the index is the logical one
-        device = torch.device("cuda", int(gpu)) if str(gpu).isdigit() else torch.device("cuda")
-    elif accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available():
-        device = torch.device("cuda")
-    else:
-        device = torch.device("cpu")
-    model, _ = load_model(str(Path(run_dir) / "checkpoints" / "last.ckpt"), map_location=device)
-    model.to(device)
-    tokenizer = load_tokenizer(str((config.get("data") or {}).get("tokenizer", "byte")))
-    if haystack != "embedded":
-        raise ValueError(f"eval.niah.haystack={haystack!r}: only 'embedded' is supported by the grid runner")
-    haystack_ids = tokenizer.encode(embedded_text())
-    rows = run_niah(model, tokenizer, haystack_ids, cfg, progress=False)
-    metrics = niah_metrics(rows)
-    path = Path(run_dir) / "niah.csv"
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["exact"])
-        writer.writeheader()
-        writer.writerows(rows)
-    return {k: float(v) for k, v in metrics.items() if not math.isnan(float(v))}, path
-
-
 # --------------------------------------------------------------------------- entry point
 
 
@@ -600,7 +358,7 @@ def ablate(grid_name: str, runs_dir: str = "runs", tracking_uri: Optional[str] =
     from ablations import report
 
     grid = load_grid(grid_name)
-    specs = validate_all(resolve_runs(grid, Path(runs_dir), only=only, seeds=seeds, sets=sets))
+    specs = resolve_runs(grid, Path(runs_dir), only=only, seeds=seeds, sets=sets)
     if dry_run:
         echo(describe(grid, specs))
         return 0 if all(s.error is None for s in specs) else 1
@@ -620,6 +378,6 @@ def ablate(grid_name: str, runs_dir: str = "runs", tracking_uri: Optional[str] =
     echo(f"[ablate] grid {grid.name!r}: {counts['FINISHED']} trained, {counts['SKIPPED']} skipped (already finished), "
          f"{counts['FAILED']} failed; summary in {result.get('files', {}).get('md', '-')}")
     for o in failed:
-        echo(f"[ablate]   FAILED {o.spec.key}: {_error_line(o.error or '')}")
+        echo(f"[ablate]   FAILED {o.spec.key}: {error_line(o.error or '')}")
     return 1 if failed else 0
 

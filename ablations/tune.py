@@ -7,10 +7,10 @@ The study is defined by the grid file: its ``base`` train config and its ``tune:
       n_trials: 20                   # the study's total number of trials
       direction: minimize            # the objective is the final validation loss, ln(val/ppl)
       params:                        # dotted train-config paths (as in variants) -> distribution
-        model.overrides.block.memory.addr_loss_weight: {low: 1.0e-3, high: 10.0, log: true}
-        model.optim.lr: {low: 1.0e-4, high: 3.0e-3, log: true}
-        model.overrides.block.memory.topk: {type: int, low: 4, high: 32, step: 4}
-        model.overrides.block.memory.score: {type: categorical, choices: [idw, dot]}
+        model.block.memory.addr_loss_weight: {low: 1.0e-3, high: 10.0, log: true}
+        optim.lr: {low: 1.0e-4, high: 3.0e-3, log: true}
+        model.block.memory.topk: {type: int, low: 4, high: 32, step: 4}
+        model.block.memory.score: {type: categorical, choices: [idw, dot]}
       overrides: {trainer.max_steps: 200}   # applied to the base for the trials
       pruner: {type: median, n_startup_trials: 3, n_warmup_steps: 0, interval_steps: 1}
       sampler: {n_startup_trials: 5}        # TPE options
@@ -55,14 +55,17 @@ from typing import Any, Callable, Optional
 import yaml
 from lightning.pytorch.callbacks import Callback
 
-from ablations.grid import apply, load_grid, validate_train_config
-from ablations.runner import (CONFIG_FILE, LOG_FILE, MAX_TAG, Store, _error_line, _read_run_id, _stop, child_env,
-                              ensure_parent, failure_text, open_store, search_runs, set_running, tag_filter)
+from ablations.grid import apply, check_grid_run, load_grid
+from lit.config import RunConfig
+from ablations.launch import CONFIG_FILE, LOG_FILE, child_env, error_line, failure_text, run_training, stop
+from ablations.runner import MAX_TAG
+from lit.tracking import (Store, ensure_parent, file_lock, open_store, read_run_id, search_runs, set_running,
+                          tag_filter)
 
 STORAGE_ENV = "FWPKM_OPTUNA_STORAGE"
 PRUNED_FILE = "optuna_pruned"
 TRIAL_FILE = "optuna_trial.json"
-DEFAULT_PARAMS = {"model.overrides.block.memory.addr_loss_weight": {"type": "float", "low": 1e-3, "high": 10.0,
+DEFAULT_PARAMS = {"model.block.memory.addr_loss_weight": {"type": "float", "low": 1e-3, "high": 10.0,
                                                                    "log": True}}
 HEARTBEAT_S = 15.0
 STALE_AFTER_S = 120.0
@@ -201,20 +204,18 @@ class Setup:
             else:
                 sample[name] = dist.low
         try:
-            validate_train_config(self.trial_config(sample))
+            check_grid_run(RunConfig.from_dict(self.trial_config(sample)))
         except Exception as err:
             raise TuneError(f"study {self.name!r}: the trial config is invalid: {type(err).__name__}: {err}") from err
 
     def lock(self):
         """A lock shared by the workers of this machine (next to a SQLite storage, else in the runs folder)."""
-        from lit.tracking import _file_lock
-
         if self.storage_url.startswith("sqlite:///"):
             db = Path(self.storage_url[len("sqlite:///"):])
             db.parent.mkdir(parents=True, exist_ok=True)
-            return _file_lock(db.with_name(f"{db.name}.{self.name}.lock"))
+            return file_lock(db.with_name(f"{db.name}.{self.name}.lock"))
         self.folder.mkdir(parents=True, exist_ok=True)
-        return _file_lock(self.folder.parent / f".{self.name}.lock")
+        return file_lock(self.folder.parent / f".{self.name}.lock")
 
     def sampler(self, offset: int = 0):
         """TPE; with a seed, ``seed + offset``: the worker reseeds it before every new trial with the
@@ -427,7 +428,7 @@ def run_trial(setup: Setup, study, trial, echo: Callable[[str], None] = print) -
     rc, tail = 0, ""
     if not (run_dir / PRUNED_FILE).is_file():  # pruned before its worker died: nothing left to train
         rc, tail = _train(run_dir, config_path, setup.trial_timeout, setup.storage_url)
-    run_id = _read_run_id(run_dir)
+    run_id = read_run_id(run_dir)
     frozen = study._storage.get_trial(trial._trial_id)
     client = setup.store.client
     if (run_dir / PRUNED_FILE).is_file():
@@ -448,7 +449,7 @@ def run_trial(setup: Setup, study, trial, echo: Callable[[str], None] = print) -
     _record(setup, run_id, number, params, state, value, error, run_dir)
     shown = "" if value is None else f" value {value:.4f}"
     echo(f"[tune] trial {number} {state}{shown} in {time.time() - start:.1f} s"
-         + (f": {_error_line(error)}" if error else ""))
+         + (f": {error_line(error)}" if error else ""))
     return state
 
 
@@ -470,26 +471,7 @@ def _prepare_trial_folder(run_dir: Path, study: str, trial_id: int, params: dict
 
 
 def _train(run_dir: Path, config_path: Path, timeout: Optional[float], storage_url: str) -> tuple[Any, str]:
-    env = child_env(threads=None)
-    env[STORAGE_ENV] = storage_url
-    cmd = [sys.executable, "-m", "lit.cli", "train", "--config", str(config_path)]
-    with open(run_dir / LOG_FILE, "a") as log:
-        offset = log.tell()
-        log.write(f"\n===== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n")
-        log.flush()
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd())
-        try:
-            rc = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            _stop(proc)
-            rc = "timeout"
-        except BaseException:
-            _stop(proc)
-            raise
-    with open(run_dir / LOG_FILE, errors="replace") as log:
-        log.seek(offset)
-        tail = log.read()[-6000:]
-    return rc, tail
+    return run_training(config_path, run_dir / LOG_FILE, child_env(**{STORAGE_ENV: storage_url}), timeout)
 
 
 def _final_value(frozen, client, run_id: Optional[str]) -> Optional[float]:
@@ -619,7 +601,7 @@ def tune(grid_name: str, study_name: Optional[str] = None, storage: Optional[str
     children = []
     if workers > 1 and not worker_only:
         for i in range(1, workers):
-            cmd = [sys.executable, "-m", "lit.cli", "tune", *(_worker_argv(argv or [], i)), "--worker"]
+            cmd = [sys.executable, "-m", "ablations", "tune", *(_worker_argv(argv or [], i)), "--worker"]
             env = child_env()
             env["FWPKM_TUNE_WORKER_INDEX"] = str(i)
             children.append(subprocess.Popen(cmd, env=env, cwd=os.getcwd()))
@@ -628,7 +610,7 @@ def tune(grid_name: str, study_name: Optional[str] = None, storage: Optional[str
         worker(setup, index, deadline, echo)
     except KeyboardInterrupt:
         for proc in children:
-            _stop(proc)
+            stop(proc)
         echo("[tune] interrupted: run the same command again to resume the study")
         return 130
     finally:

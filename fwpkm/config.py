@@ -27,6 +27,26 @@ def check_positive(option: str, value: int | float) -> None:
         raise ConfigError(f"{option}={value!r} must be > 0")
 
 
+def from_mapping(cls, value: Any, option: str):
+    """``cls`` built from ``value`` (None: the defaults; a mapping: its known fields; an instance or
+    another dataclass with the same fields: copied); unknown keys raise :class:`ConfigError`
+    naming ``option`` and the allowed names."""
+    if value is None:
+        return cls()
+    if isinstance(value, cls):
+        return value
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = dataclasses.asdict(value)
+    if not isinstance(value, dict):
+        raise ConfigError(f"{option} must be a mapping of options, got {value!r}")
+    known = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(value) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown option(s) {', '.join(f'{option}.{k}' for k in unknown)}; "
+                          f"allowed under {option}: {', '.join(known)}")
+    return cls(**value)
+
+
 @dataclass
 class MemoryConfig:
     """The FwPKM memory core (spec section 1)."""
@@ -116,10 +136,8 @@ class BlockConfig:
     gate_outputs: int = 8
 
     def __post_init__(self):
-        if isinstance(self.memory, dict):
-            self.memory = MemoryConfig(**self.memory)
-        if isinstance(self.fwmlp, dict):
-            self.fwmlp = FwMLPConfig(**self.fwmlp)
+        self.memory = from_mapping(MemoryConfig, self.memory, "model.block.memory")
+        self.fwmlp = from_mapping(FwMLPConfig, self.fwmlp, "model.block.fwmlp")
         check_choice("block.kind", self.kind, ("fwpkm", "fwmlp"))
         check_choice("block.query_compression", self.query_compression, ("none", "l2norm", "zero_mean"))
         check_choice("block.target_norm", self.target_norm, ("zero_mean", "l2norm", "none"))
@@ -211,8 +229,7 @@ class ModelConfig:
 
     def __post_init__(self):
         for name, cls in (("attention", AttentionConfig), ("gdn", GDNConfig), ("pkm", PKMConfig), ("block", BlockConfig)):
-            if isinstance(getattr(self, name), dict):
-                setattr(self, name, cls(**getattr(self, name)))
+            setattr(self, name, from_mapping(cls, getattr(self, name), f"model.{name}"))
         self.mixers = list(self.mixers)
         self.pkm_layers = list(self.pkm_layers)
         self.memory_layers = list(self.memory_layers)
@@ -242,38 +259,4 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "ModelConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ConfigError(f"unknown model option(s) {sorted(unknown)}; known options: {sorted(known)}")
-        return cls(**data)
-
-
-def flatten(d: dict, prefix: str = "") -> dict:
-    """Flatten a nested dict into dotted keys (for MLflow params)."""
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
-def apply_overrides(data: dict, overrides: dict) -> dict:
-    """Return a copy of nested ``data`` with dotted-key ``overrides`` applied."""
-    import copy
-
-    out = copy.deepcopy(data)
-    for dotted, value in overrides.items():
-        node = out
-        parts = dotted.split(".")
-        for p in parts[:-1]:
-            if p not in node or not isinstance(node[p], dict):
-                raise ConfigError(f"override {dotted!r}: {p!r} is not a section of the config")
-            node = node[p]
-        if parts[-1] not in node:
-            raise ConfigError(f"override {dotted!r}: unknown option {parts[-1]!r}; known: {sorted(node)}")
-        node[parts[-1]] = value
-    return out
+        return from_mapping(cls, data, "model")

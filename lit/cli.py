@@ -1,121 +1,35 @@
-"""The ``fwpkm`` command line.
+"""``fwpkm train``: parse a :class:`lit.config.RunConfig` from YAML files and options, then fit.
 
-    fwpkm train [--config FILE.yaml] [--print_config] [--model.preset tiny] [--trainer.max_steps 600] ...
-    fwpkm <subcommand> --help
+    fwpkm train [--config FILE.yaml] [--print_config] [--model.preset tiny] [--model.d_model 64]
+                [--optim.lr 1e-3] [--trainer.max_steps 600] ...
 
-Subcommands live in :data:`SUBCOMMANDS` (name -> function taking the remaining arguments and
-returning an exit code); other modules add theirs with :func:`register`. ``train`` is built
-on ``LightningCLI`` (YAML config files, ``--print_config``, dotted overrides).
+The parser is Lightning's (``LightningArgumentParser``: YAML config files, ``--print_config``,
+dotted options, every Trainer option under ``--trainer``). Model options are ordinary options
+(``--model.block.memory.topk 16``); ``--model.preset`` names their starting point: the preset's
+values are the defaults that files and options then change field by field.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Optional
 
-from lit.runtime import tune_allocator
-
-SUBCOMMANDS: dict[str, Callable[[list[str]], Optional[int]]] = {}
-
-
-def register(name: str, fn: Callable[[list[str]], Optional[int]]) -> None:
-    """Add a subcommand: ``fn(argv)`` gets the arguments after the name and returns an exit code
-    (None = 0). The first line of its docstring is its summary in ``fwpkm --help``."""
-    SUBCOMMANDS[name] = fn
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    _load_plugins()
-    if not argv or argv[0] in ("-h", "--help", "help"):
-        print(_usage())
-        return 0
-    name, rest = argv[0], argv[1:]
-    if name not in SUBCOMMANDS:
-        print(f"fwpkm: error: unknown subcommand {name!r}; choose one of {sorted(SUBCOMMANDS)}\n", file=sys.stderr)
-        print(_usage(), file=sys.stderr)
-        return 2
-    try:
-        tune_allocator()  # before any tensor exists: freed blocks are kept for reuse (lit/runtime.py)
-    except ValueError as err:
-        print(f"fwpkm: error: {err}", file=sys.stderr)
-        return 2
-    code = SUBCOMMANDS[name](rest)
-    return 0 if code is None else int(code)
-
-
-def _usage() -> str:
-    lines = ["usage: fwpkm <subcommand> [options]   (fwpkm <subcommand> --help for its options)", "",
-             "Fast-weight Product Key Memory: training and evaluation.", "", "subcommands:"]
-    for name, fn in sorted(SUBCOMMANDS.items()):
-        summary = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
-        lines.append(f"  {name:<10} {summary}")
-    return "\n".join(lines)
-
-
-PLUGIN_MODULES = ("ablations.cli", "lit.evaluation.cli")
-
-
-def _load_plugins() -> None:
-    """Import the modules that register further subcommands (each calls :func:`register` when
-    imported); a module that does not exist is skipped, one that fails to import is reported."""
-    import importlib
-
-    for module in PLUGIN_MODULES:
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as err:
-            if err.name is not None and module.startswith(err.name):
-                continue  # not written (yet)
-            print(f"fwpkm: warning: subcommands of {module} unavailable: {err}", file=sys.stderr)
-        except Exception as err:  # a broken plugin must not take `fwpkm train` down with it
-            print(f"fwpkm: warning: subcommands of {module} unavailable: {type(err).__name__}: {err}",
-                  file=sys.stderr)
-
-
-# =========================================================================== train
-
-
-@dataclass
-class CheckpointConfig:
-    """Checkpoints in ``<run_dir>/checkpoints``.
-
-    Args:
-        every_n_steps: refresh last.ckpt every this many optimizer steps (it is also written at the end).
-        save_best: keep best.ckpt, the checkpoint with the best monitored value seen at validation.
-        monitor: metric for best.ckpt; val/ppl is the perplexity of the first validation set.
-        mode: "min" or "max" for the monitor.
-    """
-
-    every_n_steps: int = 100  # refresh last.ckpt every this many optimizer steps (and at the end)
-    save_best: bool = True  # keep best.ckpt, the lowest monitor value seen at validation
-    monitor: str = "val/ppl"  # perplexity of the first validation set
-    mode: str = "min"
-
-    def __post_init__(self):
-        from fwpkm.config import ConfigError, check_choice
-
-        if self.every_n_steps < 1:
-            raise ConfigError(f"checkpoint.every_n_steps={self.every_n_steps} must be >= 1")
-        check_choice("checkpoint.mode", self.mode, ("min", "max"))
-
+from lit.config import DEFAULT_PRESET, CheckpointConfig, OptimConfig, RunConfig, TrackingConfig, TrainConfig, leaves
 
 TRAIN_DESCRIPTION = """\
 Train a hybrid FwPKM language model (Lightning + MLflow).
 
 Every option can come from a YAML file (--config configs/tiny.yaml; several files and
-command-line options merge left to right) and be overridden with dotted options, e.g.
-  --model.preset tiny-gdn-fwpkm --model.overrides '{"block.memory.addr_loss_weight": 0.1}'
-  --model.optim.lr 1e-3 --data.seq_len 512 --trainer.max_steps 2000
---print_config prints the resolved configuration (a valid --config file) and exits.
+command-line options merge left to right, field by field) and be set with dotted options, e.g.
+  --model.preset tiny-gdn-fwpkm --model.block.memory.addr_loss_weight 0.1 --model.d_model 64
+  --optim.lr 1e-3 --data.seq_len 512 --trainer.max_steps 2000
+--model.preset is the model's starting point: its values are the defaults of every --model.*
+option (shown below for the default preset, tiny). --print_config prints the resolved
+configuration (a valid --config file) and exits.
 
-Run folder (--run_dir, default runs/<preset>-<hash of the model/data/optimizer options>):
+Run folder (--run_dir, default runs/<preset>-<hash of the model, optim, train, data options and seed>):
 checkpoints/last.ckpt (every --checkpoint.every_n_steps steps and at the end),
 checkpoints/best.ckpt (best val/ppl), config.yaml, model_config.yaml, plots/ and
 mlflow_run_id. Running the same command again resumes from last.ckpt: weights, optimizer,
@@ -128,7 +42,7 @@ Browse with: mlflow ui --backend-store-uri sqlite:///runs/mlflow.db
 Default job: the tiny preset on the embedded corpus (byte tokenizer, 256 tokens x 8 rows,
 600 steps): a few minutes on a 2-core CPU. Precision: bf16-mixed on a GPU with bf16,
 32-true otherwise. Multi-device: --trainer.strategy ddp --trainer.devices N (fast-weight
-memory averaged over ranks after every step, see --model.train.ddp_fast_weights).
+memory averaged over ranks after every step, see --train.ddp_fast_weights).
 """
 
 
@@ -160,99 +74,99 @@ def _vocab_size_of(tokenizer: str) -> int:
     return load_tokenizer(tokenizer).vocab_size
 
 
-def _seed_of(seed: Any) -> int:
-    return 0 if isinstance(seed, bool) or seed is None else int(seed)
+# --------------------------------------------------------------------------- parsing
 
 
-def _make_cli_class():
-    """Defined lazily so that ``fwpkm --help`` does not import Lightning."""
-    from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+def build_parser():
+    """The ``fwpkm train`` parser: one section per part of the run config."""
+    from jsonargparse import ActionConfigFile
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.cli import LightningArgumentParser
 
-    from lit.data import DataConfig
-    from lit.module import FwPKMLitModule
-    from lit.tracking import TrackingConfig
-
-    class TrainCLI(LightningCLI):
-        """LightningCLI without Lightning's subcommands: parse, build, then :func:`train` runs ``fit``."""
-
-        def add_core_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-            parser.add_lightning_class_args(self.trainer_class, "trainer")
-            parser.set_defaults({"trainer." + k: v for k, v in self.trainer_defaults.items() if k != "callbacks"})
-            parser.add_class_arguments(self._model_class, "model", fail_untyped=False, sub_configs=True,
-                                       skip={"config"})
-            parser.add_class_arguments(DataConfig, "data", help="Training and validation data (lit.data.DataConfig)")
-
-        def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-            parser.add_argument("--run_dir", type=Optional[str], default=None,
-                                help="Run folder (checkpoints, config, plots); default runs/<preset>-<hash>. "
-                                     "Re-running with the same folder resumes from its last checkpoint.")
-            parser.add_class_arguments(TrackingConfig, "tracking", help="MLflow tracking (lit.tracking)")
-            parser.add_class_arguments(CheckpointConfig, "checkpoint", help="Checkpoints")
-            parser.link_arguments("data.tokenizer", "model.vocab_size", compute_fn=_vocab_size_of)
-            parser.link_arguments("seed_everything", "model.seed", compute_fn=_seed_of)
-
-        def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
-            self.config = parser.parse_args(args)  # no warning about sys.argv: argv is ours
-
-        def before_instantiate_classes(self) -> None:
-            self.config.model.seed = _seed_of(self.config.seed_everything)  # the seed actually used
-
-        def instantiate_classes(self) -> None:
-            from lit.data import FwPKMDataModule
-
-            instantiate = getattr(self.parser, "instantiate", None) or self.parser.instantiate_classes
-            self.config_init = instantiate(self.config)
-            self.datamodule = FwPKMDataModule(_as_data_config(self.config_init.data))
-            self.model = self.config_init.model
-            self.trainer = None  # built by train(): it needs the run folder and the logger
-
-    return TrainCLI
-
-
-def _as_data_config(value):
+    from fwpkm import ModelConfig
     from lit.data import DataConfig
 
-    if isinstance(value, DataConfig):
-        return value
-    if dataclasses.is_dataclass(value):
-        return DataConfig(**dataclasses.asdict(value))
-    return DataConfig.from_dict(dict(value))
+    parser = LightningArgumentParser(prog="fwpkm train", description=TRAIN_DESCRIPTION, formatter_class=_formatter(),
+                                     exit_on_error=False)
+    parser.add_argument("-c", "--config", action=ActionConfigFile,
+                        help="a YAML run config (several merge left to right)")
+    parser.add_argument("--seed_everything", type=int, default=0, help="seed of the weights, data order and FA->SWA coin")
+    parser.add_argument("--run_dir", type=Optional[str], default=None,
+                        help="Run folder (checkpoints, config, plots); default runs/<preset>-<hash>. "
+                             "Re-running with the same folder resumes from its last checkpoint.")
+    parser.add_argument("--model.preset", type=str, default=DEFAULT_PRESET,
+                        help="the model's starting point (fwpkm.preset_names(): SCALE-MIXERS[-pkm][-fwpkm|-fwmlp])")
+    parser.add_class_arguments(ModelConfig, "model", help="The model (fwpkm.ModelConfig) over its preset")
+    parser.add_class_arguments(OptimConfig, "optim", help="AdamW and its schedule (lit.config.OptimConfig)")
+    parser.add_class_arguments(TrainConfig, "train", help="Training behaviour (lit.config.TrainConfig)")
+    parser.add_class_arguments(DataConfig, "data", help="Training and validation data (lit.data.DataConfig)")
+    parser.add_class_arguments(CheckpointConfig, "checkpoint", help="Checkpoints")
+    parser.add_class_arguments(TrackingConfig, "tracking", help="MLflow tracking")
+    parser.add_lightning_class_args(Trainer, "trainer")
+    parser.set_defaults({"trainer." + k: v for k, v in trainer_defaults().items()})
+    parser.link_arguments("data.tokenizer", "model.vocab_size", compute_fn=_vocab_size_of)
+    _set_model_defaults(parser, DEFAULT_PRESET)
+    return parser
 
 
-def _plain(value: Any) -> Any:
-    """A parsed config (jsonargparse Namespace, dataclasses) as plain dicts/lists."""
-    if hasattr(value, "as_dict"):
-        value = value.as_dict()
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        value = dataclasses.asdict(value)
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    return str(value)
+def _set_model_defaults(parser, preset: str) -> None:
+    from fwpkm import preset as make_preset
+
+    values = dict(leaves(make_preset(preset).to_dict()))
+    values.pop("vocab_size")  # a link target: it comes from data.tokenizer
+    parser.set_defaults({f"model.{k}": v for k, v in values.items()})
 
 
-def default_run_name(config: dict) -> str:
-    """``<preset>-<8 hex>``: a digest of the options that define the experiment (model, optimizer,
-    data, seed), not of the trainer's length or logging, so a longer run resumes the same folder."""
-    keyed = {k: config.get(k) for k in ("model", "data", "seed_everything")}
-    digest = hashlib.sha1(json.dumps(keyed, sort_keys=True, default=str).encode()).hexdigest()[:8]
-    preset = str(config.get("model", {}).get("preset", "run"))
-    return f"{preset}-{digest}"
+def _preset_given(parser, argv: list[str]) -> Optional[str]:
+    """The ``model.preset`` that files and options name (None if they cannot be parsed yet)."""
+    from argparse import ArgumentError
+
+    probe = [a for a in argv if a not in ("-h", "--help") and not a.startswith("--print_config")]
+    try:
+        return parser.parse_args(probe).model.preset
+    except (ArgumentError, SystemExit, ValueError, TypeError):
+        return None  # the real parse reports it
+
+
+def parse_run_config(argv: list[str]):
+    """(RunConfig, parser, parsed namespace) of ``fwpkm train`` arguments."""
+    parser = build_parser()
+    preset = _preset_given(parser, argv)
+    if preset and preset != DEFAULT_PRESET:
+        _set_model_defaults(parser, preset)
+    namespace = parser.parse_args(argv)
+    plain = namespace.clone()
+    if "config" in plain:
+        del plain["config"]
+    plain = plain.as_dict()
+    return RunConfig.from_dict(plain, vocab_size=plain["model"]["vocab_size"]), parser, namespace
+
+
+def _trainer_objects(parser, namespace) -> dict:
+    """The trainer section with its callbacks, loggers and plugins instantiated."""
+    cleaned = namespace.clone()
+    del cleaned["model.preset"]  # not a ModelConfig field: the parser would pass it to ModelConfig
+    return dict(parser.instantiate(cleaned).trainer)
+
+
+# =========================================================================== train
 
 
 def train(argv: list[str]) -> int:
-    """Train a model (Lightning CLI: YAML config, --print_config, dotted overrides)."""
+    """Train a model (YAML run configs, --print_config, dotted options; re-running resumes)."""
+    from argparse import ArgumentError
+
     from fwpkm.config import ConfigError
     from lit.module import CheckpointError, NonFiniteLossError
 
     state = {"fitting": False}
     try:
         return _train(argv, state)
-    except SystemExit as exit_:  # jsonargparse: --help, --print_config, parse errors (message printed)
+    except SystemExit as exit_:  # --help, --print_config
         return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+    except ArgumentError as err:
+        print(f"fwpkm train: error: {explain_argument_error(err)}", file=sys.stderr)
+        return 2
     except (CheckpointError, NonFiniteLossError) as err:
         print(f"fwpkm train: error: {err}", file=sys.stderr)
         return 1
@@ -263,34 +177,50 @@ def train(argv: list[str]) -> int:
         return 2
 
 
+def explain_argument_error(err) -> str:
+    """jsonargparse's message on one line; an unknown dotted option names the allowed ones."""
+    import re
+
+    from fwpkm.config import ConfigError
+
+    message = " ".join(str(err).split())
+    unknown = re.search(r"unrecognized arguments: (--[\w.]+)", message)
+    if unknown:
+        path = unknown.group(1)[2:]
+        try:
+            RunConfig.from_dict(_dotted(path))
+        except ConfigError as why:
+            return str(why)
+    return message
+
+
+def _dotted(path: str) -> dict:
+    """``{"a": {"b": None}}`` for ``a.b``: enough for :meth:`RunConfig.from_dict` to name a bad key."""
+    out: dict = {}
+    node = out
+    *parents, leaf = path.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[leaf] = {}
+    return out
+
+
 def _train(argv: list[str], state: dict) -> int:
+    import lightning as L
+
     from lit.callbacks import LastCheckpoint, MemoryPlots, best_checkpoint
-    from lit.module import check_checkpoint_matches, load_checkpoint
+    from lit.data import FwPKMDataModule
+    from lit.module import FwPKMLitModule, check_checkpoint_matches, load_checkpoint
     from lit.tracking import TrackingCallback, flat_params, make_logger, run_tags
 
     os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
     for offline in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):  # no network at run time: fail fast, no retries
         os.environ.setdefault(offline, "1")
-    cli_class = _make_cli_class()
-    cli = cli_class(
-        datamodule_class=None,
-        model_class=_module_class(),
-        save_config_callback=None,
-        trainer_defaults=trainer_defaults(),
-        seed_everything_default=0,
-        parser_kwargs={"prog": "fwpkm train", "description": TRAIN_DESCRIPTION,
-                       "formatter_class": _formatter()},
-        args=argv,
-        run=False,
-        auto_configure_optimizers=False,
-        load_from_checkpoint_support=False,
-    )
-    config = cli.config
-    plain = _plain(config)
-    plain.pop("config", None)  # the --config file list
-    run_dir = Path(config.run_dir or Path("runs") / default_run_name(plain))
-    plain["run_dir"] = str(run_dir)
-    module, datamodule = cli.model, cli.datamodule
+    config, parser, namespace = parse_run_config(argv)
+    run_dir = Path(config.run_dir or config.default_run_dir())
+    L.seed_everything(config.seed_everything, workers=True)
+    module = FwPKMLitModule.from_run_config(config)
+    datamodule = FwPKMDataModule(config.data)
     datamodule.setup("fit")  # bad sources, files, tokenizers fail here, before any training
 
     ckpt_dir = run_dir / "checkpoints"
@@ -303,26 +233,27 @@ def _train(argv: list[str], state: dict) -> int:
     artifacts = []
     if is_rank_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
-        artifacts = _write_config_files(cli, config, run_dir, module)
+        artifacts = _write_config_files(parser, namespace, run_dir, module)
 
-    tracking = config_init_get(cli, "tracking")
-    variant = tracking.variant or ("base" if not module.overrides else "custom")
-    tags = run_tags(module.preset, variant, module.seed, run_dir, tracking.tags)
+    tracking = config.tracking
+    variant = tracking.variant or ("custom" if config.model_options else "base")
+    tags = run_tags(config.preset, variant, config.seed_everything, run_dir, tracking.tags)
     callbacks, loggers = [], []
     if tracking.enabled:
         logger = make_logger(tracking, run_dir, run_name=run_dir.name, tags=tags)
         loggers.append(logger)
-        params = flat_params({**plain, "model": {**plain["model"], "config": module.model_config.to_dict()}})
+        params = flat_params({**config.to_dict(), "run_dir": str(run_dir)})
         callbacks.append(TrackingCallback(str(run_dir), params, tags, [str(p) for p in artifacts]))
-    ckpt = config_init_get(cli, "checkpoint")
-    if cli.config_init.trainer.get("enable_checkpointing") is not False:
+    trainer_options = _trainer_objects(parser, namespace)
+    ckpt = config.checkpoint
+    if trainer_options.get("enable_checkpointing") is not False:
         callbacks.append(LastCheckpoint(str(ckpt_dir), ckpt.every_n_steps))
         if ckpt.save_best:
             callbacks.append(best_checkpoint(str(ckpt_dir), ckpt.monitor, ckpt.mode))
-    if module.train_config.plot_every_n_steps:
-        callbacks.append(MemoryPlots(str(run_dir / "plots"), module.train_config.plot_every_n_steps))
+    if config.train.plot_every_n_steps:
+        callbacks.append(MemoryPlots(str(run_dir / "plots"), config.train.plot_every_n_steps))
 
-    trainer = _build_trainer(cli, callbacks, loggers, run_dir)
+    trainer = _build_trainer(trainer_options, callbacks, loggers, run_dir)
     _warn_unsharded_data(trainer, datamodule)
     state["fitting"] = True
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None, weights_only=True)
@@ -344,16 +275,6 @@ def _warn_unsharded_data(trainer, datamodule) -> None:
                       stacklevel=2)
 
 
-def _module_class():
-    from lit.module import FwPKMLitModule
-
-    return FwPKMLitModule
-
-
-def config_init_get(cli, key: str):
-    return cli.config_init[key]
-
-
 def _formatter():
     from jsonargparse import DefaultHelpFormatter
 
@@ -364,13 +285,12 @@ def _formatter():
     return Formatter
 
 
-def _write_config_files(cli, config, run_dir: Path, module) -> list[Path]:
+def _write_config_files(parser, namespace, run_dir: Path, module) -> list[Path]:
     """``config.yaml`` (re-runnable: ``fwpkm train --config run_dir/config.yaml``) and the resolved
     ``model_config.yaml``; a changed config.yaml is kept as ``config.previous.yaml``."""
     import yaml
 
-    dumped = cli.parser.dump(config, skip_unset=False, skip_link_targets=True)
-    data = yaml.safe_load(dumped)
+    data = yaml.safe_load(parser.dump(namespace, skip_unset=False, skip_link_targets=True))
     data.pop("config", None)
     data["run_dir"] = str(run_dir)
     text = yaml.safe_dump(data, sort_keys=False)
@@ -383,10 +303,10 @@ def _write_config_files(cli, config, run_dir: Path, module) -> list[Path]:
     return [path, model_path]
 
 
-def _build_trainer(cli, callbacks: list, loggers: list, run_dir: Path):
+def _build_trainer(options: dict, callbacks: list, loggers: list, run_dir: Path):
     from lightning.pytorch import Trainer
 
-    config = dict(cli.config_init.trainer)
+    config = dict(options)
     user_callbacks = config.get("callbacks") or []
     if not isinstance(user_callbacks, list):
         user_callbacks = [user_callbacks]
@@ -402,10 +322,8 @@ def _build_trainer(cli, callbacks: list, loggers: list, run_dir: Path):
     return Trainer(**config)
 
 
-register("train", train)
+if __name__ == "__main__":  # python -m lit.cli [options] = fwpkm train [options] (how grids and studies start runs)
+    from lit.runtime import tune_allocator
 
-
-if __name__ == "__main__":  # python -m lit.cli: run the importable module, where plugins register
-    from lit.cli import main as _main
-
-    sys.exit(_main())
+    tune_allocator()
+    sys.exit(train(sys.argv[1:]))

@@ -57,6 +57,7 @@ import dataclasses
 import math
 import random
 import time
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
@@ -67,13 +68,11 @@ import torch.distributed as dist
 from torch import Tensor
 
 from fwpkm import HybridLM, ModelConfig
-from fwpkm import preset as make_preset
-from fwpkm.config import ConfigError, apply_overrides, check_choice, flatten
+from fwpkm.config import ConfigError, from_mapping
+from lit.config import DEFAULT_PRESET, OptimConfig, RunConfig, TrainConfig, leaves
 
 CHECKPOINT_KEY = "fwpkm"  # our own section of a Lightning checkpoint
 CHECKPOINT_FORMAT = 1
-NAN_POLICIES = ("stop", "skip")
-DDP_FAST_WEIGHT_POLICIES = ("mean", "local")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -82,109 +81,6 @@ class NonFiniteLossError(RuntimeError):
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be loaded safely, or does not match the configured model."""
-
-
-# --------------------------------------------------------------------------- configs
-
-
-@dataclass
-class OptimConfig:
-    """AdamW and its schedule (spec section 6: peak 3e-4 decayed to 3e-5, wd 0.1, warm-up 100).
-
-    Args:
-        lr: peak learning rate, reached at the end of the warm-up.
-        min_lr: the cosine decays to this.
-        warmup_steps: optimizer steps of linear warm-up (from lr/warmup_steps).
-        decay_steps: step at which the cosine reaches min_lr; null = trainer.max_steps.
-        weight_decay: AdamW weight decay, on matrices only (not on norms, biases, A_log, dt_bias).
-        betas: AdamW betas.
-        eps: AdamW epsilon.
-        grad_clip: maximum global gradient norm; null or 0 = no clipping
-            (trainer.gradient_clip_val wins when set).
-    """
-
-    lr: float = 3e-4  # peak learning rate, reached at the end of the warm-up
-    min_lr: float = 3e-5  # the cosine decays to this
-    warmup_steps: int = 100  # linear warm-up from lr/warmup_steps
-    decay_steps: Optional[int] = None  # step where the cosine reaches min_lr; default: trainer.max_steps
-    weight_decay: float = 0.1  # on matrices only: not on norms, biases, A_log, dt_bias
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
-    grad_clip: Optional[float] = 1.0  # max global gradient norm; None or 0 = no clipping
-
-    def __post_init__(self):
-        self.betas = tuple(float(b) for b in self.betas)
-        if not (self.lr > 0 and 0 <= self.min_lr <= self.lr):
-            raise ConfigError(f"optim.lr={self.lr} must be > 0 and optim.min_lr={self.min_lr} in [0, lr]")
-        if self.warmup_steps < 0:
-            raise ConfigError(f"optim.warmup_steps={self.warmup_steps} must be >= 0")
-        if self.decay_steps is not None and self.decay_steps <= 0:
-            raise ConfigError(f"optim.decay_steps={self.decay_steps} must be > 0 or None (= trainer.max_steps)")
-        if self.weight_decay < 0:
-            raise ConfigError(f"optim.weight_decay={self.weight_decay} must be >= 0")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise ConfigError(f"optim.betas={self.betas} must be two numbers in [0, 1)")
-        if self.grad_clip is not None and self.grad_clip < 0:
-            raise ConfigError(f"optim.grad_clip={self.grad_clip} must be >= 0 or None")
-
-
-@dataclass
-class TrainConfig:
-    """Training behaviour that is not the optimizer.
-
-    Args:
-        fa_to_swa_prob: probability that a training step runs full attention as sliding-window
-            attention of the memory chunk size (FA->SWA, paper: 0.9); null = the model config's value.
-        nan_policy: on a NaN/Inf loss or gradient: "stop" raises with the step and the per-layer
-            memory statistics; "skip" drops the batch (no update, fast-weight memory restored).
-        plot_every_n_steps: gate histograms and slot-usage plots every this many steps; 0 = never.
-        ddp_fast_weights: with several ranks: "mean" averages the fast-weight memory over the ranks
-            after every step (identical memory everywhere, coherent checkpoints); "local" keeps it
-            per rank (checkpoints hold rank 0's).
-    """
-
-    fa_to_swa_prob: Optional[float] = None  # FA->SWA probability per step; None = the model config's value
-    nan_policy: str = "stop"  # stop: raise with step and layer stats | skip: drop the batch (memory restored)
-    plot_every_n_steps: int = 100  # gate histograms and slot usage plots; 0 = never
-    ddp_fast_weights: str = "mean"  # mean: all_reduce the memory after every step | local: keep per rank
-
-    def __post_init__(self):
-        if self.fa_to_swa_prob is not None and not 0.0 <= self.fa_to_swa_prob <= 1.0:
-            raise ConfigError(f"train.fa_to_swa_prob={self.fa_to_swa_prob} must be in [0, 1] or None")
-        check_choice("train.nan_policy", self.nan_policy, NAN_POLICIES)
-        check_choice("train.ddp_fast_weights", self.ddp_fast_weights, DDP_FAST_WEIGHT_POLICIES)
-        if self.plot_every_n_steps < 0:
-            raise ConfigError(f"train.plot_every_n_steps={self.plot_every_n_steps} must be >= 0")
-
-
-def _as_dataclass(cls, value):
-    if value is None:
-        return cls()
-    if isinstance(value, cls):
-        return value
-    if isinstance(value, dict):
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(value) - known)
-        if unknown:
-            raise ConfigError(f"unknown {cls.__name__} option(s) {unknown}; known: {sorted(known)}")
-        return cls(**value)
-    if dataclasses.is_dataclass(value):  # e.g. a copy made by the argument parser
-        return cls(**dataclasses.asdict(value))
-    raise ConfigError(f"expected a {cls.__name__} or a dict, got {type(value).__name__}")
-
-
-def build_model_config(preset: str = "tiny", overrides: Optional[dict] = None,
-                       vocab_size: Optional[int] = None) -> ModelConfig:
-    """A preset's :class:`ModelConfig` with dotted ``overrides`` applied and ``vocab_size`` set."""
-    data = make_preset(preset).to_dict()
-    overrides = dict(overrides or {})
-    if vocab_size is not None:
-        given = overrides.get("vocab_size")
-        if given is not None and int(given) != int(vocab_size):
-            raise ConfigError(f"model override vocab_size={given} disagrees with the tokenizer's vocab_size={vocab_size}; "
-                              "drop the override (the vocabulary comes from data.tokenizer)")
-        overrides["vocab_size"] = int(vocab_size)
-    return ModelConfig.from_dict(apply_overrides(data, overrides))
 
 
 def lr_factor(step: int, optim: OptimConfig, total_steps: int) -> float:
@@ -227,45 +123,32 @@ class FwPKMLitModule(L.LightningModule):
     """Train a hybrid FwPKM language model.
 
     Args:
-        preset: model preset name (``fwpkm.preset_names()``), e.g. ``tiny``,
-            ``tiny-gdn-fwpkm``, ``paper-swa_interleave-pkm-fwpkm``.
-        overrides: dotted model-config overrides applied to the preset, e.g.
-            ``{"block.memory.addr_loss_weight": 0.1, "d_model": 64}``.
-        vocab_size: vocabulary size; the command line sets it from ``data.tokenizer``.
+        model: the model configuration (a :class:`ModelConfig` or its dict).
         optim: AdamW and learning-rate schedule.
         train: FA->SWA probability, NaN policy, plot period, DDP fast-weight policy.
-        seed: seeds the FA->SWA coin; the command line sets it from ``seed_everything``.
-        config: a complete model config (dict); when given, ``preset`` and ``overrides``
-            only label the run. Used when a model is rebuilt from a checkpoint.
+        seed: seeds the FA->SWA coin (the run's ``seed_everything``).
+        preset: the preset the model configuration started from (a label of the run).
     """
 
     def __init__(
         self,
-        preset: str = "tiny",
-        overrides: Optional[dict[str, Any]] = None,
-        vocab_size: Optional[int] = None,
-        optim: OptimConfig = OptimConfig(),
-        train: TrainConfig = TrainConfig(),
+        model: Optional[Union[ModelConfig, dict]] = None,
+        optim: Optional[Union[OptimConfig, dict]] = None,
+        train: Optional[Union[TrainConfig, dict]] = None,
         seed: int = 0,
-        config: Optional[dict[str, Any]] = None,
+        preset: str = DEFAULT_PRESET,
     ):
         super().__init__()
-        self.optim_config = _as_dataclass(OptimConfig, optim)
-        self.train_config = _as_dataclass(TrainConfig, train)
-        if config is not None:
-            model_config = ModelConfig.from_dict(dict(config))
-        else:
-            model_config = build_model_config(preset, overrides, vocab_size)
-        self.preset, self.overrides, self.seed = preset, dict(overrides or {}), int(seed)
-        self.model = HybridLM(model_config)
+        self.optim_config = from_mapping(OptimConfig, optim, "optim")
+        self.train_config = from_mapping(TrainConfig, train, "train")
+        self.preset, self.seed = preset, int(seed)
+        self.model = HybridLM(from_mapping(ModelConfig, model, "model"))
         self.save_hyperparameters({
-            "preset": preset,
-            "overrides": self.overrides,
-            "vocab_size": model_config.vocab_size,
+            "model": self.model_config.to_dict(),
             "optim": dataclasses.asdict(self.optim_config),
             "train": dataclasses.asdict(self.train_config),
             "seed": self.seed,
-            "config": model_config.to_dict(),
+            "preset": preset,
         })
         self._log_hyperparams = False  # the tracking callback logs the full run config itself
         self.val_names: list[str] = []
@@ -277,6 +160,10 @@ class FwPKMLitModule(L.LightningModule):
         self._skip_snapshot: Optional[dict] = None
         self._step_start: Optional[float] = None
         self._grad_norm: Optional[Tensor] = None
+
+    @classmethod
+    def from_run_config(cls, config: RunConfig) -> "FwPKMLitModule":
+        return cls(config.model, config.optim, config.train, config.seed_everything, config.preset)
 
     # ----------------------------------------------------------------- properties
 
@@ -360,7 +247,7 @@ class FwPKMLitModule(L.LightningModule):
         message = (f"non-finite {what} ({float(value):.6g}) at global step {step} (epoch {self.current_epoch}); "
                    f"fast-weight buffers with NaN/Inf: {bad_buffers or 'none'}; layer statistics: {report}")
         if self.train_config.nan_policy == "stop":
-            raise NonFiniteLossError(message + ". Set --model.train.nan_policy skip to drop such batches instead.")
+            raise NonFiniteLossError(message + ". Set --train.nan_policy skip to drop such batches instead.")
         if self._skip_snapshot is not None:  # the forward already wrote this batch into the memory: undo it
             self.model.load_fast_weight_state(self._skip_snapshot)
         self.skipped_batches += 1
@@ -573,7 +460,7 @@ def _as_tuple(x):
 
 
 def config_differences(saved: dict, current: dict, limit: int = 12) -> list[str]:
-    a, b = flatten(saved), flatten(current)
+    a, b = dict(leaves(saved)), dict(leaves(current))
     keys = sorted(set(a) | set(b))
     diffs = [f"{k}: checkpoint={a.get(k, '<missing>')!r} vs now={b.get(k, '<missing>')!r}"
              for k in keys if _normalise(a.get(k)) != _normalise(b.get(k))]
@@ -642,3 +529,16 @@ def load_model(path: str, map_location: Union[str, torch.device] = "cpu") -> tup
     except RuntimeError as err:
         raise CheckpointError(f"checkpoint {path!r} does not fit its own model config: {err}") from err
     return model, {k: v for k, v in ours.items() if k != "rng"}
+
+
+def count_parameters(run_dir: Path) -> Optional[int]:
+    """Trainable parameters of the run's model, built on the meta device from ``model_config.yaml``."""
+    import yaml
+
+    path = Path(run_dir) / "model_config.yaml"
+    if not path.is_file():
+        return None
+    config = ModelConfig.from_dict(yaml.safe_load(path.read_text()))
+    with torch.device("meta"):
+        model = HybridLM(config)
+    return int(sum(p.numel() for p in model.parameters()))

@@ -27,51 +27,36 @@ import contextlib
 import os
 import re
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
-from fwpkm.config import ConfigError, flatten
+from fwpkm.config import ConfigError
+from lit.config import TrackingConfig, leaves
 
 RUN_ID_FILE = "mlflow_run_id"
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-
-
-@dataclass
-class TrackingConfig:
-    """MLflow tracking of a run.
-
-    Args:
-        enabled: log the run to MLflow (false: no logger).
-        uri: tracking URI; null = $MLFLOW_TRACKING_URI, else sqlite:///<runs folder>/mlflow.db
-            (the runs folder is the parent of the run folder).
-        experiment: MLflow experiment name.
-        variant: the run's "variant" tag; null = "base" without model overrides, else "custom".
-        tags: extra tags, e.g. {"team": "memory"}.
-    """
-
-    enabled: bool = True  # log to MLflow (false: no logger at all)
-    uri: Optional[str] = None  # default: $MLFLOW_TRACKING_URI, else sqlite:///<runs folder>/mlflow.db
-    experiment: str = "fwpkm"  # MLflow experiment name
-    variant: Optional[str] = None  # "variant" tag; default: "base" without model overrides, else "custom"
-    tags: dict[str, str] = field(default_factory=dict)  # extra tags
 
 
 def default_tracking_uri(runs_folder: Path) -> str:
     return f"sqlite:///{Path(runs_folder).resolve() / 'mlflow.db'}"
 
 
-def resolve_tracking_uri(config: TrackingConfig, runs_folder: Path) -> tuple[str, Optional[str]]:
-    """(tracking URI, artifact location for a new experiment or None to let the server decide)."""
-    uri = config.uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if uri:
-        return uri, None
-    runs_folder = Path(runs_folder).resolve()
-    runs_folder.mkdir(parents=True, exist_ok=True)
-    return default_tracking_uri(runs_folder), (runs_folder / "mlartifacts").as_uri()
+def resolve_tracking_uri(uri: Optional[str], runs_folder: Path) -> tuple[str, Optional[str]]:
+    """(tracking URI, artifact location for a new experiment): ``uri``, else ``$MLFLOW_TRACKING_URI``,
+    else ``sqlite:///<runs folder>/mlflow.db``; artifacts beside a SQLite database in ``mlartifacts/``,
+    None (the server decides) elsewhere."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        runs_folder = Path(runs_folder).resolve()
+        runs_folder.mkdir(parents=True, exist_ok=True)
+        uri = default_tracking_uri(runs_folder)
+    if uri.startswith("sqlite:///"):
+        return uri, (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
+    return uri, None
 
 
 def git_commit(root: Path = PROJECT_ROOT) -> str:
@@ -117,7 +102,7 @@ def store_lock(uri: str):
         return contextlib.nullcontext()
     db = Path(uri[len("sqlite:///"):])
     db.parent.mkdir(parents=True, exist_ok=True)
-    return _file_lock(db.with_name(db.name + ".lock"))
+    return file_lock(db.with_name(db.name + ".lock"))
 
 
 def ensure_experiment(uri: str, experiment: str, artifact_location: Optional[str]) -> None:
@@ -135,7 +120,8 @@ def ensure_experiment(uri: str, experiment: str, artifact_location: Optional[str
 
 
 @contextlib.contextmanager
-def _file_lock(path: Path):
+def file_lock(path: Path):
+    """An exclusive ``flock`` on ``path`` (created if missing) while the block runs."""
     import fcntl
 
     with open(path, "w") as handle:
@@ -150,7 +136,7 @@ def make_logger(config: TrackingConfig, run_dir: Path, run_name: str, tags: dict
     """The run's ``MLFlowLogger``, reusing the MLflow run recorded in ``run_dir`` if any."""
     from lightning.pytorch.loggers import MLFlowLogger
 
-    uri, artifact_location = resolve_tracking_uri(config, Path(run_dir).parent)
+    uri, artifact_location = resolve_tracking_uri(config.uri, Path(run_dir).parent)
     with store_lock(uri):
         ensure_experiment(uri, config.experiment, artifact_location)
         run_id = read_run_id(run_dir)
@@ -186,7 +172,7 @@ MAX_PARAM_VALUE = 6000  # MLflow 3's limit on a param value
 def flat_params(config: dict) -> dict:
     """Flattened dotted params, values as strings within MLflow's limits."""
     out = {}
-    for key, value in flatten(config).items():
+    for key, value in leaves(config):
         key = re.sub(r"[^\w\-. /]", "_", key)[:250]
         text = "None" if value is None else str(value)
         out[key] = text[:MAX_PARAM_VALUE]
@@ -233,3 +219,79 @@ class TrackingCallback(Callback):
         logger = mlflow_logger(trainer)
         if logger is not None and trainer.is_global_zero:  # after a resume: the step it resumed from
             logger.experiment.set_tag(logger.run_id, "fwpkm.started_at_step", str(trainer.global_step))
+
+
+# --------------------------------------------------------------------------- stores shared by grids and studies
+
+
+@dataclass
+class Store:
+    """An MLflow tracking store and the experiment the grid (or study) logs into."""
+
+    uri: str
+    experiment: str
+    artifact_location: Optional[str]
+    experiment_id: str = ""
+    runs_dir: Path = Path("runs")
+
+    @property
+    def client(self):
+        from mlflow.tracking import MlflowClient
+
+        return MlflowClient(tracking_uri=self.uri)
+
+    def lock(self, name: str):
+        """An exclusive lock (a file in the runs folder) for find-or-create sections."""
+        self.runs_dir.mkdir(parents=True, exist_ok=True)
+        return file_lock(self.runs_dir / f".{name}.lock")
+
+
+def open_store(runs_dir: Path, experiment: str, tracking_uri: Optional[str] = None) -> Store:
+    """The store of ``--tracking-uri``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<runs>/mlflow.db``
+    (artifacts next to a SQLite database in ``mlartifacts/``); creates the experiment if missing."""
+    runs_dir = Path(runs_dir).resolve()
+    uri, artifacts = resolve_tracking_uri(tracking_uri, runs_dir)
+    os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+    with store_lock(uri):
+        ensure_experiment(uri, experiment, artifacts)
+    store = Store(uri=uri, experiment=experiment, artifact_location=artifacts, runs_dir=runs_dir)
+    store.experiment_id = store.client.get_experiment_by_name(experiment).experiment_id
+    return store
+
+
+def search_runs(store: Store, filter_string: str = "", experiment_ids: Optional[list] = None) -> list:
+    client, out, token = store.client, [], None
+    while True:
+        page = client.search_runs(experiment_ids or [store.experiment_id], filter_string, max_results=1000,
+                                  page_token=token)
+        out.extend(page)
+        token = page.token
+        if not token:
+            return out
+
+
+def tag_filter(**tags: str) -> str:
+    return " and ".join(f"tags.`{k.replace('__', '.')}` = '{v}'" for k, v in tags.items())
+
+
+def find_parent(store: Store, role: str, name: str):
+    """The parent run of a grid (role "grid") or study (role "study"), the oldest if several."""
+    runs = search_runs(store, tag_filter(**{"fwpkm__role": role, f"fwpkm__{role}": name}))
+    runs.sort(key=lambda r: (r.info.start_time or 0, r.info.run_id))
+    return runs[0] if runs else None
+
+
+def ensure_parent(store: Store, role: str, name: str, tags: Optional[dict] = None) -> str:
+    """Find or create the parent run (under a lock, so concurrent runners share one)."""
+    with store.lock(f"{role}-{name}"):
+        run = find_parent(store, role, name)
+        if run is not None:
+            return run.info.run_id
+        all_tags = {"fwpkm.role": role, f"fwpkm.{role}": name, "mlflow.runName": f"{role}:{name}"}
+        all_tags.update(tags or {})
+        run = store.client.create_run(store.experiment_id, tags=all_tags, run_name=f"{role}:{name}")
+        return run.info.run_id
+
+
+def set_running(store: Store, run_id: str) -> None:
+    store.client.update_run(run_id, status="RUNNING")

@@ -1,6 +1,6 @@
 """Ablation grids, the grid runner, Optuna studies and reports (ablations/): CPU only, micro models.
 
-The end-to-end tests run ``python -m lit.cli ablate|tune`` as subprocesses with a tmp runs
+The end-to-end tests run ``python -m ablations ablate|tune`` as subprocesses with a tmp runs
 folder and a tmp SQLite MLflow store (``MLFLOW_TRACKING_URI``)."""
 
 from __future__ import annotations
@@ -15,8 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ablations.grid import (GridError, apply, load_grid, override_leaves, parse_sets, resolve_runs,
-                            validate_all)
+from ablations.grid import GridError, apply, load_grid, parse_sets, resolve_runs
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 300
@@ -36,7 +35,7 @@ def store_uri(tmp_path: Path) -> str:
 
 
 def fwpkm(tmp_path: Path, *args: str) -> list[str]:
-    return [sys.executable, "-m", "lit.cli", *args, "--runs-dir", str(tmp_path / "runs")]
+    return [sys.executable, "-m", "ablations", *args, "--runs-dir", str(tmp_path / "runs")]
 
 
 def run(tmp_path: Path, *args: str, expect: int | None = 0) -> subprocess.CompletedProcess:
@@ -71,17 +70,16 @@ def write_grid(tmp_path: Path, data: dict) -> Path:
 
 
 def test_override_algebra_and_grid_files(tmp_path):
-    base = {"model": {"preset": "tiny", "overrides": {"d_model": 32, "block.memory.topk": 4}},
-            "trainer": {"max_steps": 10}}
-    out = apply(base, {"model.overrides.block.memory.score": "dot", "trainer": {"val_check_interval": 5},
-                       "model": {"overrides": {"block": {"memory": {"lookahead": 0}}}}, "data.seq_len": 64})
-    # model overrides are merged (never replaced) and nested model options become dotted ones
-    assert out["model"]["overrides"] == {"d_model": 32, "block.memory.topk": 4, "block.memory.score": "dot",
-                                         "block.memory.lookahead": 0}
+    base = {"model": {"preset": "tiny", "d_model": 32, "block.memory.topk": 4}, "trainer": {"max_steps": 10}}
+    out = apply(base, {"model.block.memory.score": "dot", "trainer": {"val_check_interval": 5},
+                       "model": {"block": {"memory": {"lookahead": 0}}}, "data.seq_len": 64})
+    # model options are merged field by field (never replaced), dotted or nested alike
+    assert out["model"] == {"preset": "tiny", "d_model": 32,
+                            "block": {"memory": {"topk": 4, "score": "dot", "lookahead": 0}}}
     assert out["trainer"] == {"max_steps": 10, "val_check_interval": 5} and out["data"] == {"seq_len": 64}
-    assert base["model"]["overrides"] == {"d_model": 32, "block.memory.topk": 4}  # a copy
-    assert override_leaves({"model.overrides": {"block.memory.addr_loss_weight": None}}) == [
-        ("model.overrides.block.memory.addr_loss_weight", None)]
+    assert base["model"] == {"preset": "tiny", "d_model": 32, "block.memory.topk": 4}  # a copy
+    assert apply({}, {"model.block.memory.addr_loss_weight": None}) == {
+        "model": {"block": {"memory": {"addr_loss_weight": None}}}}
     assert parse_sets(["trainer.max_steps=100", "data.source=hf:x/y", "a.b=null", "c=[1, 2]"]) == {
         "trainer.max_steps": 100, "data.source": "hf:x/y", "a.b": None, "c": [1, 2]}
     with pytest.raises(GridError, match="KEY=VALUE"):
@@ -94,18 +92,17 @@ def test_override_algebra_and_grid_files(tmp_path):
         grid = load_grid(scale)
         assert grid.order == names and grid.aliases == {"h1k8": "base"}
         no_addr = grid.variants["no_addr_loss"]
-        assert no_addr == {"model.overrides.block.memory.addr_loss_weight": None,
-                           "model.overrides.block.memory.grad_to_values_only": False}
+        assert no_addr == {"model": {"block": {"memory": {"addr_loss_weight": None, "grad_to_values_only": False}}}}
     smoke = load_grid("smoke")
     assert 3 <= len(smoke.variants) <= 4 and smoke.eval.get("niah")
 
     # extends: base merged, variants added or dropped; unknown keys and bad aliases are errors
     child = write_grid(tmp_path, {"name": "child", "extends": "smoke", "seeds": [1, 2],
                                   "base": {"trainer.max_steps": 20},
-                                  "variants": {"dot": False, "topk2": {"model.overrides.block.memory.topk": 2}}})
+                                  "variants": {"dot": False, "topk2": {"model.block.memory.topk": 2}}})
     grid = load_grid(str(child))
     assert grid.name == "child" and "dot" not in grid.variants and grid.order[-1] == "topk2"
-    assert grid.base["trainer"]["max_steps"] == 20 and grid.base["model"]["overrides"]["d_model"] == 32
+    assert grid.base["trainer"]["max_steps"] == 20 and grid.base["model"]["d_model"] == 32
     specs = resolve_runs(grid, tmp_path / "runs", only=["topk2"])
     assert [(s.variant, s.seed) for s in specs] == [("topk2", 1), ("topk2", 2)]
     assert specs[0].config_hash != specs[1].config_hash and specs[0].config["seed_everything"] == 1
@@ -122,7 +119,7 @@ def test_override_algebra_and_grid_files(tmp_path):
 
 def test_dry_run_resolves_paper_and_tiny_without_building_models(tmp_path, monkeypatch, capsys):
     import fwpkm.model
-    from lit.cli import main
+    from ablations.__main__ import main
 
     def no_models(*args, **kwargs):
         raise AssertionError("--dry-run built a model")
@@ -142,15 +139,17 @@ def test_dry_run_resolves_paper_and_tiny_without_building_models(tmp_path, monke
 
     # an invalid variant shows up in the dry run (config dataclasses only), and the exit code says so
     grid = write_grid(tmp_path, {"name": "broken", "extends": "smoke",
-                                 "variants": {"bad_topk": {"model.overrides.block.memory.topk": 1000},
+                                 "variants": {"bad_topk": {"model.block.memory.topk": 1000},
+                                              "bad_path": {"model.block.memory.topkk": 4},
                                               "bad_steps": {"trainer.max_steps": 15}}})
     code = main(["ablate", str(grid), "--dry-run", "--runs-dir", str(tmp_path / "runs")])
     out = capsys.readouterr().out
     assert code == 1
     assert "INVALID bad_topk" in out and "memory.topk=1000 must be <=" in out
     assert "INVALID bad_steps" in out and "multiple of trainer.val_check_interval" in out
-    specs = validate_all(resolve_runs(load_grid(str(grid)), tmp_path / "runs"))
-    assert sum(s.error is not None for s in specs) == 2
+    assert "INVALID bad_path" in out and "unknown option model.block.memory.topkk; allowed under model.block.memory" in out
+    specs = resolve_runs(load_grid(str(grid)), tmp_path / "runs")
+    assert sum(s.error is not None for s in specs) == 3
 
 
 # --------------------------------------------------------------------------- the runner, end to end
@@ -177,13 +176,13 @@ def test_niah_tables_average_seeds_and_list_each_seed():
 def test_gate_histories_are_read_per_memory_layer_and_plotted(tmp_path):
     from types import SimpleNamespace
 
-    from ablations.report import _gate_histories, plot_gates
+    from ablations.report import gate_histories, plot_gates
 
     history = {"mem/L1/gate_mean": [(20, 0.4), (10, 0.5), (30, float("nan"))], "mem/L3/gate_mean": [(10, 0.9)]}
     client = SimpleNamespace(get_metric_history=lambda run_id, key: [
         SimpleNamespace(step=s, value=v) for s, v in history[key]])
     metrics = {"mem/L1/gate_mean": 0.4, "mem/L3/gate_mean": 0.9, "mem/L1/mem_loss": 1.0, "val/ppl": 3.0}
-    gates = _gate_histories(client, "run", metrics)
+    gates = gate_histories(client, "run", metrics)
     assert gates == {1: [(10, 0.5), (20, 0.4)], 3: [(10, 0.9)]}  # sorted by step, non-finite dropped
     rows = [{"variant": "fwpkm", "seed": 0, "gates": gates}, {"variant": "swa", "seed": 0, "gates": {}}]
     assert plot_gates(rows, tmp_path / "g.png").is_file()
@@ -194,7 +193,7 @@ def test_smoke_grid_end_to_end_with_failures_then_skips_finished_runs(tmp_path):
     grid_data = {
         "name": "smoke-e2e", "extends": "smoke",
         "variants": {
-            "bad_config": {"model.overrides.block.memory.topk": 1000},  # caught before training
+            "bad_config": {"model.block.memory.topk": 1000},  # caught before training
             "bad_runtime": {"trainer.precision": "not-a-precision"},  # fails inside `fwpkm train`
         }}
     grid = write_grid(tmp_path, grid_data)
@@ -341,13 +340,13 @@ def test_tune_study_with_pruning_completes_then_resumes_with_more_trials(tmp_pat
     assert {t.state for t in first} <= {TrialState.COMPLETE, TrialState.PRUNED}
     assert sum(t.state == TrialState.COMPLETE for t in first) >= 2  # the pruner's 2 startup trials
     assert all(t.intermediate_values for t in first)  # the Lightning callback reported val losses
-    assert all(1e-3 <= t.params["model.overrides.block.memory.addr_loss_weight"] <= 10 for t in first)
+    assert all(1e-3 <= t.params["model.block.memory.addr_loss_weight"] <= 10 for t in first)
 
     parents = runs_of(tmp_path, "tags.`fwpkm.role` = 'study' and tags.`fwpkm.study` = 'smoke-addr_loss'")
     assert len(parents) == 1
     parent = client(tmp_path).get_run(parents[0].info.run_id)
     assert parent.info.status == "FINISHED" and "best_value" in parent.data.metrics
-    assert "best.model.overrides.block.memory.addr_loss_weight" in parent.data.tags
+    assert "best.model.block.memory.addr_loss_weight" in parent.data.tags
     artifacts = {a.path for a in client(tmp_path).list_artifacts(parent.info.run_id, "optuna")}
     assert {"optuna/optimization_history.png", "optuna/param_importances.png"} <= artifacts
     trials = runs_of(tmp_path, f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")

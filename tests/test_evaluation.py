@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from fwpkm import HybridLM
-from lit.evaluation.inspect import MemoryInspector, addressing_stats, collect_gates, gate_histograms, gate_summary
+from lit.evaluation.inspect import MemoryInspector, addressing_stats, collect_gates, gate_summary
+from lit.plots import gate_histograms
 from lit.evaluation.niah import NIAHConfig, answer_sample, heatmaps, make_samples, run_niah, summarise
 from lit.evaluation.ppl import streamed_perplexity, windowed_perplexity
 from lit.synthetic import make_niah_sample
@@ -160,7 +161,7 @@ def test_eval_cli_on_a_trained_checkpoint_logs_into_its_run(tmp_path):
         ["inspect", "--text", "The cat sat on the mat. The cat sat on the mat."],
     ]
     for args in commands:
-        proc = subprocess.run([sys.executable, "-m", "lit.cli", "eval", *args, "--ckpt", str(run_dir)], cwd=ROOT,
+        proc = subprocess.run([sys.executable, "-m", "ablations", "eval", *args, "--ckpt", str(run_dir)], cwd=ROOT,
                               env=env(), capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert f"logged into MLflow run {run_id_of(run_dir)}" in proc.stdout
@@ -173,7 +174,7 @@ def test_eval_cli_on_a_trained_checkpoint_logs_into_its_run(tmp_path):
 
 
 def test_eval_cli_errors_are_clear(tmp_path, capsys):
-    from lit.cli import main
+    from ablations.__main__ import main
 
     with pytest.raises(FileNotFoundError, match="--ckpt"):
         main(["eval", "ppl", "--ckpt", str(tmp_path / "missing"), "--no-mlflow"])

@@ -9,20 +9,21 @@ import torch
 
 from fwpkm import (BlockConfig, ConfigError, FastWeightBlock, FwMLPMemory, HybridLM, ModelConfig, preset,
                    preset_names)
-from fwpkm.config import FwMLPConfig, apply_overrides
+from fwpkm.config import FwMLPConfig
+from lit.config import merge
 
 
 def micro(name="tiny", **overrides) -> ModelConfig:
     """A preset shrunk so a forward/backward takes milliseconds."""
     data = preset(name).to_dict()
-    data = apply_overrides(data, {"d_model": 32, "ffn_hidden": 64, "vocab_size": 50,
-                                  "attention.n_heads": 2, "attention.n_kv_heads": 1, "attention.head_dim": 16,
-                                  "attention.window": 8, "gdn.n_heads": 2, "gdn.head_dim": 16,
-                                  "pkm.n_subkeys": 8, "pkm.k_dim": 16, "pkm.v_dim": 16, "pkm.topk": 4,
-                                  "block.memory.n_subkeys": 8, "block.memory.k_dim": 16,
-                                  "block.memory.v_dim": 16, "block.memory.chunk_size": 8,
-                                  "block.fwmlp.hidden": 32, "block.fwmlp.k_dim": 16, "block.fwmlp.v_dim": 16,
-                                  "block.fwmlp.chunk_size": 8} | overrides)
+    data = merge(data, {"d_model": 32, "ffn_hidden": 64, "vocab_size": 50,
+                        "attention.n_heads": 2, "attention.n_kv_heads": 1, "attention.head_dim": 16,
+                        "attention.window": 8, "gdn.n_heads": 2, "gdn.head_dim": 16,
+                        "pkm.n_subkeys": 8, "pkm.k_dim": 16, "pkm.v_dim": 16, "pkm.topk": 4,
+                        "block.memory.n_subkeys": 8, "block.memory.k_dim": 16,
+                        "block.memory.v_dim": 16, "block.memory.chunk_size": 8,
+                        "block.fwmlp.hidden": 32, "block.fwmlp.k_dim": 16, "block.fwmlp.v_dim": 16,
+                        "block.fwmlp.chunk_size": 8} | overrides)
     return ModelConfig.from_dict(data)
 
 

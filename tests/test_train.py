@@ -28,8 +28,8 @@ MICRO = {
     "block.memory.k_dim": 16, "block.memory.v_dim": 16,
 }
 MICRO_ARGS = [
-    "--model.overrides", json.dumps(MICRO), "--model.train.fa_to_swa_prob", "0.5", "--model.optim.warmup_steps", "2",
-    "--model.train.plot_every_n_steps", "4",
+    *(arg for key, value in MICRO.items() for arg in (f"--model.{key}", json.dumps(value))),
+    "--train.fa_to_swa_prob", "0.5", "--optim.warmup_steps", "2", "--train.plot_every_n_steps", "4",
     "--data.seq_len", "32", "--data.batch_size", "4", "--data.max_documents", "200",
     "--trainer.val_check_interval", "3", "--trainer.limit_val_batches", "2", "--trainer.num_sanity_val_steps", "1",
     "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
@@ -46,7 +46,7 @@ def env(**extra) -> dict:
 
 
 def train_cmd(run_dir: Path, *args: str) -> list[str]:
-    return [sys.executable, "-m", "lit.cli", "train", "--run_dir", str(run_dir), *MICRO_ARGS, *args]
+    return [sys.executable, "-m", "lit.cli", "--run_dir", str(run_dir), *MICRO_ARGS, *args]
 
 
 def run_train(run_dir: Path, *args: str, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
@@ -168,8 +168,8 @@ def test_resume_after_kill_is_exact_and_logs_into_the_same_mlflow_run(tmp_path):
     assert run.info.status == "FINISHED"
     params = run.data.params
     assert params["model.preset"] == "tiny" and params["data.seq_len"] == "32"
-    assert params["model.config.d_model"] == "32" and params["trainer.max_steps"] == str(n)
-    assert params["model.optim.lr"] == "0.0003" and params["run_dir"] == str(killed)
+    assert params["model.d_model"] == "32" and params["trainer.max_steps"] == str(n)
+    assert params["optim.lr"] == "0.0003" and params["run_dir"] == str(killed)
     tags = run.data.tags
     assert tags["preset"] == "tiny" and tags["variant"] == "custom" and tags["seed"] == "0"
     assert tags["git_commit"] and tags["fwpkm.started_at_step"] == str(half)
@@ -191,7 +191,7 @@ def test_resume_in_two_invocations_matches_one(tmp_path):
     does not depend on max_steps)."""
     n = 6
     straight, split = tmp_path / "runs" / "straight", tmp_path / "runs2" / "split"
-    pin = ("--model.optim.decay_steps", str(n), "--checkpoint.every_n_steps", "100", "--checkpoint.save_best", "false",
+    pin = ("--optim.decay_steps", str(n), "--checkpoint.every_n_steps", "100", "--checkpoint.save_best", "false",
            "--tracking.enabled", "false")
     a = start_train(straight, "--trainer.max_steps", str(n), *pin)
     run_train(split, "--trainer.max_steps", str(n // 2), *pin)
@@ -209,7 +209,7 @@ def test_resume_in_two_invocations_matches_one(tmp_path):
 
 def ddp_args(dump: Path, policy: str) -> tuple:
     return ("--trainer.max_steps", "3", "--trainer.strategy", "ddp", "--trainer.devices", "2",
-            "--model.train.ddp_fast_weights", policy, "--trainer.callbacks+=tests.test_train.ShiftTokensByRank",
+            "--train.ddp_fast_weights", policy, "--trainer.callbacks+=tests.test_train.ShiftTokensByRank",
             "--trainer.callbacks+=tests.test_train.DumpFastWeights", f"--trainer.callbacks.out_dir={dump}")
 
 
@@ -234,9 +234,10 @@ def test_ddp_two_cpu_processes_keep_one_memory_and_checkpoint(tmp_path):
 
 
 def micro_module(**kwargs):
+    from lit.config import resolve_model
     from lit.module import FwPKMLitModule
 
-    return FwPKMLitModule(preset="tiny", overrides=MICRO, vocab_size=264, **kwargs)
+    return FwPKMLitModule(model=resolve_model(MICRO, vocab_size=264)[1], **kwargs)
 
 
 def micro_data():
@@ -378,7 +379,7 @@ def test_nan_loss_skip_policy_drops_the_batch_and_restores_the_memory(tmp_path):
 
 
 def cli(capsys, *argv: str) -> tuple[int, str, str]:
-    from lit.cli import main
+    from ablations.__main__ import main
 
     code = main(list(argv))
     captured = capsys.readouterr()
@@ -389,14 +390,16 @@ def test_help_and_print_config(capsys, tmp_path):
     code, out, _ = cli(capsys, "--help")
     assert code == 0 and "train" in out
     code, out, _ = cli(capsys, "train", "--help")
-    assert code == 0 and "--run_dir" in out and "mlflow ui" in out and "--model.optim.lr" in out
+    assert code == 0 and "--run_dir" in out and "mlflow ui" in out and "--optim.lr" in out
+    assert "--model.block.memory.addr_loss_weight" in out
     code, out, _ = cli(capsys, "train", "--print_config", "--model.preset", "tiny-gdn-fwpkm",
-                      "--model.overrides", '{"block.memory.addr_loss_weight": 0.1}', "--trainer.max_steps", "7")
+                      "--model.block.memory.addr_loss_weight", "0.1", "--trainer.max_steps", "7")
     import yaml
 
     config = yaml.safe_load(out)
     assert code == 0 and config["model"]["preset"] == "tiny-gdn-fwpkm"
-    assert config["model"]["overrides"] == {"block.memory.addr_loss_weight": 0.1}
+    assert config["model"]["block"]["memory"]["addr_loss_weight"] == 0.1
+    assert config["model"]["mixers"] == ["gdn"] * 4  # the preset's, not the default preset's
     assert config["trainer"]["max_steps"] == 7 and config["data"]["source"] == "embedded"
     path = tmp_path / "c.yaml"
     path.write_text(out)
@@ -422,8 +425,11 @@ def test_shipped_configs_parse(capsys, config):
     (["--data.source", "hf:no-such-org/no-such-dataset"], "could not be loaded"),
     (["--data.tokenizer", "/nonexistent/tokenizer"], "could not be loaded"),
     (["--model.preset", "tiny-nosuchmixer"], "unknown mixers"),
-    (["--model.overrides", '{"block.memory.no_such_option": 1}'], "unknown option"),
-    (["--model.train.nan_policy", "ignore"], "nan_policy"),
+    (["--model.block.memory.no_such_option", "1"], "unknown option model.block.memory.no_such_option; "
+                                                    "allowed under model.block.memory: heads, topk"),
+    (["--model.block.memory.topk", "100"], "memory.topk=100 must be <= memory.n_subkeys=32"),
+    (["--model.overrides", '{"block.memory.topk": 4}'], "model options are ordinary options now"),
+    (["--train.nan_policy", "ignore"], "nan_policy"),
     (["--trainer.no_such_option", "1"], "no_such_option"),
 ])
 def test_bad_inputs_fail_clearly_before_training(capsys, tmp_path, monkeypatch, args, message):
@@ -448,13 +454,13 @@ def test_corrupt_or_mismatched_checkpoint_is_a_clear_error(capsys, tmp_path):
     (run_dir / "checkpoints" / "last.ckpt").unlink()
     code, out, err = cli(capsys, *base, "--trainer.max_steps", "1", "--trainer.num_sanity_val_steps", "0")
     assert code == 0, err
-    other = dict(MICRO, d_model=48)
-    code, out, err = cli(capsys, *base, "--trainer.max_steps", "2", "--model.overrides", json.dumps(other))
+    code, out, err = cli(capsys, *base, "--trainer.max_steps", "2", "--model.d_model", "48")
     assert code == 1 and "different model" in err and "d_model" in err
 
 
 def test_allocator_settings(capsys, monkeypatch):
-    from lit import cli, runtime
+    from ablations import __main__ as cli
+    from lit import runtime
 
     glibc = runtime._glibc() is not None
     assert runtime.tune_allocator("tuned") is glibc  # applied wherever the C library is glibc
@@ -464,3 +470,55 @@ def test_allocator_settings(capsys, monkeypatch):
     monkeypatch.setenv(runtime.MALLOC_ENV, "fast")
     assert cli.main(["report", "--help"]) == 2
     assert "FWPKM_MALLOC='fast': expected one of ('tuned', 'default')" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- the run config
+
+
+def test_options_and_files_merge_field_by_field_over_the_preset(capsys, tmp_path):
+    """A file's model options survive a command-line model option (they used to be replaced
+    wholesale by --model.overrides), and both apply over the preset named in either place."""
+    import yaml
+
+    path = tmp_path / "my.yaml"
+    path.write_text("model:\n  preset: tiny-gdn-fwpkm\n  d_model: 32\n  block:\n    memory: {topk: 4}\n"
+                    "optim: {lr: 0.002}\n")
+    code, out, err = cli(capsys, "train", "--config", str(path), "--model.block.memory.addr_loss_weight", "0.1",
+                         "--optim.warmup_steps", "7", "--print_config")
+    assert code == 0, err
+    config = yaml.safe_load(out)
+    memory = config["model"]["block"]["memory"]
+    assert config["model"]["d_model"] == 32 and memory["topk"] == 4 and memory["addr_loss_weight"] == 0.1
+    assert config["model"]["mixers"] == ["gdn"] * 4 and memory["n_subkeys"] == 32  # from the file's preset
+    assert config["optim"] == {**config["optim"], "lr": 0.002, "warmup_steps": 7}
+    code, out, err = cli(capsys, "train", "--config", str(path), "--model.preset", "tiny-fa-fwpkm", "--print_config")
+    config = yaml.safe_load(out)
+    assert code == 0 and config["model"]["mixers"] == ["fa"] * 4 and config["model"]["d_model"] == 32
+
+
+def test_run_config_resolves_checks_and_hashes():
+    from fwpkm import preset
+    from fwpkm.config import ConfigError
+    from lit.config import RunConfig
+
+    nested = RunConfig.from_dict({"model": {"preset": "tiny", "block": {"memory": {"topk": 4}}}, "optim": {"lr": 1e-3}})
+    dotted = RunConfig.from_dict({"model.preset": "tiny", "model.block.memory.topk": 4, "optim.lr": 1e-3})
+    assert nested == dotted and nested.hash() == dotted.hash()
+    assert nested.model.block.memory.topk == 4 and nested.model.d_model == preset("tiny").d_model
+    assert nested.model.vocab_size == 264  # the byte tokenizer's
+    assert nested.model_options == {"block.memory.topk": 4}
+    assert RunConfig.from_dict(nested.to_dict()) == nested
+    other = RunConfig.from_dict({"model.block.memory.topk": 4, "optim.lr": 1e-3, "trainer.max_steps": 50})
+    assert other.experiment_hash() == nested.experiment_hash() and other.hash() != nested.hash()
+    assert RunConfig.from_dict({"model.block.memory.topk": 2}).experiment_hash() != nested.experiment_hash()
+    for bad, message in [({"model.block.memory.topkk": 4}, "unknown option model.block.memory.topkk; allowed under "
+                                                            "model.block.memory: heads, topk, n_subkeys"),
+                         ({"model.overrides": {"d_model": 32}}, "model options are ordinary options now"),
+                         ({"model.optim.lr": 1e-3}, "top-level now: optim"),
+                         ({"optim.nosuch": 1}, "unknown option(s) optim.nosuch; allowed under optim: lr, min_lr"),
+                         ({"trainer.max_step": 5}, "unknown option(s) trainer.max_step; allowed under trainer:"),
+                         ({"modle.d_model": 3}, "unknown section(s) modle; allowed: seed_everything, run_dir, model"),
+                         ({"model.preset": "tiny-nosuch"}, "unknown mixers")]:
+        with pytest.raises(ConfigError) as err:
+            RunConfig.from_dict(bad)
+        assert message in str(err.value)

@@ -16,8 +16,6 @@ from typing import Optional
 
 import torch
 
-from lit.cli import register
-
 EPILOG = """examples:
   fwpkm eval ppl --ckpt runs/tiny-1a2b --data embedded --window 256 --stream-len 16384
   fwpkm eval niah --ckpt runs/tiny-1a2b --context-lens 1024 8192 32768 --iterations 0 1 2 3
@@ -46,8 +44,8 @@ def resolve_checkpoint(ckpt: str) -> tuple[Path, Optional[Path]]:
 
 def load(args) -> tuple:
     """(model, tokenizer, run folder or None, MLflow run id or None)."""
-    from fwpkm import HybridLM, preset
-    from fwpkm.config import apply_overrides, ModelConfig
+    from fwpkm import HybridLM
+    from lit.config import resolve_model
     from lit.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(args.tokenizer)
@@ -60,8 +58,7 @@ def load(args) -> tuple:
         run_id = read_run_id(run_dir) if run_dir else None
     elif args.preset:
         torch.manual_seed(args.seed)
-        config = ModelConfig.from_dict(apply_overrides(preset(args.preset).to_dict(),
-                                                       {"vocab_size": tokenizer.vocab_size}))
+        _, config = resolve_model({"preset": args.preset}, tokenizer.vocab_size)
         model, run_dir, run_id = HybridLM(config), None, None
     else:
         raise SystemExit("fwpkm eval: give --ckpt (a checkpoint or run folder) or --preset (a random model)")
@@ -208,7 +205,8 @@ def cmd_niah(args) -> None:
 
 
 def cmd_gates(args) -> None:
-    from lit.evaluation.inspect import addressing_stats, collect_gates, gate_histograms, gate_summary
+    from lit.evaluation.inspect import addressing_stats, collect_gates, gate_summary
+    from lit.plots import gate_histograms
 
     model, tokenizer, run_dir, run_id = load(args)
     out = Outputs(args, "gates", run_dir, run_id)
@@ -330,7 +328,7 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str]) -> int:
+def evaluate(argv: list[str]) -> int:
     """Evaluate a checkpoint: perplexity, needle in a haystack, gates, memory inspection."""
     args = parser().parse_args(argv)
     if args.command == "inspect" and not (args.text or args.text_file or args.needle):
@@ -338,5 +336,3 @@ def main(argv: list[str]) -> int:
     args.fn(args)
     return 0
 
-
-register("eval", main)

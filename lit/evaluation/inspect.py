@@ -45,27 +45,6 @@ def gate_summary(gates: dict) -> list[dict]:
     return rows
 
 
-def gate_histograms(gates: dict, path: str, title: Optional[str] = None, dpi: int = 110) -> str:
-    """One histogram of gate values per layer (``gates``: layer -> tensor of gates)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(gates), figsize=(3.2 * len(gates), 2.6), squeeze=False)
-    for ax, (layer, g) in zip(axes[0], sorted(gates.items())):
-        g = g.detach().float().cpu().flatten()
-        ax.hist(g.numpy(), bins=50, range=(0, 1), color="tab:blue")
-        ax.set_title(f"layer {layer}: mean {g.mean():.3f}")
-        ax.set_xlabel("gate g")
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
-    return path
-
-
 @torch.no_grad()
 def addressing_stats(model: HybridLM, batches: Iterable[torch.Tensor]) -> list[dict]:
     """Per memory layer: addressing statistics averaged over every call on ``batches``."""

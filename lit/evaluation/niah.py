@@ -8,9 +8,11 @@ greedily decode the 6 digits. Everything is streamed, so long contexts fit in me
 
 from __future__ import annotations
 
+import math
 import random
 from collections import defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
@@ -152,3 +154,53 @@ def _progress(items, enabled: bool, desc: str):
     from tqdm.auto import tqdm
 
     return tqdm(items, desc=desc)
+
+
+# --------------------------------------------------------------------------- a finished run
+
+
+def niah_metrics(rows: list[dict]) -> dict:
+    """``niah/<exact|digit_acc>`` over all samples, per number of passes (``.../n<passes>``) and per
+    (context length, passes) (``.../L<len>/n<passes>``)."""
+    metrics = {}
+    for name in ("exact", "digit_acc"):
+        metrics[f"niah/{name}"] = sum(r[name] for r in rows) / max(1, len(rows))
+        for cell in summarise(rows):
+            metrics[f"niah/{name}/L{cell['context_len']}/n{cell['iterations']}"] = cell[name]
+        for cell in summarise(rows, by=("iterations",)):
+            metrics[f"niah/{name}/n{cell['iterations']}"] = cell[name]
+    return metrics
+
+
+def evaluate_run(run_dir: Path, niah: dict, config: dict, gpu: Optional[str] = None) -> tuple[dict, Path]:
+    """NIAH accuracy of the run's final checkpoint (:func:`niah_metrics`); the rows as ``niah.csv``."""
+    import csv
+
+    from lit.data import embedded_text
+    from lit.module import load_model
+    from lit.tokenizer import load_tokenizer
+
+    niah = dict(niah)
+    haystack = niah.pop("haystack", "embedded")
+    cfg = NIAHConfig(**niah)
+    accelerator = str((config.get("trainer") or {}).get("accelerator", "auto"))
+    if gpu is not None:  # this process sees every GPU of --gpus: the index is the logical one
+        device = torch.device("cuda", int(gpu)) if str(gpu).isdigit() else torch.device("cuda")
+    elif accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available():
+        device = torch.device("cuda")
+    else:
+        device = torch.device("cpu")
+    model, _ = load_model(str(Path(run_dir) / "checkpoints" / "last.ckpt"), map_location=device)
+    model.to(device)
+    tokenizer = load_tokenizer(str((config.get("data") or {}).get("tokenizer", "byte")))
+    if haystack != "embedded":
+        raise ValueError(f"eval.niah.haystack={haystack!r}: only 'embedded' is supported by the grid runner")
+    haystack_ids = tokenizer.encode(embedded_text())
+    rows = run_niah(model, tokenizer, haystack_ids, cfg, progress=False)
+    metrics = niah_metrics(rows)
+    path = Path(run_dir) / "niah.csv"
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["exact"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return {k: float(v) for k, v in metrics.items() if not math.isnan(float(v))}, path
