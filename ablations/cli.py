@@ -10,6 +10,42 @@ STORE_HELP = ("MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:/
               "with artifacts in <runs-dir>/mlartifacts)")
 
 
+ABLATE_DESCRIPTION = """\
+Run every (variant, seed) of an ablation grid as a `fwpkm train` subprocess, tracked in MLflow under
+one parent run per grid. Finished runs (same config hash) are skipped, interrupted ones resume from
+their last checkpoint, failed ones are recorded and the others go on. Ends with a summary table
+(printed, CSV, Markdown, plot) attached to the parent run.
+"""
+
+TUNE_DESCRIPTION = """\
+An Optuna study on the base config of a grid: by default the addressing-loss weight
+(model.block.memory.addr_loss_weight, log-uniform), more parameters in the grid's `tune.params`. TPE
+sampler, median pruning on the validation loss through Lightning; every trial a `fwpkm train`
+subprocess and an MLflow run nested under the study's run. The study lives in an Optuna storage
+(default: SQLite in <runs-dir>/tune/optuna.db), so an interrupted study resumes, and any number of
+workers (here or on other machines, e.g. with a PostgreSQL --storage) can share it. --n-trials is
+the study's total: running again with a larger number adds trials.
+"""
+
+ABLATE_EXAMPLES = """\
+  fwpkm ablate smoke
+  fwpkm ablate tiny --dry-run
+  fwpkm ablate tiny --workers 2 --only base dot --seeds 0 1
+  fwpkm ablate paper --gpus 0,1,2,3,4,5,6,7 --set data.source=hf:HuggingFaceFW/fineweb-edu
+"""
+
+TUNE_EXAMPLES = """\
+  fwpkm tune tiny --n-trials 20 --workers 2
+  fwpkm tune tiny --storage postgresql://user@db/optuna --n-trials 100   # on every machine
+  optuna-dashboard sqlite:///runs/tune/optuna.db
+"""
+
+REPORT_DESCRIPTION = """\
+Rebuild the summary table (printed, CSV, Markdown) and plots of an ablation grid or an Optuna study
+from the MLflow store alone, and attach them to its parent run.
+"""
+
+
 def _grids_epilog() -> str:
     from ablations.grid import grid_names
 
@@ -27,6 +63,13 @@ def _sets(parser: argparse.ArgumentParser) -> None:
                              "--set data.tokenizer=/models/mistral (values are YAML; repeatable)")
 
 
+def _parser(prog: str, description: str, examples: str = "") -> argparse.ArgumentParser:
+    """A subcommand's parser; with ``examples``, its epilog lists the shipped grids and the examples."""
+    epilog = f"{_grids_epilog()}\n\nexamples:\n{examples}" if examples else ""
+    return argparse.ArgumentParser(prog=prog, description=description, epilog=epilog, allow_abbrev=False,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def _error(prog: str, err: Exception) -> int:
     print(f"{prog}: error: {err}", file=sys.stderr)
     return 2
@@ -37,16 +80,7 @@ def _error(prog: str, err: Exception) -> int:
 
 def ablate(argv: list[str]) -> Optional[int]:
     """Run an ablation grid (ablations/grids/*.yaml) as MLflow runs nested under one parent run."""
-    parser = argparse.ArgumentParser(
-        prog="fwpkm ablate", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Run every (variant, seed) of an ablation grid as a `fwpkm train` subprocess, tracked in "
-                    "MLflow under one parent run per grid. Finished runs (same config hash) are skipped, "
-                    "interrupted ones resume from their last checkpoint, failed ones are recorded and the "
-                    "others go on. Ends with a summary table (printed, CSV, Markdown, plot) attached to the "
-                    "parent run.",
-        epilog=_grids_epilog() + "\n\nexamples:\n  fwpkm ablate smoke\n  fwpkm ablate tiny --dry-run\n"
-               "  fwpkm ablate tiny --workers 2 --only base dot --seeds 0 1\n"
-               "  fwpkm ablate paper --gpus 0,1,2,3,4,5,6,7 --set data.source=hf:HuggingFaceFW/fineweb-edu")
+    parser = _parser("fwpkm ablate", ABLATE_DESCRIPTION, ABLATE_EXAMPLES)
     parser.add_argument("grid", help="grid name (ablations/grids/<name>.yaml) or path to a grid YAML file")
     parser.add_argument("--dry-run", action="store_true",
                         help="print and validate the resolved runs (config dataclasses only, no model) and exit")
@@ -92,19 +126,7 @@ def _gpus(text: Optional[str]) -> Optional[list[str]]:
 
 def tune(argv: list[str]) -> Optional[int]:
     """Optuna study (TPE, median pruning) over the addressing-loss weight and other options of a grid's base."""
-    parser = argparse.ArgumentParser(
-        prog="fwpkm tune", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="An Optuna study on the base config of a grid: by default the addressing-loss weight "
-                    "(model.block.memory.addr_loss_weight, log-uniform), more parameters in the grid's "
-                    "`tune.params`. TPE sampler, median pruning on the validation loss through Lightning; every "
-                    "trial a `fwpkm train` subprocess and an MLflow run nested under the study's run. The study "
-                    "lives in an Optuna storage (default: SQLite in <runs-dir>/tune/optuna.db), so an interrupted "
-                    "study resumes, and any number of workers (here or on other machines, e.g. with a PostgreSQL "
-                    "--storage) can share it. --n-trials is the study's total: running again with a larger "
-                    "number adds trials.",
-        epilog=_grids_epilog() + "\n\nexamples:\n  fwpkm tune tiny --n-trials 20 --workers 2\n"
-               "  fwpkm tune tiny --storage postgresql://user@db/optuna --n-trials 100   # on every machine\n"
-               "  optuna-dashboard sqlite:///runs/tune/optuna.db")
+    parser = _parser("fwpkm tune", TUNE_DESCRIPTION, TUNE_EXAMPLES)
     parser.add_argument("grid", help="grid name or YAML path whose base config (and `tune:` section) defines the study")
     parser.add_argument("--study-name", default=None, help="default: the grid's tune.study, else <grid>-addr_loss")
     parser.add_argument("--storage", default=None,
@@ -138,10 +160,7 @@ def tune(argv: list[str]) -> Optional[int]:
 
 def report(argv: list[str]) -> Optional[int]:
     """Rebuild a grid's or study's summary table and plots from the MLflow store alone."""
-    parser = argparse.ArgumentParser(
-        prog="fwpkm report",
-        description="Rebuild the summary table (printed, CSV, Markdown) and plots of an ablation grid or an Optuna "
-                    "study from the MLflow store alone, and attach them to its parent run.")
+    parser = _parser("fwpkm report", REPORT_DESCRIPTION)
     parser.add_argument("name", help="grid name (as run by fwpkm ablate) or study name (fwpkm tune)")
     parser.add_argument("--out", default=None,
                         help="output folder (default: <runs-dir>/ablations/<grid> or <runs-dir>/tune/<study>)")

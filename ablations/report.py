@@ -389,11 +389,7 @@ def grid_report(store: Store, grid: str, out_dir: Optional[Path] = None, log: bo
     files = {}
     if out_dir is not None:
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        files["csv"] = out / "summary.csv"
-        df.to_csv(files["csv"], index=False)
-        files["md"] = out / "summary.md"
-        files["md"].write_text(md + "\n")
+        files.update(write_summary(out, df, md))
         png = plot_grid(df, out / "summary.png", title)
         if png:
             files["png"] = png
@@ -424,6 +420,15 @@ def _log_summary_metrics(store: Store, run_id: str, df) -> None:
     with contextlib.suppress(Exception):
         for start in range(0, len(metrics), 500):
             store.client.log_batch(run_id, metrics=metrics[start:start + 500])
+
+
+def write_summary(out: Path, df, md: str) -> dict:
+    """``summary.csv`` and ``summary.md`` in ``out``; returns {"csv": path, "md": path}."""
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"csv": out / "summary.csv", "md": out / "summary.md"}
+    df.to_csv(files["csv"], index=False)
+    files["md"].write_text(md + "\n")
+    return files
 
 
 def _attach(store: Store, run_id: str, paths, artifact_path: str) -> None:
@@ -596,11 +601,7 @@ def study_report(store: Store, study: str, out_dir: Optional[Path] = None, log: 
     files: dict = {}
     if out_dir is not None:
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        files["csv"] = out / "summary.csv"
-        df.to_csv(files["csv"], index=False)
-        files["md"] = out / "summary.md"
-        files["md"].write_text(md + "\n")
+        files.update(write_summary(out, df, md))
         distributions = json.loads(tags.get("optuna.distributions", "{}") or "{}")
         for i, path in enumerate(study_plots(rebuild_study(rows, distributions, direction), out)):
             files[f"plot{i}"] = path

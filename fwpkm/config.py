@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 
 class ConfigError(ValueError):
@@ -48,46 +48,61 @@ def from_mapping(cls, value: Any, option: str):
 
 
 @dataclass
-class MemoryConfig:
-    """The FwPKM memory core (spec section 1)."""
+class FastWeightConfig:
+    """What every fast-weight store has: its key and value sizes, chunked writes with a lookahead,
+    and the inner step (learning rate, weight decay, gradient clipping)."""
 
-    heads: int = 1
-    topk: int = 8
-    n_subkeys: int = 512
+    OPTION: ClassVar[str] = "fast_weights"  # the option prefix of error messages
+
     k_dim: int = 512
     v_dim: int = 512
     chunk_size: int = 512
     lookahead: int = 1
+    lr: float = 1.0
+    weight_decay: float = 0.0
+    grad_clip: bool = False
+
+    def __post_init__(self):
+        for name in ("k_dim", "v_dim", "chunk_size"):
+            check_positive(f"{self.OPTION}.{name}", getattr(self, name))
+        if not 0 <= self.lookahead < self.chunk_size:
+            raise ConfigError(f"{self.OPTION}.lookahead={self.lookahead} must satisfy "
+                              f"0 <= lookahead < chunk_size={self.chunk_size}")
+        if self.lr < 0 or self.weight_decay < 0:
+            raise ConfigError(f"{self.OPTION}.lr and {self.OPTION}.weight_decay must be >= 0")
+
+
+@dataclass
+class MemoryConfig(FastWeightConfig):
+    """The FwPKM memory core (spec section 1)."""
+
+    OPTION: ClassVar[str] = "memory"
+
+    heads: int = 1
+    topk: int = 8
+    n_subkeys: int = 512
     score: str = "idw"  # idw | dot
     temperature: float = 1.0
     score_fn: str = "softmax"  # softmax | silu | relu
     addr_loss_weight: Optional[float] = 1.0  # None or 0 disables the addressing loss
     grad_to_values_only: bool = True
     mse: str = "sum"  # sum | mean
-    lr: float = 1.0
-    weight_decay: float = 0.0
-    grad_clip: bool = False
     backend: str = "auto"  # auto | torch | triton (kernels for the hot paths)
 
     def __post_init__(self):
-        for name in ("heads", "topk", "n_subkeys", "k_dim", "v_dim", "chunk_size", "temperature"):
+        super().__post_init__()
+        for name in ("heads", "topk", "n_subkeys", "temperature"):
             check_positive(f"memory.{name}", getattr(self, name))
         if self.k_dim % 2:
             raise ConfigError(f"memory.k_dim={self.k_dim} must be even (queries are split into two halves)")
         if self.topk > self.n_subkeys:
             raise ConfigError(f"memory.topk={self.topk} must be <= memory.n_subkeys={self.n_subkeys}")
-        if not 0 <= self.lookahead < self.chunk_size:
-            raise ConfigError(
-                f"memory.lookahead={self.lookahead} must satisfy 0 <= lookahead < chunk_size={self.chunk_size}"
-            )
         check_choice("memory.score", self.score, ("idw", "dot"))
         check_choice("memory.score_fn", self.score_fn, ("softmax", "silu", "relu"))
         check_choice("memory.mse", self.mse, ("sum", "mean"))
         check_choice("memory.backend", self.backend, ("auto", "torch", "triton"))
         if self.addr_loss_weight is not None and self.addr_loss_weight < 0:
             raise ConfigError(f"memory.addr_loss_weight={self.addr_loss_weight} must be >= 0 or None")
-        if self.lr < 0 or self.weight_decay < 0:
-            raise ConfigError("memory.lr and memory.weight_decay must be >= 0")
 
     @property
     def n_slots(self) -> int:
@@ -99,25 +114,17 @@ class MemoryConfig:
 
 
 @dataclass
-class FwMLPConfig:
+class FwMLPConfig(FastWeightConfig):
     """The dense fast-weight SwiGLU MLP baseline (spec section 3)."""
 
-    hidden: int = 2304
-    k_dim: int = 512
-    v_dim: int = 512
-    chunk_size: int = 512
-    lookahead: int = 1
+    OPTION: ClassVar[str] = "fwmlp"
+
     lr: float = 0.1
-    weight_decay: float = 0.0
-    grad_clip: bool = False
+    hidden: int = 2304
 
     def __post_init__(self):
-        for name in ("hidden", "k_dim", "v_dim", "chunk_size"):
-            check_positive(f"fwmlp.{name}", getattr(self, name))
-        if not 0 <= self.lookahead < self.chunk_size:
-            raise ConfigError(
-                f"fwmlp.lookahead={self.lookahead} must satisfy 0 <= lookahead < chunk_size={self.chunk_size}"
-            )
+        super().__post_init__()
+        check_positive("fwmlp.hidden", self.hidden)
 
 
 @dataclass

@@ -184,9 +184,10 @@ def explain_argument_error(err) -> str:
     from fwpkm.config import ConfigError
 
     message = " ".join(str(err).split())
-    unknown = re.search(r"unrecognized arguments: (--[\w.]+)", message)
-    if unknown:
-        path = unknown.group(1)[2:]
+    unknown = re.search(r"unrecognized arguments: --([\w.]+)", message)
+    in_group = re.search(r"Group '([\w.]+)' does not accept option '([\w.]+)'", message)
+    path = unknown.group(1) if unknown else f"{in_group.group(1)}.{in_group.group(2)}" if in_group else None
+    if path:
         try:
             RunConfig.from_dict(_dotted(path))
         except ConfigError as why:

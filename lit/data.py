@@ -47,7 +47,7 @@ import numpy as np
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
 
-from fwpkm.config import ConfigError, check_positive
+from fwpkm.config import ConfigError, check_positive, from_mapping
 from lit.synthetic import associative_recall_sequence, hash_seed, niah_training_sequence, repeated_span_sequence
 from lit.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
 
@@ -261,11 +261,7 @@ class DataConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "DataConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown data option(s) {unknown}; known options are {sorted(known)}")
-        return cls(**data)
+        return from_mapping(cls, data, "data")
 
 
 # --------------------------------------------------------------------------- reading documents

@@ -105,6 +105,8 @@ def test_override_algebra_and_grid_files(tmp_path):
     assert grid.base["trainer"]["max_steps"] == 20 and grid.base["model"]["d_model"] == 32
     specs = resolve_runs(grid, tmp_path / "runs", only=["topk2"])
     assert [(s.variant, s.seed) for s in specs] == [("topk2", 1), ("topk2", 2)]
+    assert specs[0].error is None and specs[0].summary["HxK"] == "1x2"  # a plain dotted model path
+    assert specs[0].summary["d_model"] == 32  # over the base's own model options
     assert specs[0].config_hash != specs[1].config_hash and specs[0].config["seed_everything"] == 1
     assert specs[0].run_dir == tmp_path / "runs" / "ablations" / "child" / "topk2" / "seed1"
     with pytest.raises(GridError, match="no variant"):

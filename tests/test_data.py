@@ -380,7 +380,7 @@ def test_other_config_errors(tmp_path):
         DataConfig(val_fraction=1.5)
     with pytest.raises(ValueError, match="data.seq_len"):
         DataConfig(seq_len=0)
-    with pytest.raises(ValueError, match="unknown data option"):
+    with pytest.raises(ValueError, match="unknown option"):
         DataConfig.from_dict({"sauce": "embedded"})
     with pytest.raises(ValueError, match="data.repeat_fraction"):
         DataConfig(repeat_fraction=-0.1)

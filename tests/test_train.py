@@ -426,7 +426,7 @@ def test_shipped_configs_parse(capsys, config):
     (["--data.tokenizer", "/nonexistent/tokenizer"], "could not be loaded"),
     (["--model.preset", "tiny-nosuchmixer"], "unknown mixers"),
     (["--model.block.memory.no_such_option", "1"], "unknown option model.block.memory.no_such_option; "
-                                                    "allowed under model.block.memory: heads, topk"),
+                                                    "allowed under model.block.memory: k_dim, v_dim, chunk_size"),
     (["--model.block.memory.topk", "100"], "memory.topk=100 must be <= memory.n_subkeys=32"),
     (["--model.overrides", '{"block.memory.topk": 4}'], "model options are ordinary options now"),
     (["--train.nan_policy", "ignore"], "nan_policy"),
@@ -495,6 +495,15 @@ def test_options_and_files_merge_field_by_field_over_the_preset(capsys, tmp_path
     config = yaml.safe_load(out)
     assert code == 0 and config["model"]["mixers"] == ["fa"] * 4 and config["model"]["d_model"] == 32
 
+    # a file with a bad model path, or in the old format, fails in one line naming the option
+    for text, message in [("model:\n  block:\n    memory: {topkk: 3}\n",
+                           "error: unknown option model.block.memory.topkk; allowed under model.block.memory:"),
+                          ("model:\n  preset: tiny\n  overrides: {d_model: 32}\n",
+                           "error: model.overrides is no longer an option: model options are ordinary options")]:
+        path.write_text(text)
+        code, out, err = cli(capsys, "train", "--config", str(path), "--print_config")
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
 
 def test_run_config_resolves_checks_and_hashes():
     from fwpkm import preset
@@ -512,7 +521,7 @@ def test_run_config_resolves_checks_and_hashes():
     assert other.experiment_hash() == nested.experiment_hash() and other.hash() != nested.hash()
     assert RunConfig.from_dict({"model.block.memory.topk": 2}).experiment_hash() != nested.experiment_hash()
     for bad, message in [({"model.block.memory.topkk": 4}, "unknown option model.block.memory.topkk; allowed under "
-                                                            "model.block.memory: heads, topk, n_subkeys"),
+                                                            "model.block.memory: k_dim, v_dim, chunk_size"),
                          ({"model.overrides": {"d_model": 32}}, "model options are ordinary options now"),
                          ({"model.optim.lr": 1e-3}, "top-level now: optim"),
                          ({"optim.nosuch": 1}, "unknown option(s) optim.nosuch; allowed under optim: lr, min_lr"),

@@ -87,6 +87,12 @@ def corpus_tokens(source: str, tokenizer, max_tokens: int) -> torch.Tensor:
 # --------------------------------------------------------------------------- outputs
 
 
+def load_with_outputs(args, command: str) -> tuple:
+    """(model, tokenizer, :class:`Outputs` of ``command``) for ``args``."""
+    model, tokenizer, run_dir, run_id = load(args)
+    return model, tokenizer, Outputs(args, command, run_dir, run_id)
+
+
 class Outputs:
     """Collects files into the output folder and logs them into MLflow at the end."""
 
@@ -97,7 +103,10 @@ class Outputs:
         self.command, self.run_dir, self.run_id, self.enabled = command, run_dir, run_id, not args.no_mlflow
         self.metrics: dict = {}
 
-    def table(self, name: str, rows: list[dict]) -> Path:
+    def table(self, name: str, rows: list[dict], show: bool = False) -> list[dict]:
+        """``<name>.csv`` and ``<name>.json`` in the output folder (returns ``rows``); ``show`` also prints them."""
+        if show:
+            print_table(rows)
         path = self.dir / f"{name}.csv"
         if rows:
             with path.open("w", newline="") as f:
@@ -105,9 +114,10 @@ class Outputs:
                 writer.writeheader()
                 writer.writerows(rows)
         (self.dir / f"{name}.json").write_text(json.dumps(rows, indent=1, default=str))
-        return path
+        return rows
 
-    def finish(self) -> None:
+    def finish(self, metrics: Optional[dict] = None) -> None:
+        self.metrics.update(metrics or {})
         print(f"\nwritten to {self.dir}")
         if not self.enabled:
             return
@@ -149,15 +159,13 @@ def print_table(rows: list[dict], columns: Optional[list] = None) -> None:
 def cmd_ppl(args) -> None:
     from lit.evaluation.ppl import streamed_perplexity, windowed_perplexity
 
-    model, tokenizer, run_dir, run_id = load(args)
-    out = Outputs(args, "ppl", run_dir, run_id)
+    model, tokenizer, out = load_with_outputs(args, "ppl")
     tokens = corpus_tokens(args.data, tokenizer, args.max_tokens)
     results = [windowed_perplexity(model, tokens, args.window, args.batch_size)]
     if args.stream_len:
         results.append(streamed_perplexity(model, tokens[: args.stream_len + 1], args.segment_len))
     summary = [{"data": args.data, "mode": r.mode, "tokens": r.tokens, "loss": r.loss, "ppl": r.ppl} for r in results]
-    print_table(summary)
-    out.table("summary", summary)
+    out.table("summary", summary, show=True)
     for r in results:
         out.metrics[f"eval/{r.mode}_ppl"] = r.ppl
         out.table(f"loss_by_position_{r.mode}", r.position_table(args.bins))
@@ -187,54 +195,42 @@ def _plot_position_loss(results, path: Path, bins: int) -> None:
 def cmd_niah(args) -> None:
     from lit.evaluation.niah import NIAHConfig, heatmaps, run_niah, summarise
 
-    model, tokenizer, run_dir, run_id = load(args)
-    out = Outputs(args, "niah", run_dir, run_id)
+    model, tokenizer, out = load_with_outputs(args, "niah")
     cfg = NIAHConfig(context_lens=args.context_lens, depths=args.depths, iterations=args.iterations,
                      samples_per_cell=args.samples, n_needles=args.needles, chunk_policy=args.chunk_policy,
                      segment_len=args.segment_len, seed=args.seed)
     haystack = corpus_tokens(args.haystack, tokenizer, max(args.context_lens) * 2 + 4096).tolist()
     rows = run_niah(model, tokenizer, haystack, cfg)
     summary = summarise(rows)
-    print_table(summary)
     out.table("samples", rows)
-    out.table("summary", summary)
+    out.table("summary", summary, show=True)
     heatmaps(rows, str(out.dir / "heatmap"))
-    for s in summary:
-        out.metrics[f"niah/exact_{s['context_len']}_n{s['iterations']}"] = s["exact"]
-    out.finish()
+    out.finish({f"niah/exact_{s['context_len']}_n{s['iterations']}": s["exact"] for s in summary})
 
 
 def cmd_gates(args) -> None:
     from lit.evaluation.inspect import addressing_stats, collect_gates, gate_summary
     from lit.plots import gate_histograms
 
-    model, tokenizer, run_dir, run_id = load(args)
-    out = Outputs(args, "gates", run_dir, run_id)
+    model, tokenizer, out = load_with_outputs(args, "gates")
     tokens = corpus_tokens(args.data, tokenizer, args.max_tokens)
     n = len(tokens) // args.window
     batches = tokens[: n * args.window].view(n, args.window).split(args.batch_size)
     gates = collect_gates(model, batches)
     if not gates:
         raise SystemExit("fwpkm eval gates: the model has no gated fast-weight layer")
-    summary = gate_summary(gates)
-    print_table(summary)
-    stats = addressing_stats(model, batches)
+    summary = out.table("gates", gate_summary(gates), show=True)
     print()
-    print_table(stats)
-    out.table("gates", summary)
-    out.table("addressing", stats)
+    out.table("addressing", addressing_stats(model, batches), show=True)
     gate_histograms(gates, str(out.dir / "gate_histograms.png"))
-    for r in summary:
-        out.metrics[f"gates/layer{r['layer']}_mean"] = r["mean"]
-    out.finish()
+    out.finish({f"gates/layer{r['layer']}_mean": r["mean"] for r in summary})
 
 
 def cmd_inspect(args) -> None:
     from lit.evaluation.inspect import MemoryInspector
     from lit.synthetic import make_niah_sample
 
-    model, tokenizer, run_dir, run_id = load(args)
-    out = Outputs(args, "inspect", run_dir, run_id)
+    model, tokenizer, out = load_with_outputs(args, "inspect")
     inspector = MemoryInspector(model, tokenizer)
     if args.needle:
         haystack = corpus_tokens(args.haystack, tokenizer, args.context_len * 2).tolist()
