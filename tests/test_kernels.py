@@ -1,6 +1,6 @@
 """Kernels of the memory's hot paths (kernels/): each Triton kernel against its PyTorch path,
 their gradients to second order, and the whole memory with the Triton backend against the
-dense reference of the spec.
+dense reference of the spec (fwpkm.naive).
 
 Triton kernels run on the CPU with Triton's interpreter: a module fixture sets
 TRITON_INTERPRET=1 for these tests only (kernels.triton_ops jits lazily, per interpreter
@@ -21,8 +21,7 @@ except Exception:  # pragma: no cover - triton missing: the Triton tests skip
     pass
 
 from kernels import ops, torch_ops
-from tests import reference
-from tests.test_memory import compare_with_reference, inputs, make, ref_config
+from tests.test_memory import compare_with_reference, inputs, make
 
 
 # -- fixtures ------------------------------------------------------------------------------
@@ -250,6 +249,18 @@ def test_address_equals_dense_addressing(score, backend, request):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-11)
 
 
+@pytest.mark.parametrize("score", ["dot", "idw"])
+def test_sub_scores_are_the_spec_scores(score):
+    """The dense scoring (used by fwpkm.naive) against spec 1.1 written out: <q, key> for dot,
+    -log(1e-3 + |q - key|^2) for idw (computed there as |q|^2 - 2 <q, key> + |key|^2)."""
+    g = torch.Generator().manual_seed(13)
+    q = torch.randn(2, 3, 2, 4, generator=g, dtype=torch.float64)  # [B, T, H, d]
+    keys = torch.randn(2, 7, 4, generator=g, dtype=torch.float64)  # [H, n, d]
+    diff = q.unsqueeze(-2) - keys  # [B, T, H, n, d]
+    want = (q.unsqueeze(-2) * keys).sum(-1) if score == "dot" else -torch.log(1e-3 + diff.pow(2).sum(-1))
+    torch.testing.assert_close(torch_ops.sub_scores(q, keys, score), want, rtol=1e-12, atol=1e-12)
+
+
 # -- the memory with the Triton kernels, against the dense reference -----------------------
 TRITON_CONFIGS = [
     dict(),
@@ -349,23 +360,6 @@ def test_no_graph_path_writes_in_place_same_result(weight_decay, values_only):
     torch.testing.assert_close(eval_out, train_out, rtol=1e-10, atol=1e-12)
     for k in saved:
         torch.testing.assert_close(mem.state_dict()[k], train_state[k], rtol=1e-10, atol=1e-12)
-
-
-# -- the benchmark's dense baseline is the same algorithm ---------------------------------
-@pytest.mark.parametrize("overrides", [dict(), dict(score="dot", grad_to_values_only=False, mse="mean"),
-                                       dict(weight_decay=0.1, grad_clip=True, lookahead=0, score_fn="relu")])
-def test_benchmark_dense_baseline_matches_reference(overrides):
-    from benchmarks import dense
-
-    mem = make(**overrides)
-    q, v, g, m = inputs(mem, gated=True, masked=True)
-    cfg = ref_config(mem)
-    want = reference.run(mem.keys, mem.values, q, v, g, m, cfg, 5)
-    got = dense.run(mem.keys, mem.values, q, v, g, m, cfg, 5)
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
-    for a, b in zip(torch.autograd.grad(got[0].sum(), (q, v, g)), torch.autograd.grad(want[0].sum(), (q, v, g))):
-        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
 
 
 # -- the kernels also build for a GPU -------------------------------------------------------

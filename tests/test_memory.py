@@ -1,4 +1,4 @@
-"""The FwPKM memory core against the dense reference of the spec (tests/reference.py)."""
+"""The FwPKM memory core against the dense reference of the spec (fwpkm.naive)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from fwpkm import ConfigError, FwPKMMemory, MemoryConfig
-from tests import reference
+from fwpkm import ConfigError, FwPKMMemory, MemoryConfig, naive
 
 SMALL = dict(heads=2, topk=3, n_subkeys=6, k_dim=6, v_dim=5, chunk_size=5)
 
@@ -42,7 +41,7 @@ def compare_with_reference(mem, q, v, gates, mask, chunk=None):
     keys0, values0 = mem.keys.clone(), mem.values.clone()
     mem.train()
     out = mem(q, v, gates, mask, chunk_size=chunk).output
-    ref_out, ref_k, ref_v = reference.run(keys0, values0, q, v, gates, mask, ref_config(mem), chunk)
+    ref_out, ref_k, ref_v = naive.run(keys0, values0, q, v, gates, mask, ref_config(mem), chunk)
     torch.testing.assert_close(out, ref_out, rtol=1e-9, atol=1e-10)
     torch.testing.assert_close(mem.keys, ref_k.detach(), rtol=1e-9, atol=1e-10)
     torch.testing.assert_close(mem.values, ref_v.detach(), rtol=1e-9, atol=1e-10)
