@@ -165,10 +165,6 @@ class FwPKMMemory(ChunkedFastWeights):
         self.register_buffer("values", torch.empty(c.n_slots, c.v_dim))
         self.reset_state()
 
-    @classmethod
-    def from_config(cls, config: MemoryConfig) -> "FwPKMMemory":
-        return cls(config=config)
-
     def reset_state(self) -> None:
         """Re-initialise the fast weights (spec 1: uniform keys, normal values)."""
         c = self.config
