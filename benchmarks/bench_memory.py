@@ -98,9 +98,11 @@ def reset_peak() -> bool:
 
 
 # -- workers (each runs in a fresh process) ----------------------------------------------
-def _memory_kwargs(a: dict) -> dict:
-    return dict(heads=a["heads"], topk=a["topk"], n_subkeys=a["n_subkeys"], k_dim=a["dim"], v_dim=a["dim"],
-                chunk_size=a["chunk"], backend=a["backend"])
+def _memory_config(a: dict):
+    from fwpkm import MemoryConfig
+
+    return MemoryConfig(heads=a["heads"], topk=a["topk"], n_subkeys=a["n_subkeys"], k_dim=a["dim"], v_dim=a["dim"],
+                        chunk_size=a["chunk"], backend=a["backend"])
 
 
 def worker_train(a: dict) -> dict:
@@ -115,7 +117,7 @@ def worker_train(a: dict) -> dict:
         torch.set_num_threads(a["threads"])
     torch.manual_seed(0)
     rss0 = rss_bytes()
-    mem = FwPKMMemory(**_memory_kwargs(a)).train()
+    mem = FwPKMMemory(_memory_config(a)).train()
     state_bytes = sum(t.numel() * t.element_size() for t in (mem.keys, mem.values))
     B, T, H, dk, dv = a["batch"], a["seq"], a["heads"], a["dim"], a["dim"]
     g = torch.Generator().manual_seed(1)
@@ -233,7 +235,7 @@ def worker_stream(a: dict) -> dict:
         torch.set_num_threads(a["threads"])
     torch.manual_seed(0)
     rss0 = rss_bytes()
-    mem = FwPKMMemory(**_memory_kwargs(a)).eval()
+    mem = FwPKMMemory(_memory_config(a)).eval()
     state_bytes = sum(t.numel() * t.element_size() for t in (mem.keys, mem.values))
     B, H, dk, dv, piece = a["batch"], a["heads"], a["dim"], a["dim"], a["piece"]
     gen = torch.Generator().manual_seed(1)

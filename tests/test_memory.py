@@ -16,7 +16,7 @@ SMALL = dict(heads=2, topk=3, n_subkeys=6, k_dim=6, v_dim=5, chunk_size=5)
 
 def make(seed=0, **overrides):
     torch.manual_seed(seed)
-    mem = FwPKMMemory(**(SMALL | overrides)).double()
+    mem = FwPKMMemory(MemoryConfig(**(SMALL | overrides))).double()
     with torch.no_grad():
         mem.keys.normal_()  # spread keys so top-k has no near-ties
     return mem
@@ -190,7 +190,8 @@ def test_stream_keeps_pending_tail_until_flush():
 def test_memorisation_passes_reduce_read_error():
     """Write random key -> value pairs (lookahead 0) and read them back: error falls each pass."""
     torch.manual_seed(0)
-    mem = FwPKMMemory(heads=1, topk=8, n_subkeys=32, k_dim=32, v_dim=16, chunk_size=64, lookahead=0).eval()
+    config = MemoryConfig(heads=1, topk=8, n_subkeys=32, k_dim=32, v_dim=16, chunk_size=64, lookahead=0)
+    mem = FwPKMMemory(config).eval()
     q = torch.randn(1, 64, 32)
     v = torch.randn(1, 64, 16)
     v = (v - v.mean(-1, keepdim=True)) / v.std(-1, keepdim=True)
@@ -223,7 +224,7 @@ def test_only_read_rows_change():
 
 
 def test_state_stays_float32_in_half_precision_model():
-    mem = FwPKMMemory(**SMALL).to(torch.bfloat16)
+    mem = FwPKMMemory(MemoryConfig(**SMALL)).to(torch.bfloat16)
     assert mem.values.dtype == torch.float32 and mem.keys.dtype == torch.float32
     out = mem(torch.randn(1, 6, 12, dtype=torch.bfloat16), torch.randn(1, 6, 5, dtype=torch.bfloat16))
     assert out.output.dtype == torch.bfloat16
