@@ -21,7 +21,6 @@ except Exception:  # pragma: no cover - triton missing: the Triton tests skip
     pass
 
 from kernels import ops, torch_ops
-from tests.test_memory import compare_with_reference, inputs, make
 
 
 # -- fixtures ------------------------------------------------------------------------------
@@ -271,24 +270,25 @@ TRITON_CONFIGS = [
 
 
 @pytest.mark.parametrize("overrides", TRITON_CONFIGS)
-def test_memory_triton_backend_matches_reference(count_kernels, overrides):
-    mem = make(backend="triton", **overrides)
-    compare_with_reference(mem, *inputs(mem, gated=True, masked=True))
+def test_memory_triton_backend_matches_reference(make_memory, memory_inputs, compare_with_reference, count_kernels,
+                                                 overrides):
+    mem = make_memory(backend="triton", **overrides)
+    compare_with_reference(mem, *memory_inputs(mem, gated=True, masked=True))
     assert set(count_kernels) == {"weighted_gather", "row_dot", "scatter_rows", "select_subkeys"}
 
 
-def test_memory_process_wide_triton_backend(count_kernels):
+def test_memory_process_wide_triton_backend(make_memory, memory_inputs, compare_with_reference, count_kernels):
     ops.set_backend("triton")  # the memory's config says "auto": the process setting decides
-    mem = make()
-    compare_with_reference(mem, *inputs(mem, T=11), chunk=4)
+    mem = make_memory()
+    compare_with_reference(mem, *memory_inputs(mem, T=11), chunk=4)
     assert count_kernels.get("weighted_gather", 0) > 0 and count_kernels.get("select_subkeys", 0) > 0
 
 
-def test_memory_streaming_with_triton_equals_torch(triton_ops):
+def test_memory_streaming_with_triton_equals_torch(make_memory, memory_inputs, triton_ops):
     outs = []
     for backend in ("torch", "triton"):
-        mem = make(backend=backend).eval()
-        q, v, g, m = inputs(mem, T=12, gated=True, masked=True)
+        mem = make_memory(backend=backend).eval()
+        q, v, g, m = memory_inputs(mem, T=12, gated=True, masked=True)
         stream = mem.new_stream()
         pieces = [mem(q[:, a:b], v[:, a:b], g[:, a:b], m[:, a:b], stream=stream).output for a, b in
                   ((0, 3), (3, 9), (9, 12))]
@@ -318,18 +318,18 @@ def test_backend_resolution(monkeypatch):
     assert ops.resolve("torch", cpu) == "torch"  # an explicit per-call choice wins
 
 
-def test_triton_backend_in_config(triton_ops):
-    mem = make(backend="triton")
+def test_triton_backend_in_config(make_memory, memory_inputs, triton_ops):
+    mem = make_memory(backend="triton")
     assert mem.config.backend == "triton"
-    out = mem.eval()(*inputs(mem)[:2]).output
+    out = mem.eval()(*memory_inputs(mem)[:2]).output
     assert torch.isfinite(out).all()
 
 
 # -- the sparse core keeps nothing of size N ---------------------------------------------
-def test_training_graph_saves_no_table_sized_tensor():
+def test_training_graph_saves_no_table_sized_tensor(make_memory, memory_inputs):
     """Only read rows are kept for backward: no saved tensor has N rows (or N * dv elements)."""
-    mem = make(n_subkeys=40, v_dim=4, heads=1, topk=2, chunk_size=4)  # N = 1600 slots
-    q, v, g, _ = inputs(mem, B=1, T=12, gated=True)
+    mem = make_memory(n_subkeys=40, v_dim=4, heads=1, topk=2, chunk_size=4)  # N = 1600 slots
+    q, v, g, _ = memory_inputs(mem, B=1, T=12, gated=True)
     N = mem.config.n_slots
     shapes = []
 
@@ -346,12 +346,13 @@ def test_training_graph_saves_no_table_sized_tensor():
 
 
 @pytest.mark.parametrize("weight_decay,values_only", [(0.0, True), (0.5, True), (0.0, False)])
-def test_no_graph_path_writes_in_place_same_result(weight_decay, values_only):
+def test_no_graph_path_writes_in_place_same_result(make_memory, memory_inputs, weight_decay, values_only):
     """Without a graph each chunk is written into the table at once (weight decay as a lazy
     factor, folded in now and then) and reads keep no graph past their write: same reads and
     state as the graph path."""
-    mem = make(weight_decay=weight_decay, lr=1.0, chunk_size=2, grad_to_values_only=values_only)  # decay 0.5 folds
-    q, v, g, m = inputs(mem, T=31, gated=True, masked=True)
+    # with weight_decay 0.5 the lazy decay factor gets folded in
+    mem = make_memory(weight_decay=weight_decay, lr=1.0, chunk_size=2, grad_to_values_only=values_only)
+    q, v, g, m = memory_inputs(mem, T=31, gated=True, masked=True)
     saved = {k: t.clone() for k, t in mem.state_dict().items()}
     train_out = mem.train()(q, v, g, m).output.detach()
     train_state = {k: t.clone() for k, t in mem.state_dict().items()}
