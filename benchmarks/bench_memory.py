@@ -6,8 +6,8 @@ Modes
 train   One training step (forward with meta-gradients + backward of a loss on the reads
         into q, v and the gates) of one FwPKM memory layer, for each number of slots N,
         for this project's layer ("ours") and a dense implementation of the same algorithm
-        ("dense": benchmarks/dense.py, the paper's way, or tests/reference.py with
-        --dense reference). Reports tokens/s and peak memory side by side.
+        ("dense": fwpkm/naive.py, the paper's way). Reports tokens/s and peak memory side
+        by side.
 parts   Our training step split into the parts whose cost grows with N: sub-key selection,
         commit (the row updates added to the stored table), the rest of the forward, and
         the backward; wall-clock ms per step for each N (timers wrapped around the
@@ -98,9 +98,11 @@ def reset_peak() -> bool:
 
 
 # -- workers (each runs in a fresh process) ----------------------------------------------
-def _memory_kwargs(a: dict) -> dict:
-    return dict(heads=a["heads"], topk=a["topk"], n_subkeys=a["n_subkeys"], k_dim=a["dim"], v_dim=a["dim"],
-                chunk_size=a["chunk"], backend=a["backend"])
+def _memory_config(a: dict):
+    from fwpkm import MemoryConfig
+
+    return MemoryConfig(heads=a["heads"], topk=a["topk"], n_subkeys=a["n_subkeys"], k_dim=a["dim"], v_dim=a["dim"],
+                        chunk_size=a["chunk"], backend=a["backend"])
 
 
 def worker_train(a: dict) -> dict:
@@ -115,7 +117,7 @@ def worker_train(a: dict) -> dict:
         torch.set_num_threads(a["threads"])
     torch.manual_seed(0)
     rss0 = rss_bytes()
-    mem = FwPKMMemory(**_memory_kwargs(a)).train()
+    mem = FwPKMMemory(_memory_config(a)).train()
     state_bytes = sum(t.numel() * t.element_size() for t in (mem.keys, mem.values))
     B, T, H, dk, dv = a["batch"], a["seq"], a["heads"], a["dim"], a["dim"]
     g = torch.Generator().manual_seed(1)
@@ -134,16 +136,14 @@ def worker_train(a: dict) -> dict:
         def step():
             backward(forward())
     else:
-        if a["impl"] == "dense":
-            from benchmarks import dense as impl
-        else:
-            from tests import reference as impl
+        from fwpkm import naive
+
         cfg = dataclasses.asdict(mem.config)
         state = {"keys": mem.keys.clone(), "values": mem.values.clone()}
         del mem  # the dense implementation holds the table itself
 
         def step():
-            out, K, V = impl.run(state["keys"], state["values"], q, v, gates, None, cfg, a["chunk"])
+            out, K, V = naive.run(state["keys"], state["values"], q, v, gates, None, cfg, a["chunk"])
             out.square().mean().backward()
             state["keys"], state["values"] = K.detach(), V.detach()  # the new stored state
 
@@ -235,7 +235,7 @@ def worker_stream(a: dict) -> dict:
         torch.set_num_threads(a["threads"])
     torch.manual_seed(0)
     rss0 = rss_bytes()
-    mem = FwPKMMemory(**_memory_kwargs(a)).eval()
+    mem = FwPKMMemory(_memory_config(a)).eval()
     state_bytes = sum(t.numel() * t.element_size() for t in (mem.keys, mem.values))
     B, H, dk, dv, piece = a["batch"], a["heads"], a["dim"], a["dim"], a["piece"]
     gen = torch.Generator().manual_seed(1)
@@ -310,44 +310,46 @@ def _train_args(ns) -> dict:
                 backend=ns.backend, threads=ns.threads, max_s=ns.max_s, malloc=ns.malloc)
 
 
+IMPLS = ("ours", "dense")  # the sparse core; fwpkm.naive, the dense baseline
+
+
 def mode_train(ns) -> list[dict]:
     common = _train_args(ns)
-    impls = [("ours", "ours"), ("dense", ns.dense)]
     print(f"train: B={ns.batch} T={ns.seq} chunk={ns.chunk} dk=dv={ns.dim} heads={ns.heads} topk={ns.topk}; "
           f"ours: {ns.steps} timed steps (+{ns.warmup} warm-up) x {ns.rounds} round(s); dense baseline "
-          f"({ns.dense}): {ns.dense_steps} (+{ns.dense_warmup}); backend {ns.backend}"
+          f"(fwpkm.naive): {ns.dense_steps} (+{ns.dense_warmup}); backend {ns.backend}"
           + ("; THP on" if ns.thp else "") + f"; allocator {ns.malloc}", flush=True)
-    results = {(n, key): {"time": [], "memory": None} for n in ns.n_subkeys for key, _ in impls}
+    results = {(n, key): {"time": [], "memory": None} for n in ns.n_subkeys for key in IMPLS}
 
     def skip(n, key):
         return key == "dense" and n > ns.dense_max_n
 
     for r in range(ns.rounds):
         for n in ns.n_subkeys:
-            for key, impl in impls:
+            for key in IMPLS:
                 if skip(n, key) or (key == "dense" and r > 0):
                     continue  # the dense baseline is timed in the first round only (it is slow)
                 steps = (ns.warmup, ns.steps) if key == "ours" else (ns.dense_warmup, ns.dense_steps)
-                res = run_worker("train", common | {"impl": impl, "n_subkeys": n, "warmup": steps[0],
+                res = run_worker("train", common | {"impl": key, "n_subkeys": n, "warmup": steps[0],
                                                     "steps": steps[1]}, ns.timeout, precise_malloc=False)
                 results[n, key]["time"].append(res)
                 msg = res.get("error") or (f"{res['tokens_per_step'] / statistics.median(res['step_s']):.0f} tok/s "
                                            f"(median of {len(res['step_s'])} steps)")
-                print(f"  [time {r + 1}/{ns.rounds}] N={n}^2 {impl:>9}: {msg}", flush=True)
+                print(f"  [time {r + 1}/{ns.rounds}] N={n}^2 {key:>9}: {msg}", flush=True)
     for n in ns.n_subkeys:
-        for key, impl in impls:
+        for key in IMPLS:
             if skip(n, key):
                 continue
-            res = run_worker("train", common | {"impl": impl, "n_subkeys": n, "warmup": 1, "steps": 1},
+            res = run_worker("train", common | {"impl": key, "n_subkeys": n, "warmup": 1, "steps": 1},
                              ns.timeout, precise_malloc=True)
             results[n, key]["memory"] = res
             msg = res.get("error") or f"peak {res['peak_mib']:.0f} MiB (state {res['state_mib']:.0f} MiB)"
-            print(f"  [memory] N={n}^2 {impl:>9}: {msg}", flush=True)
+            print(f"  [memory] N={n}^2 {key:>9}: {msg}", flush=True)
 
     rows = []
     for n in ns.n_subkeys:
         row = {"n_subkeys": n, "slots": n * n}
-        for key, impl in impls:
+        for key in IMPLS:
             if skip(n, key):
                 row[key] = {"skipped": f"n_subkeys {n} > --dense-max-n {ns.dense_max_n}"}
                 continue
@@ -362,7 +364,7 @@ def mode_train(ns) -> list[dict]:
             steps = [x for t in runs for x in t["step_s"]]
             tokens = runs[0]["tokens_per_step"]
             row[key] = {
-                "impl": impl, "steps_timed": len(steps), "step_s": steps,
+                "impl": key, "steps_timed": len(steps), "step_s": steps,
                 "tok_s": tokens / statistics.median(steps), "tok_s_best": tokens / min(steps),
                 "cpu_s_per_step": statistics.median([x for t in runs for x in t["cpu_s"]]),
                 "peak_mib": mem["peak_mib"], "working_mib": mem["working_mib"], "state_mib": mem["state_mib"],
@@ -515,8 +517,6 @@ def main(argv=None):
                    help="train: timing runs of each of our configurations, interleaved (default 1)")
     p.add_argument("--dense-steps", type=int, default=3, help="train: timed steps of the dense baseline (default 3)")
     p.add_argument("--dense-warmup", type=int, default=1, help="train: its untimed steps first (default 1)")
-    p.add_argument("--dense", choices=["dense", "reference"], default="dense",
-                   help="dense baseline: benchmarks/dense.py (paper-style, default) or tests/reference.py")
     p.add_argument("--dense-max-n", type=int, default=1024,
                    help="skip the dense baseline for n_subkeys above this (default 1024; at 1024^2 it needs "
                         "~13 GiB of RAM)")

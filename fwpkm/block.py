@@ -27,7 +27,7 @@ class FastWeightBlock(nn.Module):
         if self.uses_gate:
             self.g_norm, self.g_proj = RMSNorm(d_model, norm_eps), nn.Linear(d_model, c.gate_outputs)
         self.o_norm, self.o_proj = RMSNorm(c.v_dim, norm_eps), nn.Linear(c.v_dim, d_model, bias=False)
-        self.memory = FwPKMMemory(config=c.memory) if c.kind == "fwpkm" else FwMLPMemory(c.fwmlp)
+        self.memory = FwPKMMemory(c.memory) if c.kind == "fwpkm" else FwMLPMemory(c.fwmlp)
 
     def forward(self, h: Tensor, mask: Optional[Tensor] = None, *, stream: Optional[FastWeightStream] = None,
                 chunk_size: Optional[int] = None) -> tuple[Tensor, FastWeightOutput]:

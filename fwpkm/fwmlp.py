@@ -7,7 +7,6 @@ mean memorisation loss updates every weight (no N_read scaling, no addressing lo
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -20,9 +19,9 @@ NAMES = ("w_gate", "b_gate", "w_up", "b_up", "w_down", "b_down")
 
 
 class FwMLPMemory(ChunkedFastWeights):
-    def __init__(self, config: Optional[FwMLPConfig] = None, **kwargs):
+    def __init__(self, config: FwMLPConfig):
         super().__init__()
-        self.config = config or FwMLPConfig(**kwargs)
+        self.config = config
         c = self.config
         self.chunk_size, self.lookahead = c.chunk_size, c.lookahead
         shapes = {"w_gate": (c.hidden, c.k_dim), "b_gate": (c.hidden,), "w_up": (c.hidden, c.k_dim),

@@ -145,18 +145,8 @@ class Read:
 class FwPKMMemory(ChunkedFastWeights):
     """Fast-weight product-key memory. See :class:`fwpkm.config.MemoryConfig` for options."""
 
-    def __init__(self, heads: int = 1, topk: int = 8, n_subkeys: int = 512, k_dim: int = 512, v_dim: int = 512,
-                 chunk_size: int = 512, lookahead: int = 1, score: str = "idw", temperature: float = 1.0,
-                 score_fn: str = "softmax", addr_loss_weight: Optional[float] = 1.0,
-                 grad_to_values_only: bool = True, mse: str = "sum", lr: float = 1.0, weight_decay: float = 0.0,
-                 grad_clip: bool = False, backend: str = "auto", *, config: Optional[MemoryConfig] = None):
+    def __init__(self, config: MemoryConfig):
         super().__init__()
-        if config is None:
-            config = MemoryConfig(heads=heads, topk=topk, n_subkeys=n_subkeys, k_dim=k_dim, v_dim=v_dim,
-                                  chunk_size=chunk_size, lookahead=lookahead, score=score, temperature=temperature,
-                                  score_fn=score_fn, addr_loss_weight=addr_loss_weight,
-                                  grad_to_values_only=grad_to_values_only, mse=mse, lr=lr,
-                                  weight_decay=weight_decay, grad_clip=grad_clip, backend=backend)
         self.config = config
         self.chunk_size = config.chunk_size
         self.lookahead = config.lookahead
@@ -164,10 +154,6 @@ class FwPKMMemory(ChunkedFastWeights):
         self.register_buffer("keys", torch.empty(c.heads, 2, c.n_subkeys, c.k_dim // 2))
         self.register_buffer("values", torch.empty(c.n_slots, c.v_dim))
         self.reset_state()
-
-    @classmethod
-    def from_config(cls, config: MemoryConfig) -> "FwPKMMemory":
-        return cls(config=config)
 
     def reset_state(self) -> None:
         """Re-initialise the fast weights (spec 1: uniform keys, normal values)."""

@@ -125,13 +125,6 @@ class HybridLM(nn.Module):
         for i, m in self.fast_weight_memories().items():
             m.load_state_dict({k.split(".", 1)[1]: t for k, t in state.items() if k.split(".", 1)[0] == str(i)})
 
-    def reset_fast_weights(self) -> None:
-        for m in self.fast_weight_memories().values():
-            m.reset_state()
-
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
-
 
 def _init_weights(module: nn.Module) -> None:
     if isinstance(module, nn.Linear):

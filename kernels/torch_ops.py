@@ -142,8 +142,3 @@ def address(q: Tensor, keys: Tensor, topk: int, score: str):
     scores, flat = cart.topk(topk, dim=-1)
     slots = ids1.gather(-1, flat // topk) * n + ids2.gather(-1, flat % topk)
     return ((top1, ids1), (top2, ids2)), scores, slots
-
-
-def gather_rows(table: Tensor, rows: Tensor) -> Tensor:
-    """table[rows] for a flat index vector."""
-    return table.index_select(0, rows)

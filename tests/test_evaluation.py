@@ -12,7 +12,6 @@ from lit.evaluation.niah import NIAHConfig, answer_sample, heatmaps, make_sample
 from lit.evaluation.ppl import streamed_perplexity, windowed_perplexity
 from lit.synthetic import make_niah_sample
 from lit.tokenizer import ByteTokenizer
-from tests.test_model import micro
 
 TEXT = ("The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs. "
         "How vexingly quick daft zebras jump. Sphinx of black quartz, judge my vow. ") * 40
@@ -24,9 +23,9 @@ def tok():
 
 
 @pytest.fixture
-def model(tok):
+def model(micro_config, tok):
     torch.manual_seed(0)
-    return HybridLM(micro("tiny-swa_interleave-pkm-fwpkm", vocab_size=tok.vocab_size)).eval()
+    return HybridLM(micro_config("tiny-swa_interleave-pkm-fwpkm", vocab_size=tok.vocab_size)).eval()
 
 
 def test_streamed_perplexity_on_short_input_equals_windowed(model, tok):
@@ -144,15 +143,13 @@ def test_needle_inspection_reports_written_and_read_slots(model, tok):
         assert set(r["overlap"]) <= set(r["written_slots"])
 
 
-def test_eval_cli_on_a_trained_checkpoint_logs_into_its_run(tmp_path):
+def test_eval_cli_on_a_trained_checkpoint_logs_into_its_run(micro_training, tmp_path):
     """Train a micro run, then `fwpkm eval niah|ppl|gates|inspect` on its run folder."""
     import subprocess
     import sys
 
-    from tests.test_train import ROOT, env, mlflow_client, run_id_of, run_train
-
     run_dir = tmp_path / "runs" / "micro"
-    run_train(run_dir, "--trainer.max_steps", "3")
+    micro_training.run(run_dir, "--trainer.max_steps", "3")
     commands = [
         ["niah", "--context-lens", "300", "--depths", "0.5", "--iterations", "0", "1", "--samples", "1",
          "--needles", "2"],
@@ -161,12 +158,13 @@ def test_eval_cli_on_a_trained_checkpoint_logs_into_its_run(tmp_path):
         ["inspect", "--text", "The cat sat on the mat. The cat sat on the mat."],
     ]
     for args in commands:
-        proc = subprocess.run([sys.executable, "-m", "ablations", "eval", *args, "--ckpt", str(run_dir)], cwd=ROOT,
-                              env=env(), capture_output=True, text=True, timeout=300)
+        proc = subprocess.run([sys.executable, "-m", "ablations", "eval", *args, "--ckpt", str(run_dir)],
+                              cwd=micro_training.root, env=micro_training.env(), capture_output=True, text=True,
+                              timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        assert f"logged into MLflow run {run_id_of(run_dir)}" in proc.stdout
-    client = mlflow_client(run_dir)
-    run = client.get_run(run_id_of(run_dir))
+        assert f"logged into MLflow run {micro_training.run_id(run_dir)}" in proc.stdout
+    client = micro_training.mlflow_client(run_dir)
+    run = client.get_run(micro_training.run_id(run_dir))
     assert "niah/exact_300_n1" in run.data.metrics and "eval/streamed_ppl" in run.data.metrics
     logged = {a.path for a in client.list_artifacts(run.info.run_id, "eval")}
     assert {"eval/niah", "eval/ppl", "eval/gates", "eval/inspect"} <= logged

@@ -1,6 +1,6 @@
 """Kernels of the memory's hot paths (kernels/): each Triton kernel against its PyTorch path,
 their gradients to second order, and the whole memory with the Triton backend against the
-dense reference of the spec.
+dense reference of the spec (fwpkm.naive).
 
 Triton kernels run on the CPU with Triton's interpreter: a module fixture sets
 TRITON_INTERPRET=1 for these tests only (kernels.triton_ops jits lazily, per interpreter
@@ -21,8 +21,6 @@ except Exception:  # pragma: no cover - triton missing: the Triton tests skip
     pass
 
 from kernels import ops, torch_ops
-from tests import reference
-from tests.test_memory import compare_with_reference, inputs, make, ref_config
 
 
 # -- fixtures ------------------------------------------------------------------------------
@@ -250,6 +248,18 @@ def test_address_equals_dense_addressing(score, backend, request):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-11)
 
 
+@pytest.mark.parametrize("score", ["dot", "idw"])
+def test_sub_scores_are_the_spec_scores(score):
+    """The dense scoring (used by fwpkm.naive) against spec 1.1 written out: <q, key> for dot,
+    -log(1e-3 + |q - key|^2) for idw (computed there as |q|^2 - 2 <q, key> + |key|^2)."""
+    g = torch.Generator().manual_seed(13)
+    q = torch.randn(2, 3, 2, 4, generator=g, dtype=torch.float64)  # [B, T, H, d]
+    keys = torch.randn(2, 7, 4, generator=g, dtype=torch.float64)  # [H, n, d]
+    diff = q.unsqueeze(-2) - keys  # [B, T, H, n, d]
+    want = (q.unsqueeze(-2) * keys).sum(-1) if score == "dot" else -torch.log(1e-3 + diff.pow(2).sum(-1))
+    torch.testing.assert_close(torch_ops.sub_scores(q, keys, score), want, rtol=1e-12, atol=1e-12)
+
+
 # -- the memory with the Triton kernels, against the dense reference -----------------------
 TRITON_CONFIGS = [
     dict(),
@@ -260,24 +270,25 @@ TRITON_CONFIGS = [
 
 
 @pytest.mark.parametrize("overrides", TRITON_CONFIGS)
-def test_memory_triton_backend_matches_reference(count_kernels, overrides):
-    mem = make(backend="triton", **overrides)
-    compare_with_reference(mem, *inputs(mem, gated=True, masked=True))
+def test_memory_triton_backend_matches_reference(make_memory, memory_inputs, compare_with_reference, count_kernels,
+                                                 overrides):
+    mem = make_memory(backend="triton", **overrides)
+    compare_with_reference(mem, *memory_inputs(mem, gated=True, masked=True))
     assert set(count_kernels) == {"weighted_gather", "row_dot", "scatter_rows", "select_subkeys"}
 
 
-def test_memory_process_wide_triton_backend(count_kernels):
+def test_memory_process_wide_triton_backend(make_memory, memory_inputs, compare_with_reference, count_kernels):
     ops.set_backend("triton")  # the memory's config says "auto": the process setting decides
-    mem = make()
-    compare_with_reference(mem, *inputs(mem, T=11), chunk=4)
+    mem = make_memory()
+    compare_with_reference(mem, *memory_inputs(mem, T=11), chunk=4)
     assert count_kernels.get("weighted_gather", 0) > 0 and count_kernels.get("select_subkeys", 0) > 0
 
 
-def test_memory_streaming_with_triton_equals_torch(triton_ops):
+def test_memory_streaming_with_triton_equals_torch(make_memory, memory_inputs, triton_ops):
     outs = []
     for backend in ("torch", "triton"):
-        mem = make(backend=backend).eval()
-        q, v, g, m = inputs(mem, T=12, gated=True, masked=True)
+        mem = make_memory(backend=backend).eval()
+        q, v, g, m = memory_inputs(mem, T=12, gated=True, masked=True)
         stream = mem.new_stream()
         pieces = [mem(q[:, a:b], v[:, a:b], g[:, a:b], m[:, a:b], stream=stream).output for a, b in
                   ((0, 3), (3, 9), (9, 12))]
@@ -307,18 +318,18 @@ def test_backend_resolution(monkeypatch):
     assert ops.resolve("torch", cpu) == "torch"  # an explicit per-call choice wins
 
 
-def test_triton_backend_in_config(triton_ops):
-    mem = make(backend="triton")
+def test_triton_backend_in_config(make_memory, memory_inputs, triton_ops):
+    mem = make_memory(backend="triton")
     assert mem.config.backend == "triton"
-    out = mem.eval()(*inputs(mem)[:2]).output
+    out = mem.eval()(*memory_inputs(mem)[:2]).output
     assert torch.isfinite(out).all()
 
 
 # -- the sparse core keeps nothing of size N ---------------------------------------------
-def test_training_graph_saves_no_table_sized_tensor():
+def test_training_graph_saves_no_table_sized_tensor(make_memory, memory_inputs):
     """Only read rows are kept for backward: no saved tensor has N rows (or N * dv elements)."""
-    mem = make(n_subkeys=40, v_dim=4, heads=1, topk=2, chunk_size=4)  # N = 1600 slots
-    q, v, g, _ = inputs(mem, B=1, T=12, gated=True)
+    mem = make_memory(n_subkeys=40, v_dim=4, heads=1, topk=2, chunk_size=4)  # N = 1600 slots
+    q, v, g, _ = memory_inputs(mem, B=1, T=12, gated=True)
     N = mem.config.n_slots
     shapes = []
 
@@ -335,12 +346,13 @@ def test_training_graph_saves_no_table_sized_tensor():
 
 
 @pytest.mark.parametrize("weight_decay,values_only", [(0.0, True), (0.5, True), (0.0, False)])
-def test_no_graph_path_writes_in_place_same_result(weight_decay, values_only):
+def test_no_graph_path_writes_in_place_same_result(make_memory, memory_inputs, weight_decay, values_only):
     """Without a graph each chunk is written into the table at once (weight decay as a lazy
     factor, folded in now and then) and reads keep no graph past their write: same reads and
     state as the graph path."""
-    mem = make(weight_decay=weight_decay, lr=1.0, chunk_size=2, grad_to_values_only=values_only)  # decay 0.5 folds
-    q, v, g, m = inputs(mem, T=31, gated=True, masked=True)
+    # with weight_decay 0.5 the lazy decay factor gets folded in
+    mem = make_memory(weight_decay=weight_decay, lr=1.0, chunk_size=2, grad_to_values_only=values_only)
+    q, v, g, m = memory_inputs(mem, T=31, gated=True, masked=True)
     saved = {k: t.clone() for k, t in mem.state_dict().items()}
     train_out = mem.train()(q, v, g, m).output.detach()
     train_state = {k: t.clone() for k, t in mem.state_dict().items()}
@@ -349,23 +361,6 @@ def test_no_graph_path_writes_in_place_same_result(weight_decay, values_only):
     torch.testing.assert_close(eval_out, train_out, rtol=1e-10, atol=1e-12)
     for k in saved:
         torch.testing.assert_close(mem.state_dict()[k], train_state[k], rtol=1e-10, atol=1e-12)
-
-
-# -- the benchmark's dense baseline is the same algorithm ---------------------------------
-@pytest.mark.parametrize("overrides", [dict(), dict(score="dot", grad_to_values_only=False, mse="mean"),
-                                       dict(weight_decay=0.1, grad_clip=True, lookahead=0, score_fn="relu")])
-def test_benchmark_dense_baseline_matches_reference(overrides):
-    from benchmarks import dense
-
-    mem = make(**overrides)
-    q, v, g, m = inputs(mem, gated=True, masked=True)
-    cfg = ref_config(mem)
-    want = reference.run(mem.keys, mem.values, q, v, g, m, cfg, 5)
-    got = dense.run(mem.keys, mem.values, q, v, g, m, cfg, 5)
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
-    for a, b in zip(torch.autograd.grad(got[0].sum(), (q, v, g)), torch.autograd.grad(want[0].sum(), (q, v, g))):
-        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
 
 
 # -- the kernels also build for a GPU -------------------------------------------------------

@@ -1,8 +1,7 @@
-"""The FwPKM memory core against the dense reference of the spec (tests/reference.py)."""
+"""The FwPKM memory core against the dense reference of the spec (fwpkm.naive)."""
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 
 import pytest
@@ -10,58 +9,15 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from fwpkm import ConfigError, FwPKMMemory, MemoryConfig
-from tests import reference
-
-SMALL = dict(heads=2, topk=3, n_subkeys=6, k_dim=6, v_dim=5, chunk_size=5)
-
-
-def make(seed=0, **overrides):
-    torch.manual_seed(seed)
-    mem = FwPKMMemory(**(SMALL | overrides)).double()
-    with torch.no_grad():
-        mem.keys.normal_()  # spread keys so top-k has no near-ties
-    return mem
-
-
-def inputs(mem, B=2, T=13, seed=1, gated=False, masked=False):
-    g = torch.Generator().manual_seed(seed)
-    c = mem.config
-    q = torch.randn(B, T, c.heads * c.k_dim, generator=g, dtype=torch.float64, requires_grad=True)
-    v = torch.randn(B, T, c.v_dim, generator=g, dtype=torch.float64, requires_grad=True)
-    gates = torch.rand(B, T, generator=g, dtype=torch.float64).requires_grad_(True) if gated else None
-    mask = (torch.rand(B, T, generator=g) > 0.3).double() if masked else None
-    return q, v, gates, mask
-
-
-def ref_config(mem):
-    return dataclasses.asdict(mem.config)
-
-
-def compare_with_reference(mem, q, v, gates, mask, chunk=None):
-    chunk = chunk or mem.config.chunk_size
-    keys0, values0 = mem.keys.clone(), mem.values.clone()
-    mem.train()
-    out = mem(q, v, gates, mask, chunk_size=chunk).output
-    ref_out, ref_k, ref_v = reference.run(keys0, values0, q, v, gates, mask, ref_config(mem), chunk)
-    torch.testing.assert_close(out, ref_out, rtol=1e-9, atol=1e-10)
-    torch.testing.assert_close(mem.keys, ref_k.detach(), rtol=1e-9, atol=1e-10)
-    torch.testing.assert_close(mem.values, ref_v.detach(), rtol=1e-9, atol=1e-10)
-
-    probe = torch.randn_like(out)
-    wrt = [t for t in (q, v, gates) if t is not None]
-    grads = torch.autograd.grad((out * probe).sum(), wrt)
-    ref_grads = torch.autograd.grad((ref_out * probe).sum(), wrt)
-    for name, got, want in zip(("q", "v", "gates"), grads, ref_grads):
-        torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10, msg=lambda m: f"meta-gradient {name}: {m}")
-
 
 GRID = list(itertools.product(["idw", "dot"], [0, 1], [1.0, None], [True, False], ["sum", "mean"], [False, True]))
 
 
 @pytest.mark.parametrize("score,lookahead,addr,values_only,mse,gated_masked", GRID)
-def test_matches_dense_reference(score, lookahead, addr, values_only, mse, gated_masked):
-    mem = make(score=score, lookahead=lookahead, addr_loss_weight=addr, grad_to_values_only=values_only, mse=mse)
-    compare_with_reference(mem, *inputs(mem, gated=gated_masked, masked=gated_masked))
+def test_matches_dense_reference(make_memory, memory_inputs, compare_with_reference, score, lookahead, addr,
+                                 values_only, mse, gated_masked):
+    mem = make_memory(score=score, lookahead=lookahead, addr_loss_weight=addr, grad_to_values_only=values_only, mse=mse)
+    compare_with_reference(mem, *memory_inputs(mem, gated=gated_masked, masked=gated_masked))
 
 
 @pytest.mark.parametrize("overrides", [
@@ -73,20 +29,20 @@ def test_matches_dense_reference(score, lookahead, addr, values_only, mse, gated
     dict(addr_loss_weight=0.0, grad_to_values_only=True),
     dict(grad_clip=True, weight_decay=0.05, grad_to_values_only=False, mse="mean"),
 ])
-def test_matches_reference_other_options(overrides):
-    mem = make(**overrides)
-    compare_with_reference(mem, *inputs(mem, gated=True))
+def test_matches_reference_other_options(make_memory, memory_inputs, compare_with_reference, overrides):
+    mem = make_memory(**overrides)
+    compare_with_reference(mem, *memory_inputs(mem, gated=True))
 
 
-def test_reference_chunk_size_per_call_and_shorter_last_chunk():
-    mem = make()
-    compare_with_reference(mem, *inputs(mem, T=11), chunk=4)  # chunks 4, 4, 3
+def test_reference_chunk_size_per_call_and_shorter_last_chunk(make_memory, memory_inputs, compare_with_reference):
+    mem = make_memory()
+    compare_with_reference(mem, *memory_inputs(mem, T=11), chunk=4)  # chunks 4, 4, 3
 
 
 @pytest.mark.parametrize("addr,values_only", list(itertools.product([1.0, None], [True, False])))
-def test_eval_mode_same_values_no_graph(addr, values_only):
-    mem = make(addr_loss_weight=addr, grad_to_values_only=values_only)
-    q, v, g, _ = inputs(mem, gated=True)
+def test_eval_mode_same_values_no_graph(make_memory, memory_inputs, addr, values_only):
+    mem = make_memory(addr_loss_weight=addr, grad_to_values_only=values_only)
+    q, v, g, _ = memory_inputs(mem, gated=True)
     state = {k: t.clone() for k, t in mem.state_dict().items()}
     train_out = mem.train()(q, v, g).output
     train_state = {k: t.clone() for k, t in mem.state_dict().items()}
@@ -99,9 +55,9 @@ def test_eval_mode_same_values_no_graph(addr, values_only):
         torch.testing.assert_close(mem.state_dict()[k], train_state[k])
 
 
-def test_meta_gradients_match_finite_differences():
-    mem = make(heads=1, topk=2, n_subkeys=4, k_dim=4, v_dim=3, chunk_size=3, score="dot")
-    q, v, g, _ = inputs(mem, B=1, T=7, gated=True)
+def test_meta_gradients_match_finite_differences(make_memory, memory_inputs):
+    mem = make_memory(heads=1, topk=2, n_subkeys=4, k_dim=4, v_dim=3, chunk_size=3, score="dot")
+    q, v, g, _ = memory_inputs(mem, B=1, T=7, gated=True)
     saved = {k: t.clone() for k, t in mem.state_dict().items()}
 
     def f(q, v, g):
@@ -122,7 +78,8 @@ SPARSE_GRAPH_CONFIGS = [
 
 @pytest.mark.parametrize("overrides", SPARSE_GRAPH_CONFIGS)
 @pytest.mark.parametrize("sparse_below", [0.0, 2.0])
-def test_graph_through_earlier_writes_dense_or_row_by_row(monkeypatch, overrides, sparse_below):
+def test_graph_through_earlier_writes_dense_or_row_by_row(make_memory, memory_inputs, compare_with_reference,
+                                                          monkeypatch, overrides, sparse_below):
     """A chunk reading rows earlier chunks wrote differentiates through those writes either with
     one [U, dv] gradient (sparse_below 0) or only at the rows hit (2: always); both are exact."""
     from fwpkm import memory as memory_module
@@ -132,18 +89,18 @@ def test_graph_through_earlier_writes_dense_or_row_by_row(monkeypatch, overrides
     calls = []
     scatter_rows_at = ops.scatter_rows_at
     monkeypatch.setattr(ops, "scatter_rows_at", lambda *a: calls.append(1) or scatter_rows_at(*a))
-    mem = make(**overrides)
-    compare_with_reference(mem, *inputs(mem, T=17, gated=True, masked=True), chunk=4)
+    mem = make_memory(**overrides)
+    compare_with_reference(mem, *memory_inputs(mem, T=17, gated=True, masked=True), chunk=4)
     row_by_row = sparse_below > 1 and not overrides.get("grad_clip")
     assert bool(calls) == row_by_row
 
 
-def test_meta_gradients_through_rows_hit_match_finite_differences(monkeypatch):
+def test_meta_gradients_through_rows_hit_match_finite_differences(make_memory, memory_inputs, monkeypatch):
     from fwpkm import memory as memory_module
 
     monkeypatch.setattr(memory_module, "SPARSE_BELOW", 2.0)
-    mem = make(heads=1, topk=2, n_subkeys=4, k_dim=4, v_dim=3, chunk_size=3, weight_decay=0.2)
-    q, v, g, _ = inputs(mem, B=1, T=8, gated=True)
+    mem = make_memory(heads=1, topk=2, n_subkeys=4, k_dim=4, v_dim=3, chunk_size=3, weight_decay=0.2)
+    q, v, g, _ = memory_inputs(mem, B=1, T=8, gated=True)
     saved = {k: t.clone() for k, t in mem.state_dict().items()}
 
     def f(q, v, g):
@@ -155,10 +112,10 @@ def test_meta_gradients_through_rows_hit_match_finite_differences(monkeypatch):
 
 @settings(max_examples=25, deadline=None)
 @given(cuts=st.lists(st.integers(1, 22), max_size=5, unique=True), training=st.booleans(), chunk=st.integers(2, 7))
-def test_streaming_equals_one_shot(cuts, training, chunk):
-    mem = make(chunk_size=chunk)
+def test_streaming_equals_one_shot(make_memory, memory_inputs, cuts, training, chunk):
+    mem = make_memory(chunk_size=chunk)
     mem.train(training)
-    q, v, g, m = inputs(mem, T=23, gated=True, masked=True)
+    q, v, g, m = memory_inputs(mem, T=23, gated=True, masked=True)
     saved = {k: t.clone() for k, t in mem.state_dict().items()}
     one_shot = mem(q, v, g, m).output.detach()
     final = {k: t.clone() for k, t in mem.state_dict().items()}
@@ -174,9 +131,9 @@ def test_streaming_equals_one_shot(cuts, training, chunk):
         torch.testing.assert_close(mem.state_dict()[k], final[k], rtol=1e-10, atol=1e-12)
 
 
-def test_stream_keeps_pending_tail_until_flush():
-    mem = make(chunk_size=5).eval()
-    q, v, _, _ = inputs(mem, T=7)
+def test_stream_keeps_pending_tail_until_flush(make_memory, memory_inputs):
+    mem = make_memory(chunk_size=5).eval()
+    q, v, _, _ = memory_inputs(mem, T=7)
     stream = mem.new_stream()
     before = mem.values.clone()
     mem(q[:, :3], v[:, :3], stream=stream)
@@ -191,7 +148,8 @@ def test_stream_keeps_pending_tail_until_flush():
 def test_memorisation_passes_reduce_read_error():
     """Write random key -> value pairs (lookahead 0) and read them back: error falls each pass."""
     torch.manual_seed(0)
-    mem = FwPKMMemory(heads=1, topk=8, n_subkeys=32, k_dim=32, v_dim=16, chunk_size=64, lookahead=0).eval()
+    config = MemoryConfig(heads=1, topk=8, n_subkeys=32, k_dim=32, v_dim=16, chunk_size=64, lookahead=0)
+    mem = FwPKMMemory(config).eval()
     q = torch.randn(1, 64, 32)
     v = torch.randn(1, 64, 16)
     v = (v - v.mean(-1, keepdim=True)) / v.std(-1, keepdim=True)
@@ -200,11 +158,11 @@ def test_memorisation_passes_reduce_read_error():
     assert errors[-1] < 0.5 * errors[0], errors
 
 
-def test_state_is_buffer_not_parameter_and_persists():
-    mem = make()
+def test_state_is_buffer_not_parameter_and_persists(make_memory, memory_inputs):
+    mem = make_memory()
     assert list(mem.parameters()) == []
     assert {"keys", "values"} <= set(mem.state_dict())
-    q, v, _, _ = inputs(mem)
+    q, v, _, _ = memory_inputs(mem)
     before = mem.values.clone()
     mem.eval()(q, v)
     assert not torch.equal(mem.values, before)  # persists across calls
@@ -214,33 +172,33 @@ def test_state_is_buffer_not_parameter_and_persists():
     assert mem.values.std() > 0
 
 
-def test_only_read_rows_change():
-    mem = make(n_subkeys=16, addr_loss_weight=None).eval()
-    q, v, _, _ = inputs(mem, T=5)
+def test_only_read_rows_change(make_memory, memory_inputs):
+    mem = make_memory(n_subkeys=16, addr_loss_weight=None).eval()
+    q, v, _, _ = memory_inputs(mem, T=5)
     before = mem.values.clone()
     out = mem(q, v, chunk_size=5)
     changed = (mem.values != before).any(-1).nonzero().flatten()
     assert set(changed.tolist()) <= set(out.indices.flatten().tolist())
 
 
-def test_state_stays_float32_in_half_precision_model():
-    mem = FwPKMMemory(**SMALL).to(torch.bfloat16)
+def test_state_stays_float32_in_half_precision_model(memory_config):
+    mem = FwPKMMemory(memory_config()).to(torch.bfloat16)
     assert mem.values.dtype == torch.float32 and mem.keys.dtype == torch.float32
     out = mem(torch.randn(1, 6, 12, dtype=torch.bfloat16), torch.randn(1, 6, 5, dtype=torch.bfloat16))
     assert out.output.dtype == torch.bfloat16
 
 
-def test_no_addressing_loss_keeps_keys_unchanged():
-    mem = make(addr_loss_weight=None, grad_to_values_only=True)
+def test_no_addressing_loss_keeps_keys_unchanged(make_memory, memory_inputs):
+    mem = make_memory(addr_loss_weight=None, grad_to_values_only=True)
     keys = mem.keys.clone()
-    q, v, _, _ = inputs(mem)
+    q, v, _, _ = memory_inputs(mem)
     mem.train()(q, v).output.sum().backward()
     assert torch.equal(mem.keys, keys)
 
 
-def test_diagnostics_reported():
-    mem = make()
-    out = mem(*inputs(mem)[:2])
+def test_diagnostics_reported(make_memory, memory_inputs):
+    mem = make_memory()
+    out = mem(*memory_inputs(mem)[:2])
     for key in ("mem_loss", "addr_loss", "collision_ratio", "coverage_ratio", "kl_to_uniform",
                 "effective_reads", "grad_norm_values", "grad_norm_keys"):
         assert torch.isfinite(out.stats[key]), key
@@ -250,19 +208,19 @@ def test_diagnostics_reported():
 
 
 @pytest.mark.parametrize("temperature,expected", [(1e-6, 1.0), (1e6, 6.0)])
-def test_effective_reads_spans_one_hot_to_uniform(temperature, expected):
-    mem = make(temperature=temperature)
-    out = mem(*inputs(mem)[:2])
+def test_effective_reads_spans_one_hot_to_uniform(make_memory, memory_inputs, temperature, expected):
+    mem = make_memory(temperature=temperature)
+    out = mem(*memory_inputs(mem)[:2])
     assert out.stats["effective_reads"].item() == pytest.approx(expected, rel=1e-4)
 
 
-def test_idw_reads_turn_uniform_when_queries_are_far_from_every_key():
+def test_idw_reads_turn_uniform_when_queries_are_far_from_every_key(make_memory, memory_inputs):
     """-log(1e-3 + |q - key|^2) barely differs between keys once |q| dwarfs them: the diagnosis
     that ``effective_reads`` exists to catch (block.query_compression=l2norm prevents it)."""
-    mem = make(score="idw", heads=1)  # one head: with several, |q| differs between heads' scores
-    q, v, _, _ = inputs(mem)
+    mem = make_memory(score="idw", heads=1)  # one head: with several, |q| differs between heads' scores
+    q, v, _, _ = memory_inputs(mem)
     near = mem(q, v).stats["effective_reads"].item()
-    mem = make(score="idw", heads=1)
+    mem = make_memory(score="idw", heads=1)
     far = mem(q * 1e3, v).stats["effective_reads"].item()
     assert near < 2.9 and far == pytest.approx(3.0, rel=1e-4)
 
@@ -280,17 +238,17 @@ def test_config_errors_name_the_option(kwargs, option):
         MemoryConfig(**kwargs)
 
 
-def test_bad_shapes_are_clear_errors():
-    mem = make()
+def test_bad_shapes_are_clear_errors(make_memory):
+    mem = make_memory()
     with pytest.raises(ValueError, match="gates must be"):
         mem(torch.randn(2, 4, 12), torch.randn(2, 4, 5), gates=torch.rand(2, 3))
     with pytest.raises(ValueError, match="chunk_size"):
         mem(torch.randn(2, 4, 12), torch.randn(2, 4, 5), chunk_size=1)
 
 
-def test_inference_mode_gives_the_no_grad_result():
-    mem = make()
-    q, v, g, _ = inputs(mem, gated=True)
+def test_inference_mode_gives_the_no_grad_result(make_memory, memory_inputs):
+    mem = make_memory()
+    q, v, g, _ = memory_inputs(mem, gated=True)
     saved = {k: t.clone() for k, t in mem.state_dict().items()}
     with torch.no_grad():
         expected = mem.eval()(q, v, g).output

@@ -10,30 +10,15 @@ import torch
 from fwpkm import (BlockConfig, ConfigError, FastWeightBlock, FwMLPMemory, HybridLM, ModelConfig, preset,
                    preset_names)
 from fwpkm.config import FwMLPConfig
-from lit.config import merge
-
-
-def micro(name="tiny", **overrides) -> ModelConfig:
-    """A preset shrunk so a forward/backward takes milliseconds."""
-    data = preset(name).to_dict()
-    data = merge(data, {"d_model": 32, "ffn_hidden": 64, "vocab_size": 50,
-                        "attention.n_heads": 2, "attention.n_kv_heads": 1, "attention.head_dim": 16,
-                        "attention.window": 8, "gdn.n_heads": 2, "gdn.head_dim": 16,
-                        "pkm.n_subkeys": 8, "pkm.k_dim": 16, "pkm.v_dim": 16, "pkm.topk": 4,
-                        "block.memory.n_subkeys": 8, "block.memory.k_dim": 16,
-                        "block.memory.v_dim": 16, "block.memory.chunk_size": 8,
-                        "block.fwmlp.hidden": 32, "block.fwmlp.k_dim": 16, "block.fwmlp.v_dim": 16,
-                        "block.fwmlp.chunk_size": 8} | overrides)
-    return ModelConfig.from_dict(data)
 
 
 TINY_PRESETS = [n for n in preset_names() if n.startswith("tiny-")]
 
 
 @pytest.mark.parametrize("name", TINY_PRESETS)
-def test_every_tiny_preset_trains_a_step_and_is_causal(name):
+def test_every_tiny_preset_trains_a_step_and_is_causal(micro_config, name):
     torch.manual_seed(0)
-    model = HybridLM(micro(name)).double().train()
+    model = HybridLM(micro_config(name)).double().train()
     x = torch.randint(0, 50, (2, 21))
     saved = model.fast_weight_state()
     out = model(x, labels=x)
@@ -65,9 +50,9 @@ def test_paper_presets_have_the_paper_layout():
 
 
 @pytest.mark.parametrize("name", ["tiny-swa_interleave-pkm-fwpkm", "tiny-fa-fwmlp"])
-def test_model_streaming_equals_one_shot(name):
+def test_model_streaming_equals_one_shot(micro_config, name):
     torch.manual_seed(0)
-    model = HybridLM(micro(name)).double().eval()
+    model = HybridLM(micro_config(name)).double().eval()
     x = torch.randint(0, 50, (2, 30))
     saved = model.fast_weight_state()
     with torch.no_grad():
@@ -83,9 +68,9 @@ def test_model_streaming_equals_one_shot(name):
         torch.testing.assert_close(t, final[k])
 
 
-def test_fa_to_swa_limits_attention_to_the_chunk():
+def test_fa_to_swa_limits_attention_to_the_chunk(micro_config):
     torch.manual_seed(0)
-    model = HybridLM(micro("tiny-fa")).double().eval()  # no memory: only attention carries context
+    model = HybridLM(micro_config("tiny-fa")).double().eval()  # no memory: only attention carries context
     x = torch.randint(0, 50, (1, 30))
     y = x.clone()
     y[0, 0] = (x[0, 0] + 1) % 50
@@ -139,8 +124,8 @@ def block_input(seed=0):
 
 
 @pytest.mark.parametrize("fuse,weight,residual", list(itertools.product([True, False], repeat=3)))
-def test_block_gate_and_residual_switches(fuse, weight, residual):
-    cfg = micro().block
+def test_block_gate_and_residual_switches(micro_config, fuse, weight, residual):
+    cfg = micro_config().block
     cfg = BlockConfig(**(cfg.__dict__ | dict(out_fuse_gate=fuse, weight_loss_with_gates=weight,
                                               residual_value=residual)))
     block = FastWeightBlock(32, cfg).double()
@@ -152,8 +137,8 @@ def test_block_gate_and_residual_switches(fuse, weight, residual):
 
 
 @pytest.mark.parametrize("compression,target", [("l2norm", "l2norm"), ("zero_mean", "none"), ("none", "zero_mean")])
-def test_block_query_compression_and_target_norm(compression, target):
-    cfg = BlockConfig(**(micro().block.__dict__ | dict(query_compression=compression, target_norm=target)))
+def test_block_query_compression_and_target_norm(micro_config, compression, target):
+    cfg = BlockConfig(**(micro_config().block.__dict__ | dict(query_compression=compression, target_norm=target)))
     block = FastWeightBlock(32, cfg).double()
     h = block_input()
     q = block._compress(block.q_proj(block.q_norm(h))).unflatten(-1, (2, -1))
@@ -166,8 +151,8 @@ def test_block_query_compression_and_target_norm(compression, target):
         torch.testing.assert_close(v.mean(-1), torch.zeros_like(v[..., 0]))
 
 
-def test_fast_weights_are_not_parameters():
-    model = HybridLM(micro())
+def test_fast_weights_are_not_parameters(micro_config):
+    model = HybridLM(micro_config())
     params = {id(p) for p in model.parameters()}
     for mem in model.fast_weight_memories().values():
         assert all(id(b) not in params for b in mem.buffers())

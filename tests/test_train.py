@@ -3,7 +3,6 @@ kill, validation isolation, DDP, MLflow records, clear errors. CPU only, micro m
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal
@@ -18,50 +17,6 @@ from lightning.pytorch.callbacks import Callback
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# a micro model: 2 layers (full attention with PKM, Gated DeltaNet with FwPKM), d_model 32
-MICRO = {
-    "d_model": 32, "ffn_hidden": 64, "mixers": ["fa", "gdn"], "pkm_layers": [0], "memory_layers": [1],
-    "attention.n_heads": 2, "attention.n_kv_heads": 1, "attention.head_dim": 16, "attention.window": 16,
-    "gdn.n_heads": 2, "gdn.head_dim": 16,
-    "pkm.heads": 1, "pkm.topk": 4, "pkm.n_subkeys": 8, "pkm.k_dim": 16, "pkm.v_dim": 16,
-    "block.memory.chunk_size": 16, "block.memory.n_subkeys": 8, "block.memory.topk": 4,
-    "block.memory.k_dim": 16, "block.memory.v_dim": 16,
-}
-MICRO_ARGS = [
-    *(arg for key, value in MICRO.items() for arg in (f"--model.{key}", json.dumps(value))),
-    "--train.fa_to_swa_prob", "0.5", "--optim.warmup_steps", "2", "--train.plot_every_n_steps", "4",
-    "--data.seq_len", "32", "--data.batch_size", "4", "--data.max_documents", "200",
-    "--trainer.val_check_interval", "3", "--trainer.limit_val_batches", "2", "--trainer.num_sanity_val_steps", "1",
-    "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-    "--trainer.accelerator", "cpu", "--trainer.devices", "1",
-]
-
-
-def env(**extra) -> dict:
-    e = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PL_", "LOCAL_RANK", "NODE_RANK"))}
-    e.update(PYTHONPATH=str(ROOT), CI="true", OMP_NUM_THREADS="1", MLFLOW_ENABLE_ASYNC_LOGGING="false",
-             JSONARGPARSE_DEPRECATION_WARNINGS="off")
-    e.update(extra)
-    return e
-
-
-def train_cmd(run_dir: Path, *args: str) -> list[str]:
-    return [sys.executable, "-m", "lit.cli", "--run_dir", str(run_dir), *MICRO_ARGS, *args]
-
-
-def run_train(run_dir: Path, *args: str, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
-    proc = subprocess.run(train_cmd(run_dir, *args), cwd=ROOT, env=env(), capture_output=True, text=True,
-                          timeout=300, **kwargs)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-    return proc
-
-
-def start_train(run_dir: Path, *args: str) -> subprocess.Popen:
-    return subprocess.Popen(train_cmd(run_dir, *args), cwd=ROOT, env=env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-
-
 def finish(proc: subprocess.Popen, expect_ok: bool = True) -> tuple[int, str, str]:
     out, err = proc.communicate(timeout=300)
     if expect_ok and proc.returncode != 0:
@@ -71,21 +26,6 @@ def finish(proc: subprocess.Popen, expect_ok: bool = True) -> tuple[int, str, st
 
 def load(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def mlflow_client(run_dir: Path):
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri=f"sqlite:///{run_dir.parent / 'mlflow.db'}")
-
-
-def run_id_of(run_dir: Path) -> str:
-    return (run_dir / "mlflow_run_id").read_text().strip()
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    history = mlflow_client(run_dir).get_metric_history(run_id_of(run_dir), "train/loss")
-    return {m.step: m.value for m in history}
 
 
 def assert_same_state(a: dict, b: dict, atol: float = 1e-6) -> None:
@@ -130,23 +70,23 @@ class DumpFastWeights(Callback):
 # --------------------------------------------------------------------------- exact resume + MLflow
 
 
-def test_resume_after_kill_is_exact_and_logs_into_the_same_mlflow_run(tmp_path):
+def test_resume_after_kill_is_exact_and_logs_into_the_same_mlflow_run(micro_training, tmp_path):
     n, half = 8, 4
     straight, killed = tmp_path / "runs" / "straight", tmp_path / "runs2" / "killed"
     common = ("--trainer.max_steps", str(n), "--checkpoint.every_n_steps", "1")
-    a = start_train(straight, *common)
-    b = start_train(killed, *common, "--trainer.callbacks+=tests.test_train.KillAtStep",
+    a = micro_training.start(straight, *common)
+    b = micro_training.start(killed, *common, "--trainer.callbacks+=tests.test_train.KillAtStep",
                     f"--trainer.callbacks.step={half}")
     finish(a)
     code, _, _ = finish(b, expect_ok=False)
     assert code == -signal.SIGKILL
-    first_id = run_id_of(killed)
+    first_id = micro_training.run_id(killed)
     assert load(killed / "checkpoints" / "last.ckpt")["global_step"] == half
-    assert sorted(losses(killed)) == list(range(half))
+    assert sorted(micro_training.losses(killed)) == list(range(half))
 
-    resumed = run_train(killed, *common)  # the same command again: resumes
+    resumed = micro_training.run(killed, *common)  # the same command again: resumes
     assert "Restored all states from the checkpoint" in resumed.stdout + resumed.stderr
-    assert run_id_of(killed) == first_id
+    assert micro_training.run_id(killed) == first_id
 
     ca, cb = load(straight / "checkpoints" / "last.ckpt"), load(killed / "checkpoints" / "last.ckpt")
     assert ca["global_step"] == cb["global_step"] == n
@@ -157,13 +97,13 @@ def test_resume_after_kill_is_exact_and_logs_into_the_same_mlflow_run(tmp_path):
                           {k: v for k, v in sb.items() if torch.is_tensor(v)})
     assert ca["lr_schedulers"][0]["last_epoch"] == cb["lr_schedulers"][0]["last_epoch"] == n
     assert ca["FwPKMDataModule"] == cb["FwPKMDataModule"]
-    la, lb = losses(straight), losses(killed)
+    la, lb = micro_training.losses(straight), micro_training.losses(killed)
     assert sorted(la) == sorted(lb) == list(range(n))
     for step in range(n):
         assert math.isclose(la[step], lb[step], rel_tol=1e-5, abs_tol=1e-6), (step, la[step], lb[step])
 
     # the MLflow run: params, tags, metrics, artifacts; FINISHED after the resumed part
-    client = mlflow_client(killed)
+    client = micro_training.mlflow_client(killed)
     run = client.get_run(first_id)
     assert run.info.status == "FINISHED"
     params = run.data.params
@@ -186,18 +126,18 @@ def test_resume_after_kill_is_exact_and_logs_into_the_same_mlflow_run(tmp_path):
     assert (killed / "checkpoints" / "best.ckpt").is_file()
 
 
-def test_resume_in_two_invocations_matches_one(tmp_path):
+def test_resume_in_two_invocations_matches_one(micro_training, tmp_path):
     """max_steps=N/2, then the same run folder with max_steps=N (decay_steps pinned so the schedule
     does not depend on max_steps)."""
     n = 6
     straight, split = tmp_path / "runs" / "straight", tmp_path / "runs2" / "split"
     pin = ("--optim.decay_steps", str(n), "--checkpoint.every_n_steps", "100", "--checkpoint.save_best", "false",
            "--tracking.enabled", "false")
-    a = start_train(straight, "--trainer.max_steps", str(n), *pin)
-    run_train(split, "--trainer.max_steps", str(n // 2), *pin)
+    a = micro_training.start(straight, "--trainer.max_steps", str(n), *pin)
+    micro_training.run(split, "--trainer.max_steps", str(n // 2), *pin)
     finish(a)
     assert load(split / "checkpoints" / "last.ckpt")["global_step"] == n // 2  # written at the end
-    run_train(split, "--trainer.max_steps", str(n), *pin)
+    micro_training.run(split, "--trainer.max_steps", str(n), *pin)
     ca, cb = load(straight / "checkpoints" / "last.ckpt"), load(split / "checkpoints" / "last.ckpt")
     assert ca["global_step"] == cb["global_step"] == n
     assert_same_state(ca["state_dict"], cb["state_dict"])
@@ -213,10 +153,10 @@ def ddp_args(dump: Path, policy: str) -> tuple:
             "--trainer.callbacks+=tests.test_train.DumpFastWeights", f"--trainer.callbacks.out_dir={dump}")
 
 
-def test_ddp_two_cpu_processes_keep_one_memory_and_checkpoint(tmp_path):
+def test_ddp_two_cpu_processes_keep_one_memory_and_checkpoint(micro_training, tmp_path):
     run_dir, dump = tmp_path / "runs" / "ddp", tmp_path / "dump"
-    local = start_train(tmp_path / "runs" / "ddp-local", *ddp_args(tmp_path / "dump-local", "local"))
-    run_train(run_dir, *ddp_args(dump, "mean"))
+    local = micro_training.start(tmp_path / "runs" / "ddp-local", *ddp_args(tmp_path / "dump-local", "local"))
+    micro_training.run(run_dir, *ddp_args(dump, "mean"))
     finish(local)
     r0, r1 = load(dump / "rank0.pt"), load(dump / "rank1.pt")
     assert_same_state(r0, r1, atol=0)  # policy "mean": identical memory on every rank
@@ -233,11 +173,14 @@ def test_ddp_two_cpu_processes_keep_one_memory_and_checkpoint(tmp_path):
 # --------------------------------------------------------------------------- in-process pieces
 
 
-def micro_module(**kwargs):
+@pytest.fixture
+def micro_module(micro_training):
+    """micro_module(**kwargs): the Lightning module of the micro model."""
     from lit.config import resolve_model
     from lit.module import FwPKMLitModule
 
-    return FwPKMLitModule(model=resolve_model(MICRO, vocab_size=264)[1], **kwargs)
+    model = resolve_model(micro_training.overrides, vocab_size=264)[1]
+    return lambda **kwargs: FwPKMLitModule(model=model, **kwargs)
 
 
 def micro_data():
@@ -271,7 +214,7 @@ class ValidationWatch(Callback):
         self.after.append(pl_module.model.fast_weight_state())
 
 
-def test_validation_leaves_the_training_memory_unchanged(tmp_path):
+def test_validation_leaves_the_training_memory_unchanged(micro_module, tmp_path):
     torch.manual_seed(0)
     module, watch = micro_module(), ValidationWatch()
     trainer = micro_trainer(tmp_path, [watch])
@@ -287,7 +230,7 @@ def test_validation_leaves_the_training_memory_unchanged(tmp_path):
         assert_same_state(state, module.model.fast_weight_state(), atol=0)
 
 
-def test_fast_weights_persist_across_steps_and_stay_out_of_the_optimizer(tmp_path):
+def test_fast_weights_persist_across_steps_and_stay_out_of_the_optimizer(micro_module, tmp_path):
     from lit.module import parameter_groups
 
     module = micro_module()
@@ -350,7 +293,7 @@ class MemoryAt(Callback):
         self.states.append((skipped, pl_module.model.fast_weight_state()))
 
 
-def test_nan_loss_stops_with_step_and_layer_statistics(tmp_path):
+def test_nan_loss_stops_with_step_and_layer_statistics(micro_module, tmp_path):
     from lit.module import NonFiniteLossError
 
     trainer = micro_trainer(tmp_path, [BreakLossAt(2)], limit_val_batches=0)
@@ -361,7 +304,7 @@ def test_nan_loss_stops_with_step_and_layer_statistics(tmp_path):
     assert "nan_policy skip" in message
 
 
-def test_nan_loss_skip_policy_drops_the_batch_and_restores_the_memory(tmp_path):
+def test_nan_loss_skip_policy_drops_the_batch_and_restores_the_memory(micro_module, tmp_path):
     module, memory = micro_module(train={"nan_policy": "skip"}), MemoryAt()
     trainer = micro_trainer(tmp_path, [BreakLossAt(2), memory], max_steps=4, limit_val_batches=0)
     trainer.fit(module, datamodule=micro_data())
@@ -443,11 +386,11 @@ def test_bad_inputs_fail_clearly_before_training(capsys, tmp_path, monkeypatch, 
     assert not (run_dir / "checkpoints").exists()
 
 
-def test_corrupt_or_mismatched_checkpoint_is_a_clear_error(capsys, tmp_path):
+def test_corrupt_or_mismatched_checkpoint_is_a_clear_error(micro_training, capsys, tmp_path):
     run_dir = tmp_path / "runs" / "r"
     (run_dir / "checkpoints").mkdir(parents=True)
     (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"this is not a checkpoint")
-    base = ["train", "--run_dir", str(run_dir), *MICRO_ARGS, "--tracking.enabled", "false"]
+    base = ["train", "--run_dir", str(run_dir), *micro_training.args, "--tracking.enabled", "false"]
     code, out, err = cli(capsys, *base, "--trainer.max_steps", "1")
     assert code == 1 and "cannot be loaded safely" in err and "corrupt" in err
 
