@@ -49,6 +49,7 @@ from lit.config import RunConfig, leaves, merge
 GRID_KEYS = ("name", "description", "extends", "experiment", "seeds", "base", "variants", "eval", "tune")
 DEFAULT_EXPERIMENT = "fwpkm-ablations"
 ALIAS_KEY = "same_as"
+EVALUATIONS = ("niah", "mqar")  # a grid's eval sections (the runner evaluates each finished run)
 
 
 class GridError(ValueError):
@@ -194,9 +195,9 @@ def load_grid(name_or_path: str, _seen: tuple = ()) -> Grid:
     tune = copy.deepcopy(parent.tune) if parent else {}
     if data.get("tune"):
         tune = {**tune, **copy.deepcopy(data["tune"])}
-    unknown_eval = sorted(set(ev or {}) - {"niah"})
+    unknown_eval = sorted(set(ev or {}) - set(EVALUATIONS))
     if unknown_eval:
-        raise GridError(f"grid {name!r}: unknown eval(s) {unknown_eval}; known: ['niah']")
+        raise GridError(f"grid {name!r}: unknown eval(s) {unknown_eval}; known: {list(EVALUATIONS)}")
     experiment = str(data.get("experiment") or (parent.experiment if parent else DEFAULT_EXPERIMENT))
     grid = Grid(name=name, path=path, base=base, variants=variants, aliases=aliases, seeds=seeds, eval=ev or {},
                 tune=tune or {}, experiment=experiment, description=str(data.get("description") or ""))

@@ -40,14 +40,15 @@ import yaml
 
 from ablations.grid import Grid, RunSpec, describe, grid_dir, load_grid, resolve_runs
 from ablations.launch import CONFIG_FILE, LOG_FILE, ProcessGroup, child_env, error_line, failure_text, run_training
-from lit.evaluation.niah import evaluate_run
-from lit.module import count_parameters
+from lit.evaluation import mqar, niah
+from lit.module import model_costs
 from lit.tracking import Store, ensure_parent, open_store, read_run_id, search_runs, set_running, tag_filter
 
 STATE_FILE = "ablation.json"
 ROLE_GRID, ROLE_RUN = "grid", "grid-run"
 MAX_TAG = 5000
 EVALUATED_WITH = "fwpkm.evaluated_with"  # tag: the eval config a finished run was evaluated with
+EVALUATORS = {"niah": niah.evaluate_run, "mqar": mqar.evaluate_run}  # a grid's eval.<name>: (run_dir, options, config, gpu)
 
 
 # --------------------------------------------------------------------------- the grid runner
@@ -247,15 +248,16 @@ class GridRunner:
             if k != "fwpkm.stage":
                 client.set_tag(run_id, k, v)
         try:
-            params = count_parameters(spec.run_dir)
-            if params is not None:
-                client.log_metric(run_id, "model/params", float(params))
-            if self.grid.eval.get("niah"):
-                self.echo(f"[ablate] NIAH {spec.key}")
-                metrics, csv_path = evaluate_run(spec.run_dir, self.grid.eval["niah"], spec.config, gpu)
-                for k, v in metrics.items():
-                    client.log_metric(run_id, k, v)
-                client.log_artifact(run_id, str(csv_path))
+            context = int((spec.config.get("data") or {}).get("seq_len", 256))
+            for k, v in model_costs(spec.run_dir, context).items():
+                client.log_metric(run_id, k, v)
+            for kind, evaluate in EVALUATORS.items():
+                if self.grid.eval.get(kind):
+                    self.echo(f"[ablate] {kind} {spec.key}")
+                    metrics, csv_path = evaluate(spec.run_dir, self.grid.eval[kind], spec.config, gpu)
+                    for k, v in metrics.items():
+                        client.log_metric(run_id, k, v)
+                    client.log_artifact(run_id, str(csv_path))
         except Exception as err:
             message = f"evaluation after training failed: {type(err).__name__}: {err}"
             client.set_tag(run_id, "fwpkm.error", (message + "\n" + traceback.format_exc())[:MAX_TAG])

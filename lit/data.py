@@ -4,7 +4,9 @@ Sources (``DataConfig.source`` and each entry of ``DataConfig.val_sources``):
 
 * ``embedded``: the corpus shipped in ``lit/assets`` (Python's own documentation);
 * ``niah``: synthetic needle-in-a-haystack sequences (haystack: ``niah_haystack``);
-* ``recall``: synthetic associative recall;
+* ``recall``: synthetic associative recall (pairs, then the queries one after the other);
+* ``mqar``: multi-query associative recall as in Zoology (``lit.synthetic.mqar_sequence``: queries
+  at power-law distances after the pairs), with ``data.tokenizer: ids:<N>`` for its token ids;
 * ``hf:<dataset>[:<config>][@<split>]``: anything ``datasets.load_dataset`` opens, e.g. a
   local dataset directory or a dataset already in the local cache (no network at run time);
 * a local ``.jsonl``/``.json``/``.txt``/``.parquet`` file, a directory of them, or a glob
@@ -48,17 +50,18 @@ import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
 
 from fwpkm.config import ConfigError, check_positive, from_mapping
-from lit.synthetic import associative_recall_sequence, hash_seed, niah_training_sequence, repeated_span_sequence
+from lit.synthetic import (associative_recall_sequence, hash_seed, mqar_sequence, niah_training_sequence,
+                           repeated_span_sequence)
 from lit.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
 
 ASSET_DIR = Path(__file__).parent / "assets"
 DOCUMENT_SEPARATOR = "\n\n\n"  # between documents of the embedded corpus
 HAYSTACK_SEPARATOR = "\n\n"  # between documents of a NIAH haystack
 
-NAMED_SOURCES = ("embedded", "niah", "recall")
+NAMED_SOURCES = ("embedded", "niah", "recall", "mqar")
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".txt": "text", ".parquet": "parquet"}
 SOURCE_FORMS = (
-    "allowed forms: 'embedded', 'niah', 'recall', 'hf:<dataset>[:<config>][@<split>]', "
+    "allowed forms: 'embedded', 'niah', 'recall', 'mqar', 'hf:<dataset>[:<config>][@<split>]', "
     "or a local .jsonl/.json/.txt/.parquet file, a directory of them, or a glob"
 )
 
@@ -87,7 +90,7 @@ class SourceSpec:
     """A parsed source string."""
 
     text: str  # as given
-    kind: str  # embedded | niah | recall | hf | files
+    kind: str  # embedded | niah | recall | mqar | hf | files
     dataset: Optional[str] = None  # hf
     config: Optional[str] = None  # hf
     split: str = "train"  # hf
@@ -193,6 +196,10 @@ class DataConfig:
     recall_pairs: int = 16
     recall_queries: Optional[int] = None  # default: recall_pairs
     recall_vocab: int = 256  # token ids used by the recall task
+    # multi-query associative recall (`mqar`; lit.synthetic.mqar_sequence)
+    mqar_pairs: list[int] = field(default_factory=lambda: [8, 16, 32, 64])  # key-value pairs per row (one drawn)
+    mqar_vocab: int = 4096  # token ids of keys (first half) and values (second half); <= the tokenizer's
+    mqar_power_a: float = 0.01  # query distances ~ g^(power_a - 1): small values put most queries close
 
     def __post_init__(self):
         self.val_sources = self._as_list(self.val_sources)
@@ -225,6 +232,7 @@ class DataConfig:
             raise ConfigError("data.text_field must name a column, e.g. 'text'")
         self._check_sources()
         self._check_recall()
+        self._check_mqar()
 
     @staticmethod
     def _as_list(val_sources) -> list[str]:
@@ -255,6 +263,18 @@ class DataConfig:
                 f"data.seq_len={self.seq_len} is too short for recall_pairs={self.recall_pairs} and "
                 f"{queries} queries: needs 2*pairs + 2*queries <= seq_len"
             )
+
+    def _check_mqar(self) -> None:
+        self.mqar_pairs = [int(n) for n in self.mqar_pairs] if isinstance(self.mqar_pairs, (list, tuple)) else None
+        if not self.mqar_pairs or min(self.mqar_pairs) < 1:
+            raise ConfigError("data.mqar_pairs must be a non-empty list of positive numbers of pairs, e.g. [8, 16, 32]")
+        if not max(self.mqar_pairs) < self.mqar_vocab // 2:
+            raise ConfigError(f"data.mqar_pairs={self.mqar_pairs} must stay below mqar_vocab // 2 = {self.mqar_vocab // 2}")
+        if not 0 < self.mqar_power_a <= 1:
+            raise ConfigError(f"data.mqar_power_a={self.mqar_power_a!r} must be in (0, 1]")
+        if "mqar" in [self.source, *self.val_sources] and 4 * max(self.mqar_pairs) > self.seq_len:
+            raise ConfigError(f"data.seq_len={self.seq_len} is too short for data.mqar_pairs={self.mqar_pairs}: "
+                              f"needs >= 4 x pairs = {4 * max(self.mqar_pairs)}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -473,8 +493,10 @@ class FwPKMDataModule(L.LightningDataModule):
         self.config = config
         self.tokenizer = load_tokenizer(config.tokenizer, "data.tokenizer")
         self.vocab_size = self.tokenizer.vocab_size
-        if "recall" in [config.source, *config.val_sources] and config.recall_vocab > self.vocab_size:
-            raise ConfigError(f"data.recall_vocab={config.recall_vocab} exceeds the tokenizer's vocab_size={self.vocab_size}")
+        for task, vocab in (("recall", config.recall_vocab), ("mqar", config.mqar_vocab)):
+            if task in [config.source, *config.val_sources] and vocab > self.vocab_size:
+                raise ConfigError(f"data.{task}_vocab={vocab} exceeds the vocab_size={self.vocab_size} of "
+                                  f"data.tokenizer={config.tokenizer!r}" + ("; use ids:<N>" if task == "mqar" else ""))
         self.main_source = parse_source(config.source, "data.source")
         self.val_specs = [(f"data.val_sources[{i}]", parse_source(s, f"data.val_sources[{i}]")) for i, s in enumerate(config.val_sources)]
         self.val_names = self._val_names()
@@ -543,6 +565,8 @@ class FwPKMDataModule(L.LightningDataModule):
         cfg = self.config
         if kind == "recall":
             make_row = functools.partial(associative_recall_sequence, cfg.seq_len, cfg.recall_pairs, cfg.recall_queries, cfg.recall_vocab)
+        elif kind == "mqar":
+            make_row = functools.partial(mqar_sequence, cfg.seq_len, cfg.mqar_pairs, cfg.mqar_vocab, cfg.mqar_power_a)
         elif kind == "repeat":
             make_row = functools.partial(repeat_row, haystack, cfg.seq_len, cfg.repeat_min_span)
         else:
@@ -564,8 +588,8 @@ class FwPKMDataModule(L.LightningDataModule):
 
     def _train_set(self, spec: SourceSpec) -> Dataset:
         cfg = self.config
-        if spec.kind == "recall":
-            return self._synthetic_set("recall", cfg.synthetic_train_size, "train")
+        if spec.kind in ("recall", "mqar"):
+            return self._synthetic_set(spec.kind, cfg.synthetic_train_size, "train")
         if spec.kind == "niah":
             return self._synthetic_set("niah", cfg.synthetic_train_size, "train", self._haystack(self._niah_haystack_split()[0]))
         train_docs, _ = self._text_split(spec, "data.source")
@@ -582,8 +606,8 @@ class FwPKMDataModule(L.LightningDataModule):
 
     def _held_out_set(self, spec: SourceSpec, option: str) -> Dataset:
         cfg = self.config
-        if spec.kind == "recall":
-            return self._synthetic_set("recall", cfg.synthetic_val_size, "val")
+        if spec.kind in ("recall", "mqar"):
+            return self._synthetic_set(spec.kind, cfg.synthetic_val_size, "val")
         if spec.kind == "niah":
             return self._synthetic_set("niah", cfg.synthetic_val_size, "val", self._haystack(self._niah_haystack_split()[1]))
         if cfg.val_fraction == 0:

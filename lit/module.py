@@ -153,6 +153,7 @@ class FwPKMLitModule(L.LightningModule):
         self._log_hyperparams = False  # the tracking callback logs the full run config itself
         self.val_names: list[str] = []
         self.val_ppl = torch.nn.ModuleList()
+        self.val_acc = torch.nn.ModuleList()  # next-token accuracy on the labelled positions
         self.last_memory: dict = {}  # layer -> {"indices", "gates"} of the last training step (for plots)
         self.skipped_batches = 0
         self._val_state: Optional[dict] = None
@@ -183,10 +184,13 @@ class FwPKMLitModule(L.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         names = list(getattr(datamodule, "val_names", None) or ["val"])
         if names != self.val_names:
+            from torchmetrics.classification import MulticlassAccuracy
             from torchmetrics.text import Perplexity
 
             self.val_names = names
             self.val_ppl = torch.nn.ModuleList(Perplexity(ignore_index=-100) for _ in names)
+            self.val_acc = torch.nn.ModuleList(
+                MulticlassAccuracy(self.model_config.vocab_size, average="micro", ignore_index=-100) for _ in names)
         tokenizer = getattr(datamodule, "tokenizer", None)
         if tokenizer is not None and tokenizer.vocab_size > self.model_config.vocab_size:
             raise ConfigError(f"data.tokenizer={getattr(tokenizer, 'name', tokenizer)!r} has vocab_size="
@@ -346,18 +350,22 @@ class FwPKMLitModule(L.LightningModule):
             input_ids, labels = batch["input_ids"].clone(), batch["labels"].clone()
             out = self.model(input_ids, labels=labels)
             self.val_ppl[dataloader_idx].update(out.logits.float(), labels)
+            self.val_acc[dataloader_idx].update(out.logits.argmax(-1).flatten(), labels.flatten())
 
     def on_validation_epoch_end(self) -> None:
-        for i, (name, metric) in enumerate(zip(self.val_names, self.val_ppl)):
+        for i, (name, metric, accuracy) in enumerate(zip(self.val_names, self.val_ppl, self.val_acc)):
             if not metric.update_called:
                 continue
             with torch.inference_mode(False):  # keep the metric's states normal tensors (see validation_step)
-                ppl = metric.compute()
+                ppl, acc = metric.compute(), accuracy.compute()
                 metric.reset()
+                accuracy.reset()
             self.log(f"val/{name}/ppl", ppl, add_dataloader_idx=False)
             self.log(f"val/{name}/loss", torch.log(ppl), add_dataloader_idx=False)
+            self.log(f"val/{name}/acc", acc, add_dataloader_idx=False)
             if i == 0:
                 self.log("val/ppl", ppl, prog_bar=True, add_dataloader_idx=False)
+                self.log("val/acc", acc, add_dataloader_idx=False)
         self._restore_after_eval()
 
     def on_validation_end(self) -> None:
@@ -531,14 +539,19 @@ def load_model(path: str, map_location: Union[str, torch.device] = "cpu") -> tup
     return model, {k: v for k, v in ours.items() if k != "rng"}
 
 
-def count_parameters(run_dir: Path) -> Optional[int]:
-    """Trainable parameters of the run's model, built on the meta device from ``model_config.yaml``."""
+def model_costs(run_dir: Path, context: int) -> dict:
+    """``model/params`` (trainable, the model built on the meta device from ``model_config.yaml``),
+    ``model/flops_per_token`` and ``model/state_size`` at ``context`` tokens (:mod:`fwpkm.costs`)."""
     import yaml
+
+    from fwpkm.costs import flops_per_token, state_size
 
     path = Path(run_dir) / "model_config.yaml"
     if not path.is_file():
-        return None
+        return {}
     config = ModelConfig.from_dict(yaml.safe_load(path.read_text()))
     with torch.device("meta"):
         model = HybridLM(config)
-    return int(sum(p.numel() for p in model.parameters()))
+    return {"model/params": float(sum(p.numel() for p in model.parameters())),
+            "model/flops_per_token": flops_per_token(config, context),
+            "model/state_size": float(state_size(config, context))}

@@ -365,3 +365,50 @@ def associative_recall_batch(
         for row in range(batch_size)
     ]
     return {name: torch.tensor([row[name] for row in rows], dtype=torch.long) for name in ("input_ids", "labels")}
+
+
+# --------------------------------------------------------------------------- multi-query associative recall
+
+
+def mqar_sequence(seq_len: int, n_pairs: Union[int, Sequence[int]], vocab_size: int, power_a: float = 0.01,
+                  seed: int = 0) -> dict[str, list[int]]:
+    """Multi-query associative recall (MQAR; Arora et al., "Zoology", 2023) as next-token prediction.
+
+    ``k1 v1 k2 v2 ... kn vn`` (keys from ``[1, vocab_size // 2)``, values from ``[vocab_size // 2,
+    vocab_size)``, both drawn without replacement), then every key once more as a query in the
+    rest of the row, at even offsets ``2 * g`` after the pairs, the gaps ``g`` drawn without
+    replacement with probability proportional to ``g ** (power_a - 1)`` (``power_a`` = 0.01 puts
+    most queries soon after the pairs, some far). Each query's value follows it; every other
+    position is 0. ``labels`` hold the queried values at the queries' positions and -100
+    elsewhere: the loss and the accuracy are on the answers only.
+
+    As Zoology's ``multiquery_ar``, except: ``n_pairs`` may be a list, one drawn per row (a
+    mixture of recall loads in one training set); rows are generated on the fly from
+    ``seed``; a query's answer follows it in the input too (as in Zoology's inputs); the
+    filler is always 0 (Zoology's ``random_non_queries=False``).
+    """
+    rng = random.Random(seed)
+    n = rng.choice(list(n_pairs)) if isinstance(n_pairs, (list, tuple)) else int(n_pairs)
+    half = vocab_size // 2
+    if not 1 <= n < half:
+        raise ValueError(f"{n} pairs need more than {n} keys: vocab_size={vocab_size} has {half - 1}")
+    space = (seq_len - 2 * n) // 2
+    if space < n:
+        raise ValueError(f"seq_len={seq_len} is too short for {n} pairs and their queries (needs >= {4 * n})")
+    keys = rng.sample(range(1, half), n)
+    values = rng.sample(range(half, vocab_size), n)
+    weights = [g ** (power_a - 1) for g in range(1, space + 1)]
+    gaps = _sample_without_replacement(rng, weights, n)
+    tokens = [t for pair in zip(keys, values) for t in pair] + [0] * (seq_len + 1 - 2 * n)
+    labels = [IGNORE_INDEX] * seq_len
+    for key, value, gap in zip(keys, values, gaps):
+        position = 2 * n + 2 * gap
+        tokens[position], tokens[position + 1] = key, value
+        labels[position] = value
+    return {"input_ids": tokens[:seq_len], "labels": labels}
+
+
+def _sample_without_replacement(rng: random.Random, weights: list[float], k: int) -> list[int]:
+    """``k`` distinct indices drawn with probabilities proportional to ``weights`` (Efraimidis-Spirakis keys)."""
+    keyed = sorted(range(len(weights)), key=lambda i: rng.random() ** (1.0 / weights[i]), reverse=True)
+    return keyed[:k]

@@ -1,6 +1,7 @@
 """Tokenizers behind one small interface: ``encode``, ``decode``, ``vocab_size``, ``eos_id``.
 
 ``"byte"`` (the default) needs nothing: ids 0..255 are the UTF-8 bytes, then EOS and PAD.
+``"ids:N"`` is for synthetic token tasks (MQAR): ids 0..N-1 are used as they are, text has none.
 Any other name is loaded with ``transformers.AutoTokenizer`` from local files only: there
 is no network at run time, so a tokenizer must already be in the local cache or be a
 local directory.
@@ -48,6 +49,29 @@ class ByteTokenizer:
         return "ByteTokenizer()"
 
 
+class IdTokenizer:
+    """``ids:N``: token ids ``0..N-1`` as they are (synthetic tasks), then EOS and PAD; ``vocab_size``
+    is rounded up to a multiple of 8. Text cannot be encoded with it."""
+
+    def __init__(self, n_ids: int):
+        self.n_ids = int(n_ids)
+        self.name = f"ids:{self.n_ids}"
+        self.eos_id, self.pad_id = self.n_ids, self.n_ids + 1
+
+    @property
+    def vocab_size(self) -> int:
+        return (self.pad_id + 1 + 7) // 8 * 8
+
+    def encode(self, text: str) -> list[int]:
+        raise ValueError(f"tokenizer {self.name!r} has no text: it is for synthetic token tasks such as data.source=mqar")
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return " ".join(str(int(i)) for i in ids)
+
+    def __repr__(self) -> str:
+        return f"IdTokenizer({self.n_ids})"
+
+
 class HFTokenizer:
     """A ``transformers`` tokenizer seen through the small interface above."""
 
@@ -77,13 +101,19 @@ class HFTokenizer:
         return f"HFTokenizer({self.name!r})"
 
 
-def load_tokenizer(name: str, option: str = "tokenizer") -> ByteTokenizer | HFTokenizer:
-    """``"byte"`` -> :class:`ByteTokenizer`; otherwise a local ``transformers`` tokenizer.
+def load_tokenizer(name: str, option: str = "tokenizer") -> ByteTokenizer | IdTokenizer | HFTokenizer:
+    """``"byte"`` -> :class:`ByteTokenizer`; ``"ids:N"`` -> :class:`IdTokenizer`; otherwise a local
+    ``transformers`` tokenizer.
 
     Errors are ``ValueError``s that name ``option`` (the config option that gave ``name``).
     """
     if name == "byte":
         return ByteTokenizer()
+    if name.startswith("ids:"):
+        count = name[len("ids:"):]
+        if not count.isdigit() or int(count) < 4:
+            raise ValueError(f"{option}={name!r}: expected ids:N with N >= 4 token ids, e.g. ids:4096")
+        return IdTokenizer(int(count))
     offline_hint = (
         f"{option}={name!r} could not be loaded: only 'byte' or a tokenizer available locally "
         "(a local directory or one already in the Hugging Face cache) works, since there is no "

@@ -65,3 +65,13 @@ def preserved_fast_weights(model: HybridLM) -> Iterator[dict]:
 
 def device_of(model: HybridLM) -> torch.device:
     return next(model.parameters()).device
+
+
+def run_device(config: dict, gpu: Optional[str] = None) -> torch.device:
+    """Where to evaluate a run: the ``gpu`` a grid runner gave it, else CUDA when its trainer could use it."""
+    if gpu is not None:  # the runner sees every GPU of --gpus: the index is the logical one
+        return torch.device("cuda", int(gpu)) if str(gpu).isdigit() else torch.device("cuda")
+    accelerator = str((config.get("trainer") or {}).get("accelerator", "auto"))
+    if accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")

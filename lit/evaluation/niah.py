@@ -20,7 +20,7 @@ import torch
 from fwpkm import HybridLM
 from lit.synthetic import NIAHSample, hash_seed, make_niah_sample, score_answer
 
-from .common import device_of, preserved_fast_weights, stream
+from .common import device_of, preserved_fast_weights, run_device, stream
 
 CHUNK_POLICIES = ("input", "model")
 
@@ -183,13 +183,7 @@ def evaluate_run(run_dir: Path, niah: dict, config: dict, gpu: Optional[str] = N
     niah = dict(niah)
     haystack = niah.pop("haystack", "embedded")
     cfg = NIAHConfig(**niah)
-    accelerator = str((config.get("trainer") or {}).get("accelerator", "auto"))
-    if gpu is not None:  # this process sees every GPU of --gpus: the index is the logical one
-        device = torch.device("cuda", int(gpu)) if str(gpu).isdigit() else torch.device("cuda")
-    elif accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available():
-        device = torch.device("cuda")
-    else:
-        device = torch.device("cpu")
+    device = run_device(config, gpu)
     model, _ = load_model(str(Path(run_dir) / "checkpoints" / "last.ckpt"), map_location=device)
     model.to(device)
     tokenizer = load_tokenizer(str((config.get("data") or {}).get("tokenizer", "byte")))
