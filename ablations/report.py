@@ -29,6 +29,7 @@ import statistics
 from pathlib import Path
 from typing import Callable, Optional
 
+from ablations import capacity
 from lit.tracking import Store, find_parent, resolve_tracking_uri, search_runs, store_lock, tag_filter
 
 NAN = float("nan")
@@ -87,6 +88,9 @@ def run_row(client, run) -> dict:
         **{f"niah_{k[len('niah/exact/'):]}": v for k, v in m.items()
            if k.startswith("niah/exact/") and k.count("/") == 2},
         "cells": _niah_cells(m),
+        "mqar": _mqar_points(m),
+        "flops_per_token": m.get("model/flops_per_token", NAN),
+        "state_size": m.get("model/state_size", NAN),
         "gates": gate_histories(client, run.info.run_id, m),
     }
 
@@ -99,6 +103,11 @@ def _niah_cells(metrics: dict) -> dict:
         if len(parts) == 4 and parts[0] == "niah" and parts[2][:1] == "L" and parts[3][:1] == "n":
             cells[(parts[1], int(parts[2][1:]), int(parts[3][1:]))] = value
     return cells
+
+
+def _mqar_points(metrics: dict) -> dict:
+    """{pairs: accuracy} from ``mqar/acc/P<pairs>``."""
+    return {int(k[len("mqar/acc/P"):]): v for k, v in metrics.items() if k.startswith("mqar/acc/P")}
 
 
 def _first_line(text: str) -> str:
@@ -385,6 +394,9 @@ def grid_report(store: Store, grid: str, out_dir: Optional[Path] = None, log: bo
     niah_md = niah_markdown(rows, order)
     if niah_md:
         md += "\n\n" + niah_md
+    capacity_md = capacity.capacity_markdown(rows, order, aliases)
+    if capacity_md:
+        md += "\n\n" + capacity_md
     echo(md)
     files = {}
     if out_dir is not None:
@@ -399,6 +411,9 @@ def grid_report(store: Store, grid: str, out_dir: Optional[Path] = None, log: bo
         gates_png = plot_gates(rows, out / "summary_gates.png", order, title)
         if gates_png:
             files["gates_png"] = gates_png
+        capacity_png = capacity.plot_capacity(rows, out / "summary_capacity.png", order, title)
+        if capacity_png:
+            files["capacity_png"] = capacity_png
         if log:
             _attach(store, parent.info.run_id, files.values(), "summary")
             _log_summary_metrics(store, parent.info.run_id, df)

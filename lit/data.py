@@ -198,7 +198,7 @@ class DataConfig:
     recall_vocab: int = 256  # token ids used by the recall task
     # multi-query associative recall (`mqar`; lit.synthetic.mqar_sequence)
     mqar_pairs: list[int] = field(default_factory=lambda: [8, 16, 32, 64])  # key-value pairs per row (one drawn)
-    mqar_vocab: int = 4096  # token ids of keys (first half) and values (second half); <= the tokenizer's
+    mqar_vocab: int = 2100  # ids of keys (first half) and values (second half): up to 1,049 pairs; <= the tokenizer's
     mqar_power_a: float = 0.01  # query distances ~ g^(power_a - 1): small values put most queries close
 
     def __post_init__(self):

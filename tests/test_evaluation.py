@@ -155,6 +155,7 @@ def test_eval_cli_on_a_trained_checkpoint_logs_into_its_run(micro_training, tmp_
          "--needles", "2"],
         ["ppl", "--max-tokens", "2048", "--window", "64", "--stream-len", "512", "--segment-len", "100"],
         ["gates", "--max-tokens", "1024", "--window", "64"],
+        ["mqar", "--pairs", "4", "8", "--samples", "2", "--vocab", "200", "--min-seq-len", "32"],
         ["inspect", "--text", "The cat sat on the mat. The cat sat on the mat."],
     ]
     for args in commands:
@@ -167,7 +168,8 @@ def test_eval_cli_on_a_trained_checkpoint_logs_into_its_run(micro_training, tmp_
     run = client.get_run(micro_training.run_id(run_dir))
     assert "niah/exact_300_n1" in run.data.metrics and "eval/streamed_ppl" in run.data.metrics
     logged = {a.path for a in client.list_artifacts(run.info.run_id, "eval")}
-    assert {"eval/niah", "eval/ppl", "eval/gates", "eval/inspect"} <= logged
+    assert {"eval/niah", "eval/ppl", "eval/gates", "eval/inspect", "eval/mqar"} <= logged
+    assert {"mqar/acc/P4", "mqar/acc/P8"} <= set(run.data.metrics)
     assert (run_dir / "eval" / "niah" / "heatmap_n1.png").is_file()
 
 

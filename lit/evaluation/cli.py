@@ -19,6 +19,7 @@ import torch
 EPILOG = """examples:
   fwpkm eval ppl --ckpt runs/tiny-1a2b --data embedded --window 256 --stream-len 16384
   fwpkm eval niah --ckpt runs/tiny-1a2b --context-lens 1024 8192 32768 --iterations 0 1 2 3
+  fwpkm eval mqar --ckpt runs/ablations/mqar/base/seed0 --pairs 8 64 512 1024 --samples 32
   fwpkm eval gates --ckpt runs/tiny-1a2b/checkpoints/last.ckpt --data embedded
   fwpkm eval inspect --ckpt runs/tiny-1a2b --text "Some text to write." --slot 1:123
   fwpkm eval niah --preset tiny --context-lens 512     # a random model: checks the pipeline
@@ -208,6 +209,33 @@ def cmd_niah(args) -> None:
     out.finish({f"niah/exact_{s['context_len']}_n{s['iterations']}": s["exact"] for s in summary})
 
 
+def cmd_mqar(args) -> None:
+    from lit.evaluation.mqar import MQARConfig, mqar_metrics, run_mqar, summarise
+
+    model, _, out = load_with_outputs(args, "mqar")
+    data = _run_data_options(out.run_dir)
+    given = {"vocab": args.vocab, "power_a": args.power_a, "min_seq_len": args.min_seq_len}
+    defaults = {"vocab": data.get("mqar_vocab", 2100), "power_a": data.get("mqar_power_a", 0.01),
+                "min_seq_len": data.get("seq_len", 256)}
+    cfg = MQARConfig(pairs=args.pairs, samples=args.samples, seq_len=args.seq_len, seed=args.seed + 1234,
+                     **{k: defaults[k] if v is None else v for k, v in given.items()})
+    if cfg.vocab > model.config.vocab_size:
+        raise SystemExit(f"fwpkm eval mqar: --vocab {cfg.vocab} exceeds the model's vocab_size {model.config.vocab_size}")
+    rows = run_mqar(model, cfg)
+    summary = summarise(rows)
+    out.table("sequences", rows)
+    out.table("summary", summary, show=True)
+    out.finish(mqar_metrics(summary))
+
+
+def _run_data_options(run_dir: Optional[Path]) -> dict:
+    """The ``data`` section of a run folder's config.yaml (empty without one)."""
+    import yaml
+
+    path = run_dir / "config.yaml" if run_dir else None
+    return (yaml.safe_load(path.read_text()) or {}).get("data") or {} if path and path.is_file() else {}
+
+
 def cmd_gates(args) -> None:
     from lit.evaluation.inspect import addressing_stats, collect_gates, gate_summary
     from lit.plots import gate_histograms
@@ -268,7 +296,7 @@ def _busiest(inspector, n: int) -> list:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fwpkm eval", description=__doc__, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True, metavar="{ppl,niah,gates,inspect}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{ppl,niah,mqar,gates,inspect}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--ckpt", help="a checkpoint file or a run folder (uses checkpoints/last.ckpt)")
     common.add_argument("--preset", help="evaluate a randomly initialised model of this preset instead")
@@ -302,6 +330,17 @@ def parser() -> argparse.ArgumentParser:
     niah.add_argument("--segment-len", type=int, default=2048, help="tokens fed per call")
     niah.add_argument("--haystack", default="embedded", help="data source of the haystack text")
     niah.set_defaults(fn=cmd_niah)
+
+    mqar = sub.add_parser("mqar", parents=[common], help="multi-query associative recall by number of pairs (capacity)")
+    mqar.add_argument("--pairs", type=int, nargs="+", default=[8, 16, 32, 64, 128, 256, 512, 1024],
+                      help="numbers of key-value pairs, one point of the curve each")
+    mqar.add_argument("--samples", type=int, default=16, help="sequences per number of pairs")
+    mqar.add_argument("--vocab", type=int, default=None, help="key and value ids (default: the run's data.mqar_vocab)")
+    mqar.add_argument("--power-a", type=float, default=None, help="query placement (default: the run's)")
+    mqar.add_argument("--min-seq-len", type=int, default=None, help="shortest sequence (default: the run's seq_len)")
+    mqar.add_argument("--seq-len", type=int, default=None, help="one length for every number of pairs "
+                                                                "(default: max(min-seq-len, 4 x pairs))")
+    mqar.set_defaults(fn=cmd_mqar)
 
     gates = sub.add_parser("gates", parents=[common], help="gate distributions and addressing statistics")
     gates.add_argument("--data", default="embedded")
