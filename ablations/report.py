@@ -78,6 +78,7 @@ def run_row(client, run) -> dict:
         "status": run.info.status,
         "val_loss": math.log(ppl) if ppl and ppl > 0 and math.isfinite(ppl) else NAN,
         "val_ppl": ppl,
+        "val_acc": m.get("val/acc", NAN),
         "niah_exact": m.get("niah/exact", NAN),
         "niah_digit_acc": m.get("niah/digit_acc", NAN),
         "tokens_per_s": _median_history(client, run.info.run_id, "train/tokens_per_s"),
@@ -147,7 +148,7 @@ def _mean_std(values: list) -> tuple[float, float]:
     return mean, std
 
 
-METRICS = ("val_loss", "val_ppl", "niah_exact", "niah_digit_acc", "tokens_per_s", "params", "gate_mean",
+METRICS = ("val_loss", "val_ppl", "val_acc", "niah_exact", "niah_digit_acc", "tokens_per_s", "params", "gate_mean",
            "effective_reads")
 
 
@@ -200,7 +201,8 @@ def grid_markdown(df, title: str = "") -> str:
     if df is None or df.empty:
         return (f"### {title}\n\n" if title else "") + "(no runs)"
     has_niah = "niah_exact_mean" in df and df["niah_exact_mean"].notna().any()
-    header = ["variant", "seeds", "val loss", "Δ vs base", "val ppl"] + (["NIAH exact", "NIAH digits"] if has_niah else []) + \
+    header = ["variant", "seeds", "val loss", "Δ vs base", "val ppl", "val acc"] + \
+        (["NIAH exact", "NIAH digits"] if has_niah else []) + \
         ["tokens/s", "params", "gate", "reads/token", "status"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
     for _, r in df.iterrows():
@@ -210,7 +212,8 @@ def grid_markdown(df, title: str = "") -> str:
             status += f": {r['error'][:80]}".replace("|", "/")
         d = r.get("d_val_loss", NAN)
         cells = [name, f"{r['finished']}/{r['runs']}", _fmt(r["val_loss_mean"], r["val_loss_std"]),
-                 "-" if not math.isfinite(d) else f"{d:+.3f}", _fmt(r["val_ppl_mean"], r["val_ppl_std"], 2)]
+                 "-" if not math.isfinite(d) else f"{d:+.3f}", _fmt(r["val_ppl_mean"], r["val_ppl_std"], 2),
+                 _fmt(r["val_acc_mean"], r["val_acc_std"], 3)]
         if has_niah:
             cells += [_fmt(r["niah_exact_mean"], r["niah_exact_std"], 2),
                       _fmt(r.get("niah_digit_acc_mean", NAN), r.get("niah_digit_acc_std", NAN), 2)]
