@@ -36,10 +36,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-import yaml
 
 from ablations.grid import Grid, RunSpec, describe, grid_dir, load_grid, resolve_runs
 from ablations.launch import CONFIG_FILE, LOG_FILE, ProcessGroup, child_env, error_line, failure_text, run_training
+from lit.config import dump_yaml
 from lit.evaluation.niah import evaluate_run
 from lit.module import count_parameters
 from lit.tracking import Store, ensure_parent, open_store, read_run_id, search_runs, set_running, tag_filter
@@ -92,7 +92,7 @@ class GridRunner:
             client.set_tag(self.parent_id, k, v[:MAX_TAG])
         out_dir = grid_dir(self.store.runs_dir, grid.name)
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "grid.yaml").write_text(yaml.safe_dump(grid.to_dict(), sort_keys=False))
+        (out_dir / "grid.yaml").write_text(dump_yaml(grid.to_dict()))
         with contextlib.suppress(Exception):
             client.log_artifact(self.parent_id, str(out_dir / "grid.yaml"))
         self.echo(f"[ablate] grid {grid.name!r}: {len(self.specs)} run(s), {self.workers} worker(s); "
@@ -226,7 +226,7 @@ class GridRunner:
             trainer.update({"accelerator": "gpu", "devices": 1, "strategy": "auto"})
         path = spec.run_dir / CONFIG_FILE
         path.write_text("# written by `fwpkm ablate`: the resolved config of this run\n"
-                        + yaml.safe_dump(config, sort_keys=False))
+                        + dump_yaml(config))
         return path
 
     def _train(self, spec: RunSpec, config_path: Path, gpu: Optional[str]):
