@@ -37,12 +37,13 @@ from pathlib import Path
 from typing import Callable, Optional
 
 
-from ablations.grid import Grid, RunSpec, describe, grid_dir, load_grid, resolve_runs
+from ablations.grid import Grid, GridError, RunSpec, describe, grid_dir, load_grid, resolve_runs
 from ablations.launch import CONFIG_FILE, LOG_FILE, ProcessGroup, child_env, error_line, failure_text, run_training
 from lit.config import dump_yaml
 from lit.evaluation.niah import evaluate_run
 from lit.module import count_parameters
-from lit.tracking import Store, ensure_parent, open_store, read_run_id, search_runs, set_running, tag_filter
+from lit.tracking import (FolderLockedError, Store, ensure_parent, exclusive_lock, open_store, read_run_id, search_runs,
+                          set_running, tag_filter)
 
 STATE_FILE = "ablation.json"
 ROLE_GRID, ROLE_RUN = "grid", "grid-run"
@@ -148,6 +149,15 @@ class GridRunner:
     # ----------------------------------------------------------------- one run
 
     def _execute(self, spec: RunSpec) -> Outcome:
+        """One run, with its folder locked against other runners for the whole run (training, evaluation)."""
+        try:
+            with exclusive_lock(runner_lock_path(spec.run_dir), f"grid run {spec.key} ({spec.run_dir})"):
+                return self._execute_locked(spec)
+        except FolderLockedError as err:
+            self.echo(f"[ablate] not started {spec.key}: {err}")
+            return Outcome(spec, "FAILED", error=str(err))
+
+    def _execute_locked(self, spec: RunSpec) -> Outcome:
         start = time.time()
         gpu = self._gpu_slots.get() if self.gpus else None
         try:
@@ -320,6 +330,11 @@ class GridRunner:
 # --------------------------------------------------------------------------- helpers
 
 
+def runner_lock_path(run_dir: Path) -> Path:
+    """The lock a grid runner holds on one (variant, seed) while it trains and evaluates it."""
+    return run_dir.parent / f".{run_dir.name}.runner.lock"
+
+
 def physical_gpu(gpu: str) -> str:
     """``--gpus`` indexes the GPUs this process sees; a child gets the matching entry of the
     runner's own CUDA_VISIBLE_DEVICES (if any) as its only device."""
@@ -359,6 +374,10 @@ def ablate(grid_name: str, runs_dir: str = "runs", tracking_uri: Optional[str] =
 
     grid = load_grid(grid_name)
     specs = resolve_runs(grid, Path(runs_dir), only=only, seeds=seeds, sets=sets)
+    errors = {s.error for s in specs}
+    if sets and specs and len(errors) == 1 and None not in errors:  # the --set breaks every run: one line, exit 2
+        given = " ".join(f"--set {k}={v}" for k, v in sets.items())
+        raise GridError(f"{given}: {errors.pop().removeprefix('ConfigError: ')}")
     if dry_run:
         echo(describe(grid, specs))
         return 0 if all(s.error is None for s in specs) else 1
