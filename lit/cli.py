@@ -178,6 +178,27 @@ def train(argv: list[str]) -> int:
             raise  # a bug during training: keep the traceback
         print(f"fwpkm train: error: {err}", file=sys.stderr)
         return 2
+    except Exception as err:
+        cause = disk_full_cause(err)
+        if cause is None:
+            raise
+        print(f"fwpkm train: error: no space left on the disk ({cause}); {state.get('checkpoint_note', '')}"
+              "free some space and run the same command again to resume", file=sys.stderr)
+        return 1
+
+
+def disk_full_cause(err: BaseException) -> Optional[str]:
+    """The one-line cause when ``err`` (or an exception it was raised from) is a full disk, else None."""
+    import errno
+
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        text = " ".join(str(err).split())
+        if getattr(err, "errno", None) == errno.ENOSPC or "disk is full" in text or "No space left" in text:
+            return f"{type(err).__name__}: {text[:300]}"
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def explain_argument_error(err) -> str:
@@ -245,6 +266,8 @@ def _fit(config, parser, namespace, run_dir: Path, state: dict, is_rank_zero: bo
     module = FwPKMLitModule.from_run_config(config)
     datamodule = FwPKMDataModule(config.data)
     datamodule.setup("fit")  # bad sources, files, tokenizers fail here, before any training
+    if config.checkpoint.save_best:
+        check_monitor(config.checkpoint.monitor, list(getattr(datamodule, "val_names", None) or ["val"]))
 
     ckpt_dir = run_dir / "checkpoints"
     if is_rank_zero:
@@ -283,6 +306,7 @@ def _fit(config, parser, namespace, run_dir: Path, state: dict, is_rank_zero: bo
     if config.train.plot_every_n_steps:
         callbacks.append(MemoryPlots(str(run_dir / "plots"), config.train.plot_every_n_steps))
 
+    state["checkpoint_note"] = f"the last complete checkpoint is in {ckpt_dir}; "
     trainer = _build_trainer(trainer_options, callbacks, loggers, run_dir)
     _warn_unsharded_data(trainer, datamodule)
     state["fitting"] = True
@@ -293,6 +317,15 @@ def _fit(config, parser, namespace, run_dir: Path, state: dict, is_rank_zero: bo
             done += f"; MLflow run {loggers[0].run_id} at {loggers[0]._tracking_uri}"
         print(f"[fwpkm] {done}")
     return 0
+
+
+def check_monitor(monitor: str, val_names: list[str]) -> None:
+    """``checkpoint.monitor`` is a metric the run logs at validation (else best.ckpt would fail there)."""
+    from fwpkm.config import ConfigError
+
+    allowed = ["val/ppl", *(f"val/{n}/{m}" for n in val_names for m in ("ppl", "loss")), "train/loss"]
+    if monitor not in allowed:
+        raise ConfigError(f"checkpoint.monitor={monitor!r} is not a metric of this run; allowed: {', '.join(allowed)}")
 
 
 class RunFolderConflict(ValueError):
