@@ -36,6 +36,7 @@ import functools
 import glob
 import gzip
 import itertools
+import logging
 import os
 import re
 from dataclasses import dataclass, field
@@ -290,6 +291,9 @@ def _load_dataset(spec: SourceSpec, config: DataConfig, option: str):
         args, kwargs = (spec.builder,), {"data_files": list(spec.files), "split": "train"}
         if spec.builder == "text":
             kwargs["sample_by"] = "paragraph"
+    quiet = logging.getLogger("datasets")  # a file's error is reported below, once, with its line or byte
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)
     try:
         return datasets.load_dataset(*args, streaming=config.streaming, cache_dir=config.cache_dir, **kwargs)
     except Exception as err:  # datasets raises many types; re-raise one that names the option
@@ -302,6 +306,8 @@ def _load_dataset(spec: SourceSpec, config: DataConfig, option: str):
             "There is no network at run time: use a local dataset directory, local files, or a dataset "
             f"already in the local cache; {SOURCE_FORMS}"
         ) from err
+    finally:
+        quiet.setLevel(level)
 
 
 def file_problem(path: str, builder: str) -> Optional[str]:
