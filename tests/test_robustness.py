@@ -163,7 +163,7 @@ def _can_mount_tmpfs(target: Path) -> str:
 
 
 def test_real_full_disk_keeps_last_checkpoint_and_resumes(micro_training, tmp_path):
-    """A 16 MB tmpfs filled up to leave room for about one checkpoint: the save that does not fit fails
+    """A 16 MB tmpfs filled up to leave room for half a checkpoint: the save that does not fit fails
     with one line, last.ckpt stays whole; after freeing space the same command resumes to the end."""
     disk = tmp_path / "disk"
     disk.mkdir()
@@ -180,7 +180,7 @@ def test_real_full_disk_keeps_last_checkpoint_and_resumes(micro_training, tmp_pa
         last = run_dir / "checkpoints" / "last.ckpt"
         size = last.stat().st_size
         free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
-        (disk / "filler").write_bytes(b"\0" * max(0, free - int(size * 1.5)))
+        (disk / "filler").write_bytes(b"\0" * max(0, free - size // 2))  # the next save cannot fit
         proc = micro_training.run(run_dir, *args, check=False)
         assert proc.returncode == 1, proc.stderr[-3000:]
         lines = error_lines(proc.stderr)
@@ -244,9 +244,10 @@ def _wait_for(predicate, proc=None, seconds: float = 120) -> None:
 
 def test_a_second_training_on_a_busy_run_folder_is_refused_and_a_dead_lock_taken_over(micro_training, tmp_path):
     from lit.cli import train_lock_path
+    from lit.tracking import lock_owner_pid
 
     run_dir = tmp_path / "runs" / "busy"
-    args = ("--trainer.max_steps", "400", "--train.plot_every_n_steps", "0")
+    args = ("--trainer.max_steps", "400", "--train.plot_every_n_steps", "0", "--checkpoint.every_n_steps", "1")
     first = micro_training.start(run_dir, *args)
     try:
         _wait_for(lambda: (run_dir / "mlflow_run_id").is_file(), first)
@@ -257,9 +258,17 @@ def test_a_second_training_on_a_busy_run_folder_is_refused_and_a_dead_lock_taken
     finally:
         first.send_signal(signal.SIGKILL)
         first.communicate()
-    assert f"process {first.pid}" in train_lock_path(run_dir).read_text()  # a stale lock of a dead process...
-    micro_training.run(run_dir, "--trainer.max_steps", "400", "--train.plot_every_n_steps", "0",
-                       "--trainer.max_steps", "401")  # ...is taken over (a longer resume of the same run)
+    lock = train_lock_path(run_dir)
+    assert lock_owner_pid(lock) == first.pid  # a stale lock: its process is dead...
+    last = run_dir / "checkpoints" / "last.ckpt"
+    killed_at = step_of(last) if last.is_file() else 0
+    third = micro_training.start(run_dir, *args)
+    try:  # ...and the next training takes it over and goes on training the run
+        _wait_for(lambda: lock_owner_pid(lock) == third.pid, third)
+        _wait_for(lambda: last.is_file() and step_of(last) > killed_at, third)
+    finally:
+        third.send_signal(signal.SIGKILL)
+        third.communicate()
 
 
 # --------------------------------------------------------------------------- (4) children die with the runner
@@ -309,7 +318,7 @@ def test_a_finished_run_says_so_a_changed_option_is_refused_a_longer_run_is_reco
     changed = micro_training.run(run_dir, *args, "--trainer.limit_val_batches", "1", check=False)
     assert changed.returncode == 2
     lines = error_lines(changed.stderr)
-    assert len(lines) == 1 and "trainer.limit_val_batches=2 -> 1" in lines[0] and "allowed" in lines[0], lines
+    assert len(lines) == 1 and "trainer.limit_val_batches=2.0 -> 1.0" in lines[0] and "allowed" in lines[0], lines
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["trainer"]["limit_val_batches"] == 2
 
     longer = micro_training.run(run_dir, "--trainer.max_steps", "3", "--train.plot_every_n_steps", "0")
