@@ -333,7 +333,9 @@ class RunFolderConflict(ValueError):
 
 
 RESUMABLE_CHANGES = ("trainer.max_steps",)  # may grow on an existing run folder: an explicit longer resume
-IGNORED_CHANGES = ("run_dir", "tracking.")  # where the run lives and is logged
+# where the run lives and is logged, and trainer options that only hook into or display it
+IGNORED_CHANGES = ("run_dir", "tracking.", "trainer.callbacks", "trainer.logger", "trainer.plugins", "trainer.profiler",
+                   "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.default_root_dir")
 
 
 def _resume_decision(parser, namespace, run_dir: Path, step: int) -> Optional[str]:
