@@ -46,7 +46,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ValueError as err:
         print(f"fwpkm: error: {err}", file=sys.stderr)
         return 2
-    code = COMMANDS[name](rest)
+    try:
+        code = COMMANDS[name](rest)
+    except SystemExit as exit_:  # argparse's --help or its (one-line) error
+        code = exit_.code if isinstance(exit_.code, int) or exit_.code is None else 1
     return 0 if code is None else int(code)
 
 

@@ -6,6 +6,8 @@ import argparse
 import sys
 from typing import Optional
 
+from lit.usage import OneLineParser, int_at_least
+
 STORE_HELP = ("MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///<runs-dir>/mlflow.db "
               "with artifacts in <runs-dir>/mlartifacts)")
 
@@ -66,8 +68,8 @@ def _sets(parser: argparse.ArgumentParser) -> None:
 def _parser(prog: str, description: str, examples: str = "") -> argparse.ArgumentParser:
     """A subcommand's parser; with ``examples``, its epilog lists the shipped grids and the examples."""
     epilog = f"{_grids_epilog()}\n\nexamples:\n{examples}" if examples else ""
-    return argparse.ArgumentParser(prog=prog, description=description, epilog=epilog, allow_abbrev=False,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    return OneLineParser(prog=prog, description=description, epilog=epilog,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def _error(prog: str, err: Exception) -> int:
@@ -86,7 +88,7 @@ def ablate(argv: list[str]) -> Optional[int]:
                         help="print and validate the resolved runs (config dataclasses only, no model) and exit")
     parser.add_argument("--only", nargs="+", metavar="NAME", default=None, help="run only these variants")
     parser.add_argument("--seeds", nargs="+", type=int, default=None, help="seeds (default: the grid's)")
-    parser.add_argument("--workers", type=int, default=None,
+    parser.add_argument("--workers", type=int_at_least(1), default=None,
                         help="runs at a time (default: 1, or the number of --gpus)")
     parser.add_argument("--gpus", default=None,
                         help="comma-separated GPU indices, one run per GPU at a time (e.g. 0,1,2,3; 'all')")
@@ -132,9 +134,10 @@ def tune(argv: list[str]) -> Optional[int]:
     parser.add_argument("--storage", default=None,
                         help="Optuna storage URL (default: sqlite:///<runs-dir>/tune/optuna.db); "
                              "postgresql://... for workers on many machines")
-    parser.add_argument("--n-trials", type=int, default=None,
+    parser.add_argument("--n-trials", type=int_at_least(1), default=None,
                         help="total trials of the study (default: the grid's tune.n_trials, else 20)")
-    parser.add_argument("--workers", type=int, default=1, help="worker processes started here on the same study")
+    parser.add_argument("--workers", type=int_at_least(1), default=1,
+                        help="worker processes started here on the same study")
     parser.add_argument("--timeout", type=float, default=None, help="stop starting trials after this many seconds")
     parser.add_argument("--trial-timeout", type=float, default=None, help="seconds per trial before it fails")
     parser.add_argument("--seed", type=int, default=None, help="sampler seed (worker i uses seed + i)")

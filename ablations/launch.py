@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import subprocess
@@ -64,7 +65,8 @@ def run_training(config_path: Path, log_path: Path, env: dict, timeout: Optional
         offset = log.tell()
         log.write(f"\n===== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n")
         log.flush()
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd())
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd(),
+                                preexec_fn=functools.partial(die_with_parent, os.getpid()))
         if group is not None:
             group.add(proc)
         try:
@@ -82,6 +84,21 @@ def run_training(config_path: Path, log_path: Path, env: dict, timeout: Optional
         log.seek(offset)
         tail = log.read()[-6000:]
     return rc, tail
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """In a child between fork and exec (Linux): the kernel sends it SIGKILL when the thread that started
+    it ends, so a runner killed with SIGKILL never leaves a training running untracked (the training's
+    checkpoints are atomic and its run folder lock dies with it; the next runner resumes it)."""
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent_pid:  # the parent died before prctl took effect
+            os._exit(1)
 
 
 def stop(proc: subprocess.Popen, grace: float = 10.0) -> None:

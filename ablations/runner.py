@@ -36,13 +36,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-import yaml
 
-from ablations.grid import Grid, RunSpec, describe, grid_dir, load_grid, resolve_runs
+from ablations.grid import Grid, GridError, RunSpec, describe, grid_dir, load_grid, resolve_runs
 from ablations.launch import CONFIG_FILE, LOG_FILE, ProcessGroup, child_env, error_line, failure_text, run_training
+from lit.config import dump_yaml
 from lit.evaluation import mqar, niah
 from lit.module import model_costs
-from lit.tracking import Store, ensure_parent, open_store, read_run_id, search_runs, set_running, tag_filter
+from lit.tracking import (FolderLockedError, Store, ensure_parent, exclusive_lock, open_store, read_run_id, search_runs,
+                          set_running, tag_filter)
 
 STATE_FILE = "ablation.json"
 ROLE_GRID, ROLE_RUN = "grid", "grid-run"
@@ -93,7 +94,7 @@ class GridRunner:
             client.set_tag(self.parent_id, k, v[:MAX_TAG])
         out_dir = grid_dir(self.store.runs_dir, grid.name)
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "grid.yaml").write_text(yaml.safe_dump(grid.to_dict(), sort_keys=False))
+        (out_dir / "grid.yaml").write_text(dump_yaml(grid.to_dict()))
         with contextlib.suppress(Exception):
             client.log_artifact(self.parent_id, str(out_dir / "grid.yaml"))
         self.echo(f"[ablate] grid {grid.name!r}: {len(self.specs)} run(s), {self.workers} worker(s); "
@@ -149,6 +150,15 @@ class GridRunner:
     # ----------------------------------------------------------------- one run
 
     def _execute(self, spec: RunSpec) -> Outcome:
+        """One run, with its folder locked against other runners for the whole run (training, evaluation)."""
+        try:
+            with exclusive_lock(runner_lock_path(spec.run_dir), f"grid run {spec.key} ({spec.run_dir})"):
+                return self._execute_locked(spec)
+        except FolderLockedError as err:
+            self.echo(f"[ablate] not started {spec.key}: {err}")
+            return Outcome(spec, "FAILED", error=str(err))
+
+    def _execute_locked(self, spec: RunSpec) -> Outcome:
         start = time.time()
         gpu = self._gpu_slots.get() if self.gpus else None
         try:
@@ -227,7 +237,7 @@ class GridRunner:
             trainer.update({"accelerator": "gpu", "devices": 1, "strategy": "auto"})
         path = spec.run_dir / CONFIG_FILE
         path.write_text("# written by `fwpkm ablate`: the resolved config of this run\n"
-                        + yaml.safe_dump(config, sort_keys=False))
+                        + dump_yaml(config))
         return path
 
     def _train(self, spec: RunSpec, config_path: Path, gpu: Optional[str]):
@@ -322,6 +332,11 @@ class GridRunner:
 # --------------------------------------------------------------------------- helpers
 
 
+def runner_lock_path(run_dir: Path) -> Path:
+    """The lock a grid runner holds on one (variant, seed) while it trains and evaluates it."""
+    return run_dir.parent / f".{run_dir.name}.runner.lock"
+
+
 def physical_gpu(gpu: str) -> str:
     """``--gpus`` indexes the GPUs this process sees; a child gets the matching entry of the
     runner's own CUDA_VISIBLE_DEVICES (if any) as its only device."""
@@ -361,6 +376,10 @@ def ablate(grid_name: str, runs_dir: str = "runs", tracking_uri: Optional[str] =
 
     grid = load_grid(grid_name)
     specs = resolve_runs(grid, Path(runs_dir), only=only, seeds=seeds, sets=sets)
+    errors = {s.error for s in specs}
+    if sets and specs and len(errors) == 1 and None not in errors:  # the --set breaks every run: one line, exit 2
+        given = " ".join(f"--set {k}={v}" for k, v in sets.items())
+        raise GridError(f"{given}: {errors.pop().removeprefix('ConfigError: ')}")
     if dry_run:
         echo(describe(grid, specs))
         return 0 if all(s.error is None for s in specs) else 1

@@ -52,11 +52,10 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-import yaml
 from lightning.pytorch.callbacks import Callback
 
 from ablations.grid import apply, check_grid_run, load_grid
-from lit.config import RunConfig
+from lit.config import RunConfig, dump_yaml
 from ablations.launch import CONFIG_FILE, LOG_FILE, child_env, error_line, failure_text, run_training, stop
 from ablations.runner import MAX_TAG
 from lit.tracking import (Store, ensure_parent, file_lock, open_store, read_run_id, search_runs, set_running,
@@ -421,7 +420,7 @@ def run_trial(setup: Setup, study, trial, echo: Callable[[str], None] = print) -
     trainer["callbacks"] = callbacks
     config_path = run_dir / CONFIG_FILE
     config_path.write_text("# written by `fwpkm tune`: the resolved config of this trial\n"
-                           + yaml.safe_dump(config, sort_keys=False))
+                           + dump_yaml(config))
     echo(f"[tune] trial {number} start: {json.dumps(params, default=str)}; log: {run_dir / LOG_FILE}")
 
     start = time.time()

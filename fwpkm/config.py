@@ -44,7 +44,43 @@ def from_mapping(cls, value: Any, option: str):
     if unknown:
         raise ConfigError(f"unknown option(s) {', '.join(f'{option}.{k}' for k in unknown)}; "
                           f"allowed under {option}: {', '.join(known)}")
-    return cls(**value)
+    return cls(**check_scalar_types(cls, value, option))
+
+
+_SCALARS = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+
+
+def check_scalar_types(cls, value: dict, option: str) -> dict:
+    """``value`` with every field annotated ``int``, ``float``, ``str`` or ``bool`` (or Optional of one)
+    checked: a wrong type raises :class:`ConfigError` naming the option, the value and the allowed type
+    (a number written as text, ``"1e-3"``, is read as a number for a float field)."""
+    import typing
+
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:  # an annotation this check does not understand: the dataclass checks itself
+        return value
+    out = dict(value)
+    for key, v in value.items():
+        hint, optional = hints.get(key), False
+        if typing.get_origin(hint) is typing.Union:
+            args = [a for a in typing.get_args(hint) if a is not type(None)]
+            optional = len(args) < len(typing.get_args(hint))
+            hint = args[0] if len(args) == 1 else None
+        if hint not in _SCALARS or (v is None and optional):
+            continue
+        if hint is float and isinstance(v, str):
+            try:
+                out[key] = v = float(v)
+            except ValueError:
+                pass
+        ok = {int: isinstance(v, int) and not isinstance(v, bool),
+              float: isinstance(v, (int, float)) and not isinstance(v, bool),
+              str: isinstance(v, str), bool: isinstance(v, bool) or v in (0, 1)}[hint]
+        if not ok:
+            allowed = _SCALARS[hint] + (" or null" if optional else "")
+            raise ConfigError(f"{option}.{key}={v!r} has the wrong type; allowed: {allowed}")
+    return out
 
 
 @dataclass

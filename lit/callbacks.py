@@ -2,18 +2,103 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Any, Optional
 
 import lightning as L
 import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from lit.plots import plot_memory
 
 LAST_NAME = "last"
 BEST_NAME = "best"
+
+
+TEMP_SUFFIX = ".partial"
+
+
+class CheckpointSaveError(OSError):
+    """A checkpoint could not be written; the previous file at its path is untouched."""
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written atomically next to their final path: the bytes go to a temporary file in
+    the same folder (``.last.ckpt.<pid>.partial``), are flushed and fsynced, and only then replace
+    the old file with ``os.replace`` (and the folder is fsynced). A kill or a full disk at any
+    point leaves the previous checkpoint complete; a failed save raises :class:`CheckpointSaveError`
+    naming the cause and the last complete checkpoint."""
+
+    def __init__(self):
+        self.saved_steps: dict[str, int] = {}  # path -> global step, of the saves of this process
+
+    @staticmethod
+    def write(handle, data: bytes) -> None:
+        """Write ``data`` to the open temporary file (one place for fault-injection tests to patch)."""
+        handle.write(data)
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options: Optional[Any] = None) -> None:
+        import io
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        temp = path.with_name(f".{path.name}.{os.getpid()}{TEMP_SUFFIX}")
+        try:
+            with open(temp, "wb") as handle:
+                self.write(handle, buffer.getbuffer())
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temp, path)
+            _fsync_dir(path.parent)
+        except OSError as err:
+            with contextlib.suppress(OSError):
+                temp.unlink()
+            raise CheckpointSaveError(err.errno, self.failure(path, err)) from err
+        self.saved_steps[str(path)] = int(checkpoint.get("global_step", -1))
+
+    def failure(self, path: Path, err: OSError) -> str:
+        cause = err.strerror or str(err)
+        good = last_complete_checkpoint(path.parent)
+        if good is None:
+            kept = "no complete checkpoint exists yet"
+        else:
+            step = self.saved_steps.get(str(good))
+            kept = f"the last complete checkpoint is {good}" + (f" (step {step})" if step is not None else "")
+        return f"saving checkpoint {path} failed: {cause}; {kept}"
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def last_complete_checkpoint(folder: Path) -> Optional[Path]:
+    """``last.ckpt`` if present, else the newest other ``*.ckpt`` (temporary files never count)."""
+    folder = Path(folder)
+    last = folder / f"{LAST_NAME}.ckpt"
+    if last.is_file():
+        return last
+    others = sorted(folder.glob("*.ckpt"), key=lambda p: p.stat().st_mtime) if folder.is_dir() else []
+    return others[-1] if others else None
+
+
+def remove_partial_checkpoints(folder: Path) -> list[Path]:
+    """Delete the temporary files of saves that were killed (call with the run folder locked)."""
+    removed = []
+    for temp in Path(folder).glob(f".*{TEMP_SUFFIX}") if Path(folder).is_dir() else []:
+        with contextlib.suppress(OSError):
+            temp.unlink()
+            removed.append(temp)
+    return removed
 
 
 class LastCheckpoint(ModelCheckpoint):

@@ -16,7 +16,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from lit.config import DEFAULT_PRESET, CheckpointConfig, OptimConfig, RunConfig, TrackingConfig, TrainConfig, leaves
+from lit.config import (DEFAULT_PRESET, CheckpointConfig, OptimConfig, RunConfig, TrackingConfig, TrainConfig, dump_yaml,
+                        leaves)
 
 TRAIN_DESCRIPTION = """\
 Train a hybrid FwPKM language model (Lightning + MLflow).
@@ -87,7 +88,7 @@ def build_parser():
     from lit.data import DataConfig
 
     parser = LightningArgumentParser(prog="fwpkm train", description=TRAIN_DESCRIPTION, formatter_class=_formatter(),
-                                     exit_on_error=False)
+                                     exit_on_error=False, allow_abbrev=False)
     parser.add_argument("-c", "--config", action=ActionConfigFile,
                         help="a YAML run config (several merge left to right)")
     parser.add_argument("--seed_everything", type=int, default=0, help="seed of the weights, data order and FA->SWA coin")
@@ -157,7 +158,9 @@ def train(argv: list[str]) -> int:
     from argparse import ArgumentError
 
     from fwpkm.config import ConfigError
+    from lit.callbacks import CheckpointSaveError
     from lit.module import CheckpointError, NonFiniteLossError
+    from lit.tracking import FolderLockedError
 
     state = {"fitting": False}
     try:
@@ -167,14 +170,35 @@ def train(argv: list[str]) -> int:
     except ArgumentError as err:
         print(f"fwpkm train: error: {explain_argument_error(err)}", file=sys.stderr)
         return 2
-    except (CheckpointError, NonFiniteLossError) as err:
-        print(f"fwpkm train: error: {err}", file=sys.stderr)
+    except (CheckpointError, NonFiniteLossError, CheckpointSaveError, FolderLockedError) as err:
+        print(f"fwpkm train: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 1
     except (ConfigError, FileNotFoundError, ValueError) as err:
         if state["fitting"] and not isinstance(err, ConfigError):
             raise  # a bug during training: keep the traceback
         print(f"fwpkm train: error: {err}", file=sys.stderr)
         return 2
+    except Exception as err:
+        cause = disk_full_cause(err)
+        if cause is None:
+            raise
+        print(f"fwpkm train: error: no space left on the disk ({cause}); {state.get('checkpoint_note', '')}"
+              "free some space and run the same command again to resume", file=sys.stderr)
+        return 1
+
+
+def disk_full_cause(err: BaseException) -> Optional[str]:
+    """The one-line cause when ``err`` (or an exception it was raised from) is a full disk, else None."""
+    import errno
+
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        text = " ".join(str(err).split())
+        if getattr(err, "errno", None) == errno.ENOSPC or "disk is full" in text or "No space left" in text:
+            return f"{type(err).__name__}: {text[:300]}"
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def explain_argument_error(err) -> str:
@@ -209,29 +233,57 @@ def _dotted(path: str) -> dict:
 def _train(argv: list[str], state: dict) -> int:
     import lightning as L
 
-    from lit.callbacks import LastCheckpoint, MemoryPlots, best_checkpoint
-    from lit.data import FwPKMDataModule
-    from lit.module import FwPKMLitModule, check_checkpoint_matches, load_checkpoint
-    from lit.tracking import TrackingCallback, flat_params, make_logger, run_tags
+    from lit.tracking import exclusive_lock
 
     os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
     for offline in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):  # no network at run time: fail fast, no retries
         os.environ.setdefault(offline, "1")
     config, parser, namespace = parse_run_config(argv)
     run_dir = Path(config.run_dir or config.default_run_dir())
+    is_rank_zero = int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0
+    if not is_rank_zero:  # rank 0 (the launching process) holds the run folder's lock
+        return _fit(config, parser, namespace, run_dir, state, is_rank_zero)
+    with exclusive_lock(train_lock_path(run_dir), f"run folder {run_dir}"):
+        return _fit(config, parser, namespace, run_dir, state, is_rank_zero)
+
+
+def train_lock_path(run_dir: Path) -> Path:
+    """The lock a `fwpkm train` holds on its run folder for the whole training: ``.<name>.train.lock`` next
+    to the folder (so that a bad input fails before the folder is created)."""
+    run_dir = Path(run_dir)
+    return run_dir.parent / f".{run_dir.name}.train.lock"
+
+
+def _fit(config, parser, namespace, run_dir: Path, state: dict, is_rank_zero: bool) -> int:
+    import lightning as L
+
+    from lit.callbacks import LastCheckpoint, MemoryPlots, best_checkpoint, remove_partial_checkpoints
+    from lit.data import FwPKMDataModule
+    from lit.module import FwPKMLitModule, check_checkpoint_matches, load_checkpoint
+    from lit.tracking import TrackingCallback, flat_params, make_logger, run_tags
+
     L.seed_everything(config.seed_everything, workers=True)
     module = FwPKMLitModule.from_run_config(config)
     datamodule = FwPKMDataModule(config.data)
     datamodule.setup("fit")  # bad sources, files, tokenizers fail here, before any training
+    if config.checkpoint.save_best:
+        check_monitor(config.checkpoint.monitor, list(getattr(datamodule, "val_names", None) or ["val"]))
 
     ckpt_dir = run_dir / "checkpoints"
+    if is_rank_zero:
+        remove_partial_checkpoints(ckpt_dir)  # of saves that were killed (the folder is locked)
     last = ckpt_dir / "last.ckpt"
     resume = last if last.is_file() else None
-    if resume is not None:  # fail now, with a clear message, rather than inside Lightning
-        check_checkpoint_matches(load_checkpoint(str(resume)), module, source=f"checkpoint {str(resume)!r}")
-
-    is_rank_zero = int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0
     artifacts = []
+    if resume is not None:  # fail now, with a clear message, rather than inside Lightning
+        checkpoint = load_checkpoint(str(resume))
+        check_checkpoint_matches(checkpoint, module, source=f"checkpoint {str(resume)!r}")
+        step = int(checkpoint.get("global_step", 0))
+        del checkpoint
+        if is_rank_zero:
+            previous = _resume_decision(parser, namespace, run_dir, step)
+            if previous == "finished":
+                return 0
     if is_rank_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
         artifacts = _write_config_files(parser, namespace, run_dir, module)
@@ -254,6 +306,7 @@ def _train(argv: list[str], state: dict) -> int:
     if config.train.plot_every_n_steps:
         callbacks.append(MemoryPlots(str(run_dir / "plots"), config.train.plot_every_n_steps))
 
+    state["checkpoint_note"] = f"the last complete checkpoint is in {ckpt_dir}; "
     trainer = _build_trainer(trainer_options, callbacks, loggers, run_dir)
     _warn_unsharded_data(trainer, datamodule)
     state["fitting"] = True
@@ -264,6 +317,64 @@ def _train(argv: list[str], state: dict) -> int:
             done += f"; MLflow run {loggers[0].run_id} at {loggers[0]._tracking_uri}"
         print(f"[fwpkm] {done}")
     return 0
+
+
+def check_monitor(monitor: str, val_names: list[str]) -> None:
+    """``checkpoint.monitor`` is a metric the run logs at validation (else best.ckpt would fail there)."""
+    from fwpkm.config import ConfigError
+
+    allowed = ["val/ppl", *(f"val/{n}/{m}" for n in val_names for m in ("ppl", "loss")), "train/loss"]
+    if monitor not in allowed:
+        raise ConfigError(f"checkpoint.monitor={monitor!r} is not a metric of this run; allowed: {', '.join(allowed)}")
+
+
+class RunFolderConflict(ValueError):
+    """A run folder's existing run and this command disagree."""
+
+
+RESUMABLE_CHANGES = ("trainer.max_steps",)  # may grow on an existing run folder: an explicit longer resume
+# where the run lives and is logged, and trainer options that only hook into or display it
+IGNORED_CHANGES = ("run_dir", "tracking.", "trainer.callbacks", "trainer.logger", "trainer.plugins", "trainer.profiler",
+                   "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.default_root_dir")
+
+
+def _resume_decision(parser, namespace, run_dir: Path, step: int) -> Optional[str]:
+    """On a run folder with a checkpoint at ``step``: "finished" (printed) when this command asks for
+    nothing more; None to resume. A changed option is refused with the difference named, except a
+    larger ``trainer.max_steps`` (an explicit resume with more steps, the previous config kept)."""
+    import yaml
+
+    path = run_dir / "config.yaml"
+    try:
+        before = dict(leaves(yaml.safe_load(path.read_text()) or {}))
+    except (OSError, yaml.YAMLError):
+        before = None
+    now = dict(leaves(_config_data(parser, namespace, run_dir)))
+    max_steps = now.get("trainer.max_steps")
+    changed = [] if before is None else [
+        k for k in sorted(set(before) | set(now))
+        if not k.startswith(IGNORED_CHANGES) and before.get(k, "<missing>") != now.get(k, "<missing>")]
+    refused = [k for k in changed if k not in RESUMABLE_CHANGES]
+    if refused:
+        diffs = "; ".join(f"{k}={before.get(k, '<missing>')!r} -> {now.get(k, '<missing>')!r}" for k in refused[:8])
+        raise RunFolderConflict(f"run folder {run_dir} (checkpoint at step {step}) was run with other options: "
+                                f"{diffs}; allowed on an existing run folder: the same options, or a larger "
+                                f"trainer.max_steps (resume for more steps); use another --run_dir for a new run")
+    if "trainer.max_steps" in changed:
+        old = before.get("trainer.max_steps")
+        if isinstance(max_steps, int) and isinstance(old, int) and 0 < max_steps < old:
+            raise RunFolderConflict(f"trainer.max_steps={max_steps} is smaller than the run folder's "
+                                    f"trainer.max_steps={old} (checkpoint at step {step}); allowed: >= {old}")
+        kept = run_dir / f"config.step{step}.yaml"
+        path.replace(kept)
+        print(f"[fwpkm] resuming {run_dir} from step {step} with trainer.max_steps {old} -> {max_steps}; "
+              f"the previous config is kept as {kept}")
+        return None
+    if isinstance(max_steps, int) and 0 < max_steps <= step:
+        print(f"[fwpkm] run folder {run_dir} already finished at step {step} (trainer.max_steps={max_steps}); "
+              "nothing to do (a larger --trainer.max_steps resumes it)")
+        return "finished"
+    return None
 
 
 def _warn_unsharded_data(trainer, datamodule) -> None:
@@ -286,21 +397,25 @@ def _formatter():
     return Formatter
 
 
-def _write_config_files(parser, namespace, run_dir: Path, module) -> list[Path]:
-    """``config.yaml`` (re-runnable: ``fwpkm train --config run_dir/config.yaml``) and the resolved
-    ``model_config.yaml``; a changed config.yaml is kept as ``config.previous.yaml``."""
+def _config_data(parser, namespace, run_dir: Path) -> dict:
     import yaml
 
     data = yaml.safe_load(parser.dump(namespace, skip_unset=False, skip_link_targets=True))
     data.pop("config", None)
     data["run_dir"] = str(run_dir)
-    text = yaml.safe_dump(data, sort_keys=False)
+    return data
+
+
+def _write_config_files(parser, namespace, run_dir: Path, module) -> list[Path]:
+    """``config.yaml`` (re-runnable: ``fwpkm train --config run_dir/config.yaml``) and the resolved
+    ``model_config.yaml``; a changed config.yaml is kept as ``config.previous.yaml``."""
+    text = dump_yaml(_config_data(parser, namespace, run_dir))
     path = run_dir / "config.yaml"
     if path.is_file() and path.read_text() != text:
         path.replace(run_dir / "config.previous.yaml")
     path.write_text(text)
     model_path = run_dir / "model_config.yaml"
-    model_path.write_text(yaml.safe_dump(module.model_config.to_dict(), sort_keys=False))
+    model_path.write_text(dump_yaml(module.model_config.to_dict()))
     return [path, model_path]
 
 
@@ -320,7 +435,21 @@ def _build_trainer(options: dict, callbacks: list, loggers: list, run_dir: Path)
         config["logger"] = (list(extra) + loggers) or False
     if config.get("default_root_dir") is None:
         config["default_root_dir"] = str(run_dir)
+    config["plugins"] = _with_atomic_checkpoints(config.get("plugins"))
     return Trainer(**config)
+
+
+def _with_atomic_checkpoints(plugins):
+    """The trainer's plugins with :class:`lit.callbacks.AtomicCheckpointIO` added unless one of them is
+    already a CheckpointIO (the user's choice wins)."""
+    from lightning.fabric.plugins import CheckpointIO
+
+    from lit.callbacks import AtomicCheckpointIO
+
+    plugins = [] if plugins is None else (list(plugins) if isinstance(plugins, (list, tuple)) else [plugins])
+    if not any(isinstance(p, CheckpointIO) for p in plugins):
+        plugins.append(AtomicCheckpointIO())
+    return plugins
 
 
 if __name__ == "__main__":  # python -m lit.cli [options] = fwpkm train [options] (how grids and studies start runs)

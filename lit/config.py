@@ -27,6 +27,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -105,12 +106,15 @@ class TrainConfig:
         ddp_fast_weights: with several ranks: "mean" averages the fast-weight memory over the ranks
             after every step (identical memory everywhere, coherent checkpoints); "local" keeps it
             per rank (checkpoints hold rank 0's).
+        max_skipped_fraction: with nan_policy "skip": the run fails once more batches than this
+            fraction of trainer.max_steps (at least 1) have been skipped.
     """
 
     fa_to_swa_prob: Optional[float] = None
     nan_policy: str = "stop"
     plot_every_n_steps: int = 100
     ddp_fast_weights: str = "mean"
+    max_skipped_fraction: float = 0.1
 
     def __post_init__(self):
         if self.fa_to_swa_prob is not None and not 0.0 <= self.fa_to_swa_prob <= 1.0:
@@ -119,6 +123,8 @@ class TrainConfig:
         check_choice("train.ddp_fast_weights", self.ddp_fast_weights, DDP_FAST_WEIGHT_POLICIES)
         if self.plot_every_n_steps < 0:
             raise ConfigError(f"train.plot_every_n_steps={self.plot_every_n_steps} must be >= 0")
+        if not 0.0 <= self.max_skipped_fraction <= 1.0:
+            raise ConfigError(f"train.max_skipped_fraction={self.max_skipped_fraction} must be in [0, 1]")
 
 
 @dataclass
@@ -337,6 +343,44 @@ class RunConfig:
 
 def _digest(data: dict) -> str:
     return hashlib.sha1(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+# --------------------------------------------------------------------------- YAML that reads back as written
+
+# what some YAML loader (PyYAML's 1.1 resolver, YAML 1.2, jsonargparse's) may read as a number or a constant
+_NUMBER_LIKE = re.compile(r"[-+]?(\d[\d_]*\.?[\d_]*|\.\d[\d_]*)([eE][-+]?\d+)?|[-+]?\.?(inf|nan)|0[xXoObB][\da-fA-F_]+",
+                          re.IGNORECASE)
+
+
+def _must_quote(text: str) -> bool:
+    import yaml
+
+    if "\n" in text:
+        return False
+    if _NUMBER_LIKE.fullmatch(text.strip()):
+        return True
+    try:
+        return not isinstance(yaml.safe_load(text), str)
+    except yaml.YAMLError:
+        return False
+
+
+def dump_yaml(data: Any, **options) -> str:
+    """``yaml.safe_dump`` in which every string that any YAML loader could read as another type
+    (``552743e64060``, ``1e5``, ``inf``, ``0x10``, ``yes``) is quoted: strings stay strings through
+    every round trip (config hashes, tags, run names)."""
+    import yaml
+
+    class Dumper(yaml.SafeDumper):
+        pass
+
+    def represent_str(dumper, value):
+        style = "'" if _must_quote(value) else None
+        return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+    Dumper.add_representer(str, represent_str)
+    options.setdefault("sort_keys", False)
+    return yaml.dump(data, Dumper=Dumper, **options)
 
 
 def _byte_vocab_size() -> int:

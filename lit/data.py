@@ -38,6 +38,7 @@ import functools
 import glob
 import gzip
 import itertools
+import logging
 import os
 import re
 from dataclasses import dataclass, field
@@ -310,14 +311,65 @@ def _load_dataset(spec: SourceSpec, config: DataConfig, option: str):
         args, kwargs = (spec.builder,), {"data_files": list(spec.files), "split": "train"}
         if spec.builder == "text":
             kwargs["sample_by"] = "paragraph"
+    quiet = logging.getLogger("datasets")  # a file's error is reported below, once, with its line or byte
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)
     try:
         return datasets.load_dataset(*args, streaming=config.streaming, cache_dir=config.cache_dir, **kwargs)
     except Exception as err:  # datasets raises many types; re-raise one that names the option
+        for path in spec.files:  # a local file's own problem (empty, binary, not UTF-8, bad JSON) first
+            problem = file_problem(path, spec.builder)
+            if problem:
+                raise ConfigError(f"{option}={spec.text!r}: file {path} {problem}") from err
         raise ConfigError(
             f"{option}={spec.text!r} could not be loaded with datasets.load_dataset ({type(err).__name__}: {err}). "
             "There is no network at run time: use a local dataset directory, local files, or a dataset "
             f"already in the local cache; {SOURCE_FORMS}"
         ) from err
+    finally:
+        quiet.setLevel(level)
+
+
+def file_problem(path: str, builder: str) -> Optional[str]:
+    """What is wrong with a local data file, naming the line or byte (None if nothing is found)."""
+    import json
+
+    try:
+        data = Path(path).read_bytes()
+    except OSError as err:
+        return f"cannot be read ({err.strerror or err})"
+    if not data.strip():
+        return "is empty" if not data else "holds only whitespace"
+    if builder == "parquet":
+        try:
+            import pyarrow.parquet as pq
+
+            pq.read_metadata(path)
+        except Exception as err:
+            return f"is not a readable Parquet file ({' '.join(str(err).split())})"
+        return None
+    nul = data.find(b"\0")
+    if nul >= 0:
+        return f"is binary, not text (a NUL byte at byte offset {nul})"
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        return (f"is not UTF-8 text: byte 0x{data[err.start]:02x} at byte offset {err.start} (line {line}) "
+                "cannot be decoded (Latin-1 or another encoding? convert it to UTF-8)")
+    if builder == "json" and Path(path).suffix.lower() == ".jsonl" or builder == "json" and "\n{" in text.strip():
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    json.loads(line)
+                except ValueError as err:
+                    return f"line {number} is not valid JSON ({err})"
+    elif builder == "json":
+        try:
+            json.loads(text)
+        except ValueError as err:
+            return f"is not valid JSON ({err})"
+    return None
 
 
 def _text_column(dataset, field_name: str, spec: SourceSpec, option: str) -> Iterable[str]:

@@ -257,7 +257,19 @@ class FwPKMLitModule(L.LightningModule):
         self.skipped_batches += 1
         self.print(f"[fwpkm] skipping batch: {message}")
         self.log("train/skipped_batches", float(self.skipped_batches), on_step=True, on_epoch=False)
+        self._check_skip_limit()
         return None
+
+    def _check_skip_limit(self) -> None:
+        fraction = self.train_config.max_skipped_fraction
+        max_steps = int(getattr(self.trainer, "max_steps", -1) or -1)
+        seen = self.skipped_batches + self.global_step
+        allowed = max(1, int(fraction * (max_steps if max_steps > 0 else seen)))
+        if self.skipped_batches > allowed:
+            raise NonFiniteLossError(
+                f"train.max_skipped_fraction={fraction}: {self.skipped_batches} of {seen} batches had a non-finite "
+                f"loss or gradient, more than the {allowed} allowed ({fraction} x trainer.max_steps={max_steps}, "
+                "at least 1); the run stops. Lower optim.lr, or raise train.max_skipped_fraction")
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         clip = gradient_clip_val if gradient_clip_val is not None else self.optim_config.grad_clip

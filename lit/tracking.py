@@ -132,6 +132,65 @@ def file_lock(path: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+LOCK_FILE = ".lock"
+
+
+class FolderLockedError(RuntimeError):
+    """Another live process holds the folder's lock."""
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path, what: str):
+    """A non-blocking exclusive ``flock`` on ``path`` held while the block runs, with this process's id
+    and command line written into the file. Held by a live process: :class:`FolderLockedError` naming
+    it. The kernel drops an ``flock`` when its process dies, so a lock file left by a killed process
+    (a dead PID) is simply taken over."""
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(path, "a+")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            owner = handle.read().strip() or "another process"
+            raise FolderLockedError(f"{what} is in use by {owner}; wait for it to end, stop it, or use another "
+                                    "folder") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"process {os.getpid()} ({_command_line()})\n")
+        handle.flush()
+        try:
+            yield
+        finally:
+            handle.seek(0)
+            handle.truncate()
+            fcntl.flock(handle, fcntl.LOCK_UN)
+    finally:
+        handle.close()
+
+
+def _command_line() -> str:
+    try:
+        with open(f"/proc/{os.getpid()}/cmdline", "rb") as f:
+            return " ".join(part.decode(errors="replace") for part in f.read().split(b"\0") if part)[:300]
+    except OSError:
+        import sys
+
+        return " ".join(sys.argv)[:300]
+
+
+def lock_owner_pid(path: Path) -> Optional[int]:
+    """The process id written in a lock file (None if none)."""
+    try:
+        match = re.match(r"process (\d+)", Path(path).read_text())
+    except OSError:
+        return None
+    return int(match.group(1)) if match else None
+
+
 def make_logger(config: TrackingConfig, run_dir: Path, run_name: str, tags: dict):
     """The run's ``MLFlowLogger``, reusing the MLflow run recorded in ``run_dir`` if any."""
     from lightning.pytorch.loggers import MLFlowLogger
@@ -212,6 +271,18 @@ class TrackingCallback(Callback):
         tags.update({f"resumed.{k}"[:250]: v[:5000] for k, v in changed.items()})
         client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
         log_artifacts(trainer, self.artifacts)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        """A failed run (a checkpoint that could not be saved, a non-finite loss...): its one-line cause as
+        the ``fwpkm.error`` tag (Lightning then marks the MLflow run FAILED)."""
+        from lit.callbacks import mlflow_logger
+
+        logger = mlflow_logger(trainer)
+        if logger is None or not trainer.is_global_zero or isinstance(exception, KeyboardInterrupt):
+            return
+        message = " ".join(f"{type(exception).__name__}: {exception}".split())[:5000]
+        with contextlib.suppress(Exception):  # the store may be on the disk that just filled up
+            logger.experiment.set_tag(logger.run_id, "fwpkm.error", message)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         from lit.callbacks import mlflow_logger

@@ -176,7 +176,10 @@ def test_eval_cli_on_a_trained_checkpoint_logs_into_its_run(micro_training, tmp_
 def test_eval_cli_errors_are_clear(tmp_path, capsys):
     from ablations.__main__ import main
 
-    with pytest.raises(FileNotFoundError, match="--ckpt"):
-        main(["eval", "ppl", "--ckpt", str(tmp_path / "missing"), "--no-mlflow"])
-    with pytest.raises(SystemExit):
-        main(["eval", "niah", "--chunk-policy", "sometimes"])
+    # one line naming the option, exit code 2, no traceback (the issue-18 contract for every fwpkm command)
+    assert main(["eval", "ppl", "--ckpt", str(tmp_path / "missing"), "--no-mlflow"]) == 2
+    err = capsys.readouterr().err
+    assert "--ckpt" in err and "Traceback" not in err
+    assert main(["eval", "niah", "--chunk-policy", "sometimes"]) == 2
+    err = capsys.readouterr().err
+    assert "--chunk-policy" in err and "sometimes" in err and len(err.strip().splitlines()) == 1

@@ -16,6 +16,10 @@ from typing import Optional
 
 import torch
 
+from lit.usage import OneLineParser, UsageError, float_in, int_at_least, option_value, report
+
+positive = int_at_least(1)
+
 EPILOG = """examples:
   fwpkm eval ppl --ckpt runs/tiny-1a2b --data embedded --window 256 --stream-len 16384
   fwpkm eval niah --ckpt runs/tiny-1a2b --context-lens 1024 8192 32768 --iterations 0 1 2 3
@@ -62,10 +66,10 @@ def load(args) -> tuple:
         _, config = resolve_model({"preset": args.preset}, tokenizer.vocab_size)
         model, run_dir, run_id = HybridLM(config), None, None
     else:
-        raise SystemExit("fwpkm eval: give --ckpt (a checkpoint or run folder) or --preset (a random model)")
+        raise UsageError("--ckpt or --preset is required: a checkpoint or run folder, or a preset for a random model")
     if model.config.vocab_size < tokenizer.vocab_size:
-        raise SystemExit(f"--tokenizer {args.tokenizer}: vocab {tokenizer.vocab_size} exceeds the model's "
-                         f"{model.config.vocab_size}")
+        raise UsageError(f"--tokenizer={args.tokenizer}: vocab {tokenizer.vocab_size} exceeds the model's "
+                         f"{model.config.vocab_size}; allowed: the training run's tokenizer")
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
     return model.to(device).eval(), tokenizer, run_dir, run_id
 
@@ -217,10 +221,13 @@ def cmd_mqar(args) -> None:
     given = {"vocab": args.vocab, "power_a": args.power_a, "min_seq_len": args.min_seq_len}
     defaults = {"vocab": data.get("mqar_vocab", 2100), "power_a": data.get("mqar_power_a", 0.01),
                 "min_seq_len": data.get("seq_len", 256)}
-    cfg = MQARConfig(pairs=args.pairs, samples=args.samples, seq_len=args.seq_len, seed=args.seed + 1234,
-                     **{k: defaults[k] if v is None else v for k, v in given.items()})
+    try:
+        cfg = MQARConfig(pairs=args.pairs, samples=args.samples, seq_len=args.seq_len, seed=args.seed + 1234,
+                         **{k: defaults[k] if v is None else v for k, v in given.items()})
+    except ValueError as err:
+        raise UsageError(f"--pairs={args.pairs}: {err}") from None
     if cfg.vocab > model.config.vocab_size:
-        raise SystemExit(f"fwpkm eval mqar: --vocab {cfg.vocab} exceeds the model's vocab_size {model.config.vocab_size}")
+        raise option_value("--vocab", cfg.vocab, f"at most the model's vocab_size {model.config.vocab_size}")
     rows = run_mqar(model, cfg)
     summary = summarise(rows)
     out.table("sequences", rows)
@@ -246,7 +253,7 @@ def cmd_gates(args) -> None:
     batches = tokens[: n * args.window].view(n, args.window).split(args.batch_size)
     gates = collect_gates(model, batches)
     if not gates:
-        raise SystemExit("fwpkm eval gates: the model has no gated fast-weight layer")
+        raise UsageError("--ckpt: the model has no gated fast-weight layer; allowed: a model with a FwPKM layer")
     summary = out.table("gates", gate_summary(gates), show=True)
     print()
     out.table("addressing", addressing_stats(model, batches), show=True)
@@ -272,7 +279,7 @@ def cmd_inspect(args) -> None:
     else:
         text = args.text if args.text is not None else Path(args.text_file).read_text()
         inspector.read(tokenizer.encode(text), chunk_size=args.chunk_size)
-        slots = [tuple(map(int, s.split(":"))) for s in args.slot] or _busiest(inspector, 5)
+        slots = [check_slot(model, s) for s in args.slot] or _busiest(inspector, 5)
         rows = []
         for layer, slot in slots:
             history = inspector.slot_history(layer, slot)[: args.top]
@@ -285,6 +292,19 @@ def cmd_inspect(args) -> None:
     out.finish()
 
 
+def check_slot(model, text: str) -> tuple[int, int]:
+    """(layer, slot) of a ``--slot LAYER:SLOT`` that exists in ``model``, else a :class:`UsageError`."""
+    sizes = {i: m.config.n_slots for i, m in model.fast_weight_memories().items() if hasattr(m.config, "n_slots")}
+    allowed = ", ".join(f"{i}:0..{n - 1}" for i, n in sorted(sizes.items())) or "none (no FwPKM layer)"
+    try:
+        layer, slot = (int(part) for part in text.split(":"))
+    except ValueError:
+        raise option_value("--slot", text, f"LAYER:SLOT with {allowed}") from None
+    if layer not in sizes or not 0 <= slot < sizes[layer]:
+        raise option_value("--slot", text, allowed, "no such FwPKM layer and slot")
+    return layer, slot
+
+
 def _busiest(inspector, n: int) -> list:
     ranked = sorted(inspector.writes.items(), key=lambda kv: -sum(w.weight for w in kv[1]))
     return [key for key, _ in ranked[:n]]
@@ -294,10 +314,11 @@ def _busiest(inspector, n: int) -> list:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fwpkm eval", description=__doc__, epilog=EPILOG,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog="fwpkm eval", description=__doc__, epilog=EPILOG,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True, metavar="{ppl,niah,mqar,gates,inspect}")
-    common = argparse.ArgumentParser(add_help=False)
+    common = OneLineParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     common.add_argument("--ckpt", help="a checkpoint file or a run folder (uses checkpoints/last.ckpt)")
     common.add_argument("--preset", help="evaluate a randomly initialised model of this preset instead")
     common.add_argument("--tokenizer", default="byte", help="the training run's tokenizer (default: byte)")
@@ -308,45 +329,45 @@ def parser() -> argparse.ArgumentParser:
 
     ppl = sub.add_parser("ppl", parents=[common], help="perplexity in windows and streamed, loss by position")
     ppl.add_argument("--data", default="embedded", help="any data source: embedded, hf:NAME[:CONFIG], a local file")
-    ppl.add_argument("--window", type=int, default=256, help="tokens predicted per window")
-    ppl.add_argument("--batch-size", type=int, default=8)
-    ppl.add_argument("--max-tokens", type=int, default=65536, help="tokens of the source to evaluate on")
-    ppl.add_argument("--stream-len", type=int, default=16384, help="length of the streamed input (0: skip)")
-    ppl.add_argument("--segment-len", type=int, default=512, help="tokens fed per call when streaming")
-    ppl.add_argument("--bins", type=int, default=32, help="position bins of the loss-by-position table")
+    ppl.add_argument("--window", type=positive, default=256, help="tokens predicted per window")
+    ppl.add_argument("--batch-size", type=positive, default=8)
+    ppl.add_argument("--max-tokens", type=positive, default=65536, help="tokens of the source to evaluate on")
+    ppl.add_argument("--stream-len", type=int_at_least(0), default=16384, help="length of the streamed input (0: skip)")
+    ppl.add_argument("--segment-len", type=positive, default=512, help="tokens fed per call when streaming")
+    ppl.add_argument("--bins", type=positive, default=32, help="position bins of the loss-by-position table")
     ppl.set_defaults(fn=cmd_ppl)
 
     niah = sub.add_parser("niah", parents=[common], help="needle in a haystack with iterative memorisation")
-    niah.add_argument("--context-lens", type=int, nargs="+", default=[1024], help="haystack lengths in tokens")
-    niah.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9],
+    niah.add_argument("--context-lens", type=positive, nargs="+", default=[1024], help="haystack lengths in tokens")
+    niah.add_argument("--depths", type=float_in(0.0, 1.0), nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9],
                       help="where the needle asked for sits, as a fraction of the haystack")
-    niah.add_argument("--iterations", type=int, nargs="+", default=[0, 1, 2, 3],
+    niah.add_argument("--iterations", type=int_at_least(0), nargs="+", default=[0, 1, 2, 3],
                       help="extra passes over the haystack before the question")
-    niah.add_argument("--samples", type=int, default=2, help="samples per (context length, depth)")
-    niah.add_argument("--needles", type=int, default=5,
+    niah.add_argument("--samples", type=positive, default=2, help="samples per (context length, depth)")
+    niah.add_argument("--needles", type=positive, default=5,
                       help="needles per haystack, one of them asked for (the paper: 5)")
     niah.add_argument("--chunk-policy", choices=["input", "model"], default="input",
                       help="input: chunk size = input length, one write per pass (the paper); model: trained chunk")
-    niah.add_argument("--segment-len", type=int, default=2048, help="tokens fed per call")
+    niah.add_argument("--segment-len", type=positive, default=2048, help="tokens fed per call")
     niah.add_argument("--haystack", default="embedded", help="data source of the haystack text")
     niah.set_defaults(fn=cmd_niah)
 
     mqar = sub.add_parser("mqar", parents=[common], help="multi-query associative recall by number of pairs (capacity)")
-    mqar.add_argument("--pairs", type=int, nargs="+", default=[8, 16, 32, 64, 128, 256, 512, 1024],
+    mqar.add_argument("--pairs", type=positive, nargs="+", default=[8, 16, 32, 64, 128, 256, 512, 1024],
                       help="numbers of key-value pairs, one point of the curve each")
-    mqar.add_argument("--samples", type=int, default=16, help="sequences per number of pairs")
-    mqar.add_argument("--vocab", type=int, default=None, help="key and value ids (default: the run's data.mqar_vocab)")
+    mqar.add_argument("--samples", type=positive, default=16, help="sequences per number of pairs")
+    mqar.add_argument("--vocab", type=positive, default=None, help="key and value ids (default: the run's data.mqar_vocab)")
     mqar.add_argument("--power-a", type=float, default=None, help="query placement (default: the run's)")
-    mqar.add_argument("--min-seq-len", type=int, default=None, help="shortest sequence (default: the run's seq_len)")
-    mqar.add_argument("--seq-len", type=int, default=None, help="one length for every number of pairs "
+    mqar.add_argument("--min-seq-len", type=positive, default=None, help="shortest sequence (default: the run's seq_len)")
+    mqar.add_argument("--seq-len", type=positive, default=None, help="one length for every number of pairs "
                                                                 "(default: max(min-seq-len, 4 x pairs))")
     mqar.set_defaults(fn=cmd_mqar)
 
     gates = sub.add_parser("gates", parents=[common], help="gate distributions and addressing statistics")
     gates.add_argument("--data", default="embedded")
-    gates.add_argument("--window", type=int, default=256)
-    gates.add_argument("--batch-size", type=int, default=8)
-    gates.add_argument("--max-tokens", type=int, default=32768)
+    gates.add_argument("--window", type=positive, default=256)
+    gates.add_argument("--batch-size", type=positive, default=8)
+    gates.add_argument("--max-tokens", type=positive, default=32768)
     gates.set_defaults(fn=cmd_gates)
 
     insp = sub.add_parser("inspect", parents=[common], help="which (query, target, context) wrote each slot")
@@ -355,9 +376,9 @@ def parser() -> argparse.ArgumentParser:
     src.add_argument("--text-file", help="a file of text to read")
     src.add_argument("--needle", action="store_true", help="trace a needle: slots written and read at question")
     insp.add_argument("--slot", nargs="*", default=[], metavar="LAYER:SLOT", help="slots to show (default: busiest)")
-    insp.add_argument("--top", type=int, default=10, help="writes shown per slot")
-    insp.add_argument("--chunk-size", type=int, help="chunk size while reading (default: the model's)")
-    insp.add_argument("--context-len", type=int, default=1024, help="needle mode: haystack length")
+    insp.add_argument("--top", type=positive, default=10, help="writes shown per slot")
+    insp.add_argument("--chunk-size", type=positive, help="chunk size while reading (default: the model's)")
+    insp.add_argument("--context-len", type=positive, default=1024, help="needle mode: haystack length")
     insp.add_argument("--haystack", default="embedded")
     insp.set_defaults(fn=cmd_inspect)
     return p
@@ -365,9 +386,21 @@ def parser() -> argparse.ArgumentParser:
 
 def evaluate(argv: list[str]) -> int:
     """Evaluate a checkpoint: perplexity, needle in a haystack, gates, memory inspection."""
-    args = parser().parse_args(argv)
-    if args.command == "inspect" and not (args.text or args.text_file or args.needle):
-        raise SystemExit("fwpkm eval inspect: give --text, --text-file or --needle")
-    args.fn(args)
+    from fwpkm.config import ConfigError
+    from lit.module import CheckpointError
+
+    try:
+        args = parser().parse_args(argv)
+    except SystemExit as exit_:  # --help, or the one-line parser error already printed
+        return exit_.code if isinstance(exit_.code, int) else 0
+    prog = f"fwpkm eval {args.command}"
+    try:
+        if args.command == "inspect" and not (args.text or args.text_file or args.needle):
+            raise UsageError("--text, --text-file or --needle is required; allowed: one of them")
+        args.fn(args)
+    except CheckpointError as err:
+        return report(prog, err, 1, args.debug)
+    except (UsageError, ConfigError, FileNotFoundError, ValueError, OSError) as err:
+        return report(prog, err, 2, args.debug)
     return 0
 
