@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 from lit.evaluation.mqar import mean_interval
+from lit.plots import save_figure
 
 NAN = float("nan")
 
@@ -97,9 +98,4 @@ def plot_capacity(rows: list[dict], path: Path, order: Optional[list] = None, ti
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
     ax.set_title(title or "MQAR capacity")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

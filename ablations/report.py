@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from ablations import capacity
+from lit.plots import save_figure
 from lit.tracking import Store, find_parent, resolve_tracking_uri, search_runs, store_lock, tag_filter
 
 NAN = float("nan")
@@ -225,17 +226,6 @@ def grid_markdown(df, title: str = "") -> str:
     return (f"### {title}\n\n" if title else "") + text
 
 
-def _save_figure(fig, path) -> Path:
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
 def _variant_order(rows: list[dict], order: Optional[list]) -> list:
     variants = [v for v in (order or []) if any(r["variant"] == v for r in rows)]
     return variants + sorted({r["variant"] for r in rows} - set(variants))
@@ -304,7 +294,7 @@ def plot_niah(rows: list[dict], path: Path, order: Optional[list] = None, title:
     axes[0][-1].legend(fontsize=8)
     if title:
         fig.suptitle(title)
-    return _save_figure(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_gates(rows: list[dict], path: Path, order: Optional[list] = None, title: str = "") -> Optional[Path]:
@@ -339,7 +329,7 @@ def plot_gates(rows: list[dict], path: Path, order: Optional[list] = None, title
     axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     if title:
         fig.suptitle(title)
-    return _save_figure(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_grid(df, path: Path, title: str = "") -> Optional[Path]:
@@ -373,7 +363,7 @@ def plot_grid(df, path: Path, title: str = "") -> Optional[Path]:
         ax.grid(axis="x", alpha=0.3)
     if title:
         fig.suptitle(title)
-    return _save_figure(fig, path)
+    return save_figure(fig, path)
 
 
 def _parent_run(store: Store, kind: str, name: str):
@@ -597,7 +587,7 @@ def study_plots(study, out_dir: Path) -> list[Path]:
         ax = result.flat[0] if hasattr(result, "flat") else result
         fig = ax.figure
         fig.set_size_inches(max(fig.get_size_inches()[0], 6), max(fig.get_size_inches()[1], 4))
-        written.append(_save_figure(fig, out_dir / f"{name}.png"))
+        written.append(save_figure(fig, out_dir / f"{name}.png"))
     return written
 
 

@@ -8,6 +8,18 @@ from typing import Optional
 import torch
 
 
+def save_figure(fig, path) -> Path:
+    """Lay out, write (creating the folder) and close a matplotlib figure; returns its path."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def gate_histograms(gates: dict, path: str, title: Optional[str] = None, dpi: int = 110) -> str:
     """One histogram of gate values per layer (``gates``: layer -> tensor of gates)."""
     import matplotlib
