@@ -16,8 +16,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from lit.config import (DEFAULT_PRESET, CheckpointConfig, OptimConfig, RunConfig, TrackingConfig, TrainConfig, dump_yaml,
-                        leaves)
+from lit.config import (DEFAULT_PRESET, MISSING, CheckpointConfig, OptimConfig, RunConfig, TrackingConfig,
+                        TrainConfig, changed_paths, dump_yaml, leaves)
 
 TRAIN_DESCRIPTION = """\
 Train a hybrid FwPKM language model (Lightning + MLflow).
@@ -351,12 +351,10 @@ def _resume_decision(parser, namespace, run_dir: Path, step: int) -> Optional[st
         before = None
     now = dict(leaves(_config_data(parser, namespace, run_dir)))
     max_steps = now.get("trainer.max_steps")
-    changed = [] if before is None else [
-        k for k in sorted(set(before) | set(now))
-        if not k.startswith(IGNORED_CHANGES) and before.get(k, "<missing>") != now.get(k, "<missing>")]
+    changed = [] if before is None else [k for k in changed_paths(before, now) if not k.startswith(IGNORED_CHANGES)]
     refused = [k for k in changed if k not in RESUMABLE_CHANGES]
     if refused:
-        diffs = "; ".join(f"{k}={before.get(k, '<missing>')!r} -> {now.get(k, '<missing>')!r}" for k in refused[:8])
+        diffs = "; ".join(f"{k}={before.get(k, MISSING)!r} -> {now.get(k, MISSING)!r}" for k in refused[:8])
         raise RunFolderConflict(f"run folder {run_dir} (checkpoint at step {step}) was run with other options: "
                                 f"{diffs}; allowed on an existing run folder: the same options, or a larger "
                                 f"trainer.max_steps (resume for more steps); use another --run_dir for a new run")

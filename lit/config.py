@@ -250,10 +250,19 @@ def _default_of(f: dataclasses.Field):
     return f.default_factory() if f.default_factory is not dataclasses.MISSING else None
 
 
+MISSING = "<missing>"  # the value of a path one side of a comparison does not have
+
+
+def changed_paths(before: dict, after: dict) -> list[str]:
+    """The dotted paths whose values differ between two (nested) configs, sorted; a tuple equals its list."""
+    a, b = dict(leaves(before)), dict(leaves(after))
+    return [k for k in sorted(set(a) | set(b)) if _plain(a.get(k, MISSING)) != _plain(b.get(k, MISSING))]
+
+
 def model_options(config: ModelConfig, preset: str) -> dict:
     """The options of ``config`` that differ from its preset's, as dotted paths (the run's "overrides")."""
-    start = dict(leaves(make_preset(preset).to_dict()))
-    return {k: v for k, v in leaves(config.to_dict()) if k != "vocab_size" and _plain(start.get(k)) != _plain(v)}
+    options = dict(leaves(config.to_dict()))
+    return {k: options[k] for k in changed_paths(make_preset(preset).to_dict(), options) if k != "vocab_size"}
 
 
 def _plain(value):

@@ -69,7 +69,7 @@ from torch import Tensor
 
 from fwpkm import HybridLM, ModelConfig
 from fwpkm.config import ConfigError, from_mapping
-from lit.config import DEFAULT_PRESET, OptimConfig, RunConfig, TrainConfig, leaves
+from lit.config import DEFAULT_PRESET, MISSING, OptimConfig, RunConfig, TrainConfig, changed_paths, leaves
 
 CHECKPOINT_KEY = "fwpkm"  # our own section of a Lightning checkpoint
 CHECKPOINT_FORMAT = 1
@@ -481,14 +481,8 @@ def _as_tuple(x):
 
 def config_differences(saved: dict, current: dict, limit: int = 12) -> list[str]:
     a, b = dict(leaves(saved)), dict(leaves(current))
-    keys = sorted(set(a) | set(b))
-    diffs = [f"{k}: checkpoint={a.get(k, '<missing>')!r} vs now={b.get(k, '<missing>')!r}"
-             for k in keys if _normalise(a.get(k)) != _normalise(b.get(k))]
+    diffs = [f"{k}: checkpoint={a.get(k, MISSING)!r} vs now={b.get(k, MISSING)!r}" for k in changed_paths(a, b)]
     return diffs[:limit] + ([f"... and {len(diffs) - limit} more"] if len(diffs) > limit else [])
-
-
-def _normalise(v):
-    return list(v) if isinstance(v, tuple) else v
 
 
 def check_checkpoint_matches(checkpoint: Any, module: FwPKMLitModule, source: str = "checkpoint") -> None:
