@@ -448,7 +448,21 @@ def _attach(store: Store, run_id: str, paths, artifact_path: str) -> None:
 # --------------------------------------------------------------------------- study
 
 
-def study_trials(store: Store, parent) -> list[dict]:
+VAL_LOSS_OBJECTIVE = [{"metric": "val_loss", "direction": "minimize"}]
+
+
+def study_objectives(tags: dict) -> list[dict]:
+    """The study's objectives from its MLflow run's tags (older studies: one, the validation loss)."""
+    with contextlib.suppress(ValueError, TypeError):
+        found = json.loads(tags.get("optuna.objectives", "") or "null")
+        if found:
+            return found
+    return [{"metric": "val_loss", "direction": tags.get("optuna.direction", "minimize")}]
+
+
+def study_trials(store: Store, parent, objectives: Optional[list[dict]] = None) -> list[dict]:
+    objectives = objectives or VAL_LOSS_OBJECTIVE
+    multi = len(objectives) > 1
     children = search_runs(store, tag_filter(mlflow__parentRunId=parent.info.run_id), [parent.info.experiment_id])
     chosen: dict = {}
     for run in children:
@@ -462,9 +476,9 @@ def study_trials(store: Store, parent) -> list[dict]:
     for number, run in chosen.items():
         tags, m = run.data.tags, run.data.metrics
         ppl = m.get("val/ppl", NAN)
-        value = m.get("optuna/value", NAN)
-        row = {"trial": int(number), "state": tags.get("optuna.state", run.info.status), "value": value,
-               "val_ppl": ppl, "run_id": run.info.run_id, "status": run.info.status,
+        values = [m.get(f"optuna/value/{o['metric']}" if multi else "optuna/value", NAN) for o in objectives]
+        row = {"trial": int(number), "state": tags.get("optuna.state", run.info.status), "value": values[0],
+               "values": values, "val_ppl": ppl, "run_id": run.info.run_id, "status": run.info.status,
                "params": json.loads(tags.get("optuna.params", "{}") or "{}"),
                "intermediate": {}, "error": _first_line(tags.get("fwpkm.error", ""))}
         with contextlib.suppress(Exception):  # Lightning logs a validation at step (optimizer step - 1)
@@ -478,36 +492,91 @@ def study_trials(store: Store, parent) -> list[dict]:
     return rows
 
 
-def summarise_study(rows: list[dict], direction: str = "minimize"):
+def pareto_mask(points: list[list[float]], directions: list[str]) -> list[bool]:
+    """Which points no other point dominates (as good in every objective, better in one)."""
+    signs = [1.0 if d == "minimize" else -1.0 for d in directions]
+    costs = [[s * v for s, v in zip(signs, point)] for point in points]
+
+    def dominates(a, b) -> bool:
+        return all(x <= y for x, y in zip(a, b)) and any(x < y for x, y in zip(a, b))
+
+    return [not any(dominates(other, c) for other in costs if other is not c) for c in costs]
+
+
+def recommended_index(points: list[list[float]], directions: list[str]) -> Optional[int]:
+    """The point nearest the utopia point, each objective scaled to [0, 1] over the points (ties: the first)."""
+    if not points:
+        return None
+    spans = [(min(c), max(c)) for c in zip(*points)]
+
+    def regret(point) -> float:
+        total = 0.0
+        for v, (low, high), direction in zip(point, spans, directions):
+            scaled = 0.0 if high == low else (v - low) / (high - low)
+            total += (scaled if direction == "minimize" else 1.0 - scaled) ** 2
+        return total
+
+    return min(range(len(points)), key=lambda i: (regret(points[i]), i))
+
+
+def summarise_study(rows: list[dict], objectives: Optional[list[dict]] = None):
+    """The trial table; ``best`` marks the best trial, or for several objectives the recommended trial of
+    the Pareto front (``pareto``)."""
     import pandas as pd
 
+    objectives = objectives or VAL_LOSS_OBJECTIVE
     names = sorted({k for r in rows for k in r["params"]})
     table = []
     for r in rows:
-        entry = {"trial": r["trial"], "state": r["state"], "value": r["value"], "val_ppl": r["val_ppl"]}
+        entry = {"trial": r["trial"], "state": r["state"]}
+        if len(objectives) > 1:
+            entry.update({o["metric"]: v for o, v in zip(objectives, r.get("values") or [r["value"]])})
+        else:
+            entry["value"] = r["value"]
+        entry["val_ppl"] = r["val_ppl"]
         entry.update({f"param:{n}": r["params"].get(n, NAN) for n in names})
         entry["steps"] = r.get("steps", NAN)
         entry["error"] = r["error"]
         table.append(entry)
     df = pd.DataFrame(table)
-    if not df.empty:
-        complete = df[(df["state"] == "COMPLETE") & df["value"].notna()]
-        df["best"] = False
+    if df.empty:
+        return df
+    columns = [o["metric"] for o in objectives] if len(objectives) > 1 else ["value"]
+    directions = [o["direction"] for o in objectives]
+    complete = df[(df["state"] == "COMPLETE") & df[columns].notna().all(axis=1)]
+    df["best"] = False
+    if len(objectives) > 1:
+        df["pareto"] = False
         if len(complete):
-            best = complete["value"].idxmin() if direction == "minimize" else complete["value"].idxmax()
-            df.loc[best, "best"] = True
+            points = complete[columns].values.tolist()
+            front = [i for i, on in zip(complete.index, pareto_mask(points, directions)) if on]
+            df.loc[front, "pareto"] = True
+            pick = recommended_index(df.loc[front, columns].values.tolist(), directions)
+            df.loc[front[pick], "best"] = True
+    elif len(complete):
+        best = complete["value"].idxmin() if directions[0] == "minimize" else complete["value"].idxmax()
+        df.loc[best, "best"] = True
     return df
 
 
-def study_markdown(df, title: str = "") -> str:
+def study_markdown(df, title: str = "", objectives: Optional[list[dict]] = None) -> str:
     if df is None or df.empty:
         return (f"### {title}\n\n" if title else "") + "(no trials)"
+    objectives = objectives or VAL_LOSS_OBJECTIVE
+    multi = len(objectives) > 1
     params = [c for c in df.columns if c.startswith("param:")]
-    header = ["trial", "state", "value (val loss)", "val ppl"] + [p[len("param:"):] for p in params] + ["steps"]
+    value_columns = [o["metric"] for o in objectives] if multi else ["value"]
+    header = (["trial", "state"] + ([f"{o['metric']} ({o['direction'][:3]})" for o in objectives] if multi
+                                    else ["value (val loss)"])
+              + ["val ppl"] + [p[len("param:"):] for p in params] + ["steps"])
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
     for _, r in df.iterrows():
-        cells = [f"{int(r['trial'])}{' (best)' if r.get('best') else ''}", str(r["state"]), _fmt(r["value"], NAN, 4),
-                 _fmt(r["val_ppl"], NAN, 2)]
+        marks = ([" (recommended)"] if r.get("best") and multi else [" (best)"] if r.get("best") else [])
+        if multi and r.get("pareto") and not r.get("best"):
+            marks.append(" (Pareto)")
+        cells = [f"{int(r['trial'])}{''.join(marks)}", str(r["state"])]
+        cells += [_fmt(r[c], NAN, 4) for c in value_columns]
+        cells.append(_fmt(r["val_ppl"], NAN, 2))
         cells += [_fmt_param(r[p]) for p in params]
         cells.append("-" if not math.isfinite(r["steps"]) else str(int(r["steps"])))
         lines.append("| " + " | ".join(cells) + " |")
@@ -524,17 +593,18 @@ def _fmt_param(value) -> str:
     return str(value)
 
 
-def rebuild_study(rows: list[dict], distributions: dict, direction: str = "minimize"):
+def rebuild_study(rows: list[dict], distributions: dict, objectives: Optional[list[dict]] = None):
     """An in-memory Optuna study holding the trials recorded in MLflow (for Optuna's plots)."""
     import optuna
     from optuna.distributions import json_to_distribution
     from optuna.trial import TrialState, create_trial
 
+    objectives = objectives or VAL_LOSS_OBJECTIVE
     dists = {k: json_to_distribution(v) if isinstance(v, str) else v for k, v in distributions.items()}
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        study = optuna.create_study(direction=direction)
+        study = optuna.create_study(directions=[o["direction"] for o in objectives])
     finally:
         optuna.logging.set_verbosity(verbosity)
     for r in rows:
@@ -544,19 +614,29 @@ def rebuild_study(rows: list[dict], distributions: dict, direction: str = "minim
             continue
         if state not in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL):
             continue
-        params = {k: v for k, v in r["params"].items() if k in dists}
-        value = r["value"] if state == TrialState.COMPLETE and math.isfinite(r["value"]) else None
-        if state == TrialState.COMPLETE and value is None:
+        params = {k: v for k, v in r["params"].items() if k in dists and _within(dists[k], v)}
+        values = [float(v) for v in (r.get("values") or [r["value"]])]
+        finite = all(math.isfinite(v) for v in values)
+        if state == TrialState.COMPLETE and not finite:
             continue
         with contextlib.suppress(Exception):
-            study.add_trial(create_trial(state=state, value=value, params=params,
-                                         distributions={k: dists[k] for k in params},
-                                         intermediate_values=r["intermediate"]))
+            study.add_trial(create_trial(state=state, values=values if state == TrialState.COMPLETE else None,
+                                         params=params, distributions={k: dists[k] for k in params},
+                                         intermediate_values=r["intermediate"] if len(objectives) == 1 else None))
     return study
 
 
-def study_plots(study, out_dir: Path) -> list[Path]:
-    """Optimisation history, parameter importances and slice plots (matplotlib), whatever can be drawn."""
+def _within(distribution, value) -> bool:
+    """Whether a recorded parameter lies in its distribution (a switched-off point, ``"disabled"``, does not)."""
+    try:
+        return bool(distribution._contains(distribution.to_internal_repr(value)))
+    except (ValueError, TypeError):
+        return False
+
+
+def study_plots(study, out_dir: Path, objectives: Optional[list[dict]] = None) -> list[Path]:
+    """Optuna's plots (matplotlib), whatever can be drawn: optimisation history, parameter importances,
+    slice and intermediate values; for several objectives the Pareto front and a slice per objective."""
     import warnings
 
     import matplotlib
@@ -566,13 +646,22 @@ def study_plots(study, out_dir: Path) -> list[Path]:
     from optuna.trial import TrialState
     from optuna.visualization import matplotlib as ovm
 
+    objectives = objectives or VAL_LOSS_OBJECTIVE
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     complete = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
-    plots = [("optimization_history", ovm.plot_optimization_history, 1),
-             ("param_importances", ovm.plot_param_importances, 2),
-             ("slice", ovm.plot_slice, 1),
-             ("intermediate_values", ovm.plot_intermediate_values, 0)]
+    if len(objectives) > 1:
+        names = [o["metric"] for o in objectives]
+        plots = [("pareto_front", lambda st: ovm.plot_pareto_front(st, target_names=names), 1)]
+        for i, name in enumerate(names):
+            label = name.replace("/", "_")
+            plots.append((f"slice_{label}", lambda st, i=i, name=name: ovm.plot_slice(
+                st, target=lambda t: t.values[i], target_name=name), 1))
+    else:
+        plots = [("optimization_history", ovm.plot_optimization_history, 1),
+                 ("param_importances", ovm.plot_param_importances, 2),
+                 ("slice", ovm.plot_slice, 1),
+                 ("intermediate_values", ovm.plot_intermediate_values, 0)]
     written = []
     for name, fn, needed in plots:
         if len(complete) < needed:
@@ -592,26 +681,36 @@ def study_plots(study, out_dir: Path) -> list[Path]:
 
 
 def study_report(store: Store, study: str, out_dir: Optional[Path] = None, log: bool = True,
-                 echo: Callable[[str], None] = print) -> dict:
+                 echo: Callable[[str], None] = print, optuna_study=None) -> dict:
+    """The trial table (``summary.md``/``.csv``) and Optuna's plots of a study, from the MLflow store; the
+    plots from ``optuna_study`` when given (``fwpkm tune``), else from a study rebuilt from MLflow."""
     parent = _parent_run(store, "study", study)
     tags = parent.data.tags
-    direction = tags.get("optuna.direction", "minimize")
-    rows = study_trials(store, parent)
-    df = summarise_study(rows, direction)
-    title = f"Optuna study {study} ({direction} {tags.get('optuna.objective', 'val loss')})"
-    md = study_markdown(df, title)
+    objectives = study_objectives(tags)
+    rows = study_trials(store, parent, objectives)
+    df = summarise_study(rows, objectives)
+    title = f"Optuna study {study} ({tags.get('optuna.objective') or 'minimize val loss'})"
+    md = study_markdown(df, title, objectives)
     best = df[df["best"]] if not df.empty else df
     if len(best):
         b = best.iloc[0]
         params = {c[len("param:"):]: _plain(b[c]) for c in df.columns if c.startswith("param:")}
-        md += f"\n\nbest trial {int(b['trial'])}: value {b['value']:.4f}, params {params}"
+        if len(objectives) > 1:
+            front = ", ".join(str(int(t)) for t in df[df["pareto"]]["trial"])
+            shown = ", ".join(f"{o['metric']} {b[o['metric']]:.4f}" for o in objectives)
+            md += (f"\n\nPareto front: trials {front}. Recommended trial {int(b['trial'])} (nearest the utopia point "
+                   f"with each objective scaled to [0, 1] over the front): {shown}, params {params}")
+        else:
+            md += f"\n\nbest trial {int(b['trial'])}: value {b['value']:.4f}, params {params}"
     echo(md)
     files: dict = {}
     if out_dir is not None:
         out = Path(out_dir)
         files.update(write_summary(out, df, md))
-        distributions = json.loads(tags.get("optuna.distributions", "{}") or "{}")
-        for i, path in enumerate(study_plots(rebuild_study(rows, distributions, direction), out)):
+        if optuna_study is None:
+            distributions = json.loads(tags.get("optuna.distributions", "{}") or "{}")
+            optuna_study = rebuild_study(rows, distributions, objectives)
+        for i, path in enumerate(study_plots(optuna_study, out, objectives)):
             files[f"plot{i}"] = path
         if log:
             _attach(store, parent.info.run_id, files.values(), "report")

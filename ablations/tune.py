@@ -8,6 +8,9 @@ The study is defined by the grid file: its ``base`` train config and its ``tune:
       direction: minimize            # the objective is the final validation loss, ln(val/ppl)
       params:                        # dotted train-config paths (as in variants) -> distribution
         model.block.memory.addr_loss_weight: {low: 1.0e-3, high: 10.0, log: true}
+        # `disabled:` adds one trial at the switched-off point (here: no addressing loss at all)
+        # model.block.memory.addr_loss_weight: {low: 1.0e-3, high: 100.0, log: true,
+        #   disabled: {model.block.memory.addr_loss_weight: null, model.block.memory.grad_to_values_only: false}}
         optim.lr: {low: 1.0e-4, high: 3.0e-3, log: true}
         model.block.memory.topk: {type: int, low: 4, high: 32, step: 4}
         model.block.memory.score: {type: categorical, choices: [idw, dot]}
@@ -16,6 +19,19 @@ The study is defined by the grid file: its ``base`` train config and its ``tune:
       sampler: {n_startup_trials: 5}        # TPE options
 
 Without ``params`` the study tunes the addressing-loss weight, log-uniform on [1e-3, 10].
+
+Several objectives (a multi-objective study, Optuna's Pareto front) replace ``direction``::
+
+      objectives:                    # val_loss: ln(val/ppl); any other name: a metric of tune.eval
+        - {metric: mqar/acc/P1024, direction: maximize}
+        - {metric: val_loss, direction: minimize}
+      eval: {mqar: {pairs: [1024], samples: 16}}   # run on each trial's checkpoint (as a grid's eval)
+      sampler: {type: tpe}           # tpe (multi-objective TPE), nsga2 or random
+
+Optuna cannot prune a multi-objective trial (``Trial.report`` is single-objective) and a trial
+behind on the loss may still be on the front for recall, so such a study takes ``pruner: none``.
+The recommended trial of a front is the one nearest the utopia point once each objective is
+scaled to [0, 1] over the front (:func:`ablations.report.recommended_index`).
 
 * TPE sampler (``constant_liar`` so parallel workers do not pick the same point), median
   pruning on the validation loss: :class:`OptunaPruning` runs inside the trial's Lightning
@@ -66,6 +82,8 @@ PRUNED_FILE = "optuna_pruned"
 TRIAL_FILE = "optuna_trial.json"
 DEFAULT_PARAMS = {"model.block.memory.addr_loss_weight": {"type": "float", "low": 1e-3, "high": 10.0,
                                                                    "log": True}}
+VAL_LOSS = "val_loss"  # the objective ln(val/ppl) at the last validation
+OFF_ATTR = "disabled"  # user attribute of the trial at a parameter's switched-off point
 HEARTBEAT_S = 15.0
 STALE_AFTER_S = 120.0
 MAX_CONSECUTIVE_FAILURES = 3
@@ -86,6 +104,7 @@ def distributions(params: dict) -> dict:
     for name, spec in (params or {}).items():
         if not isinstance(spec, dict):
             raise TuneError(f"tune.params.{name}: expected a mapping like {{low: 1e-3, high: 10, log: true}}")
+        spec = {k: v for k, v in spec.items() if k != "disabled"}
         kind = spec.get("type", "categorical" if "choices" in spec else "float")
         try:
             if kind == "float":
@@ -126,6 +145,59 @@ def make_pruner(spec: Optional[dict]):
     raise TuneError(f"tune.pruner.type={kind!r}; choose one of median, percentile, threshold, none")
 
 
+def objectives(spec: dict) -> list[dict]:
+    """``tune.objectives`` (or the single ``direction`` on the validation loss) -> [{metric, direction}]."""
+    if "objectives" not in spec:
+        direction = str(spec.get("direction", "minimize"))
+        if direction not in ("minimize", "maximize"):
+            raise TuneError(f"tune.direction={direction!r}; choose minimize or maximize")
+        return [{"metric": VAL_LOSS, "direction": direction}]
+    if "direction" in spec:
+        raise TuneError("tune: give either direction (one objective: the validation loss) or objectives, not both")
+    items = spec["objectives"]
+    if not isinstance(items, list) or not items:
+        raise TuneError("tune.objectives: expected a list like [{metric: val_loss, direction: minimize}]")
+    out = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict) or set(item) - {"metric", "direction"} or "metric" not in item:
+            raise TuneError(f"tune.objectives[{i}]={item!r}: expected {{metric: NAME, direction: minimize|maximize}}")
+        direction = str(item.get("direction", "minimize"))
+        if direction not in ("minimize", "maximize"):
+            raise TuneError(f"tune.objectives[{i}].direction={direction!r}; choose minimize or maximize")
+        out.append({"metric": str(item["metric"]), "direction": direction})
+    if len({o["metric"] for o in out}) != len(out):
+        raise TuneError(f"tune.objectives: a metric appears twice in {[o['metric'] for o in out]}")
+    return out
+
+
+def evaluations(spec, objective_list: list[dict]) -> dict:
+    """``tune.eval`` ({evaluation: options}, as a grid's ``eval``); needed by any objective but val_loss."""
+    from ablations.runner import EVALUATORS
+
+    spec = dict(spec or {})
+    unknown = sorted(set(spec) - set(EVALUATORS))
+    if unknown:
+        raise TuneError(f"tune.eval: unknown evaluation(s) {unknown}; choose from {sorted(EVALUATORS)}")
+    if not spec and any(o["metric"] != VAL_LOSS for o in objective_list):
+        raise TuneError(f"tune.objectives use {[o['metric'] for o in objective_list if o['metric'] != VAL_LOSS]} "
+                        f"but tune.eval is empty: name the evaluation that produces them ({sorted(EVALUATORS)})")
+    return spec
+
+
+def off_points(params: dict) -> dict:
+    """``{param: overrides}`` for every parameter with a ``disabled:`` point (one trial of its own)."""
+    out = {}
+    for name, spec in (params or {}).items():
+        if isinstance(spec, dict) and False in spec:  # YAML 1.1 reads an unquoted `off:` key as False
+            raise TuneError(f"tune.params.{name}: a key `off` reads as false in YAML; the switched-off point is `disabled:`")
+        if isinstance(spec, dict) and "disabled" in spec:
+            if not isinstance(spec["disabled"], dict) or not spec["disabled"]:
+                raise TuneError(f"tune.params.{name}.disabled: expected the overrides of the switched-off point, "
+                                "e.g. {model.block.memory.addr_loss_weight: null}")
+            out[name] = dict(spec["disabled"])
+    return out
+
+
 def storage_object(url: str):
     """An Optuna RDB storage with a patient SQLite connection (several workers share the file)."""
     import optuna
@@ -156,8 +228,8 @@ class Setup:
                  trial_timeout: Optional[float]):
         self.grid = load_grid(grid_name)
         spec = dict(self.grid.tune or {})
-        unknown = sorted(set(spec) - {"study", "n_trials", "direction", "params", "overrides", "pruner", "sampler",
-                                      "seed"})
+        unknown = sorted(set(spec) - {"study", "n_trials", "direction", "objectives", "eval", "params", "overrides",
+                                      "pruner", "sampler", "seed"})
         if unknown:
             raise TuneError(f"grid {self.grid.name!r}: unknown tune option(s) {unknown}")
         self.name = study_name or spec.get("study") or f"{self.grid.name}-addr_loss"
@@ -168,12 +240,18 @@ class Setup:
         self.n_trials = int(n_trials if n_trials is not None else spec.get("n_trials", 20))
         if self.n_trials < 1:
             raise TuneError(f"--n-trials={self.n_trials} must be >= 1")
-        self.direction = str(spec.get("direction", "minimize"))
-        if self.direction not in ("minimize", "maximize"):
-            raise TuneError(f"tune.direction={self.direction!r}; choose minimize or maximize")
+        self.objectives = objectives(spec)
+        self.direction = self.objectives[0]["direction"]
+        self.eval = evaluations(spec.get("eval"), self.objectives)
         self.params_spec = spec.get("params") or DEFAULT_PARAMS
         self.distributions = distributions(self.params_spec)
-        self.pruner_spec = dict(spec.get("pruner") or {"type": "median"})
+        self.off_points = off_points(self.params_spec)
+        default_pruner = "none" if self.multi else "median"
+        self.pruner_spec = dict(spec.get("pruner") or {"type": default_pruner})
+        if self.multi and self.pruner_spec.get("type", "median") not in ("none", "nop"):
+            raise TuneError(f"tune.pruner.type={self.pruner_spec.get('type', 'median')!r}: a study with "
+                            f"{len(self.objectives)} objectives cannot prune (Optuna reports one value per step, "
+                            "and a trial behind on one objective may lead on another); use pruner: {type: none}")
         make_pruner(self.pruner_spec)  # check now
         self.sampler_spec = dict(spec.get("sampler") or {})
         self.seed = seed if seed is not None else spec.get("seed")
@@ -184,6 +262,7 @@ class Setup:
         base["seed_everything"] = int(base.get("seed_everything", self.grid.seeds[0]) or 0)
         self.base = base
         self.tracking_uri = tracking_uri
+        self.threads: Optional[int] = None  # per trial, when several workers share this machine
         self.store: Optional[Store] = None
         self.parent_id: Optional[str] = None
 
@@ -191,8 +270,17 @@ class Setup:
     def folder(self) -> Path:
         return self.runs_dir / "tune" / self.name
 
-    def trial_config(self, params: dict) -> dict:
-        return apply(self.base, params)
+    @property
+    def multi(self) -> bool:
+        return len(self.objectives) > 1
+
+    @property
+    def directions(self) -> list[str]:
+        return [o["direction"] for o in self.objectives]
+
+    def trial_config(self, params: dict, off: Optional[str] = None) -> dict:
+        config = apply(self.base, params)
+        return apply(config, self.off_points[off]) if off else config
 
     def check(self) -> None:
         """Validate the trial config at a sample point of the space (config dataclasses only)."""
@@ -204,6 +292,8 @@ class Setup:
                 sample[name] = dist.low
         try:
             check_grid_run(RunConfig.from_dict(self.trial_config(sample)))
+            for name in self.off_points:
+                check_grid_run(RunConfig.from_dict(self.trial_config(sample, off=name)))
         except Exception as err:
             raise TuneError(f"study {self.name!r}: the trial config is invalid: {type(err).__name__}: {err}") from err
 
@@ -222,23 +312,40 @@ class Setup:
         import optuna
 
         seed = None if self.seed is None else int(self.seed) + offset
-        options = {"constant_liar": True, **self.sampler_spec}
+        options = dict(self.sampler_spec)
+        kind = options.pop("type", "tpe")
         try:
-            return optuna.samplers.TPESampler(seed=seed, **options)
+            if kind == "tpe":
+                return optuna.samplers.TPESampler(seed=seed, **{"constant_liar": True, **options})
+            if kind == "nsga2":
+                return optuna.samplers.NSGAIISampler(seed=seed, **options)
+            if kind == "random":
+                return optuna.samplers.RandomSampler(seed=seed, **options)
         except TypeError as err:
             raise TuneError(f"tune.sampler: {err}") from err
+        raise TuneError(f"tune.sampler.type={kind!r}; choose one of tpe, nsga2, random")
 
     def load(self, worker_index: int = 0):
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # the workers print their own lines
         with self.lock():
-            return optuna.create_study(study_name=self.name, storage=storage_object(self.storage_url),
-                                       direction=self.direction, sampler=self.sampler(worker_index),
-                                       pruner=make_pruner(self.pruner_spec), load_if_exists=True)
+            study = optuna.create_study(study_name=self.name, storage=storage_object(self.storage_url),
+                                        directions=self.directions, sampler=self.sampler(worker_index),
+                                        pruner=make_pruner(self.pruner_spec), load_if_exists=True)
+        if [d.name.lower() for d in study.directions] != self.directions:
+            raise TuneError(f"study {self.name!r} in {public_url(self.storage_url)} has directions "
+                            f"{[d.name.lower() for d in study.directions]}, the grid asks for {self.directions}: "
+                            "give this study another name (--study-name)")
+        return study
 
 
 # --------------------------------------------------------------------------- MLflow
+
+
+def objective_text(objective_list: list[dict]) -> str:
+    names = {VAL_LOSS: "final validation loss ln(val/ppl)"}
+    return "; ".join(f"{o['direction']} {names.get(o['metric'], o['metric'])}" for o in objective_list)
 
 
 def study_parent(setup: Setup, study) -> str:
@@ -246,7 +353,8 @@ def study_parent(setup: Setup, study) -> str:
     from optuna.distributions import distribution_to_json
 
     tags = {"optuna.study": setup.name, "optuna.storage": public_url(setup.storage_url),
-            "optuna.direction": setup.direction, "optuna.objective": "final validation loss ln(val/ppl)",
+            "optuna.direction": setup.direction, "optuna.objective": objective_text(setup.objectives),
+            "optuna.objectives": json.dumps(setup.objectives),
             "fwpkm.grid_file": str(setup.grid.path),
             "optuna.distributions": json.dumps({k: distribution_to_json(v) for k, v in setup.distributions.items()})}
     run_id = ensure_parent(setup.store, "study", setup.name, tags)
@@ -368,9 +476,15 @@ def claim(setup: Setup, study, worker_index: int = 0):
                 return trial, True
         if len(trials) >= setup.n_trials:
             return None, False
-        if setup.seed is not None:
-            study.sampler = setup.sampler(offset=1000 * len(trials) + worker_index)
-        trial = study.ask(fixed_distributions=setup.distributions)
+        taken = {t.user_attrs.get(OFF_ATTR) for t in trials}
+        off = next((name for name in setup.off_points if name not in taken), None)
+        if off is not None:  # the switched-off point, once, before the search
+            trial = study.ask(fixed_distributions={k: v for k, v in setup.distributions.items() if k != off})
+            trial.set_user_attr(OFF_ATTR, off)
+        else:
+            if setup.seed is not None:
+                study.sampler = setup.sampler(offset=1000 * len(trials) + worker_index)
+            trial = study.ask(fixed_distributions=setup.distributions)
         _own(trial)
         return trial, False
 
@@ -395,14 +509,23 @@ class _Heartbeat:
         self.thread.join(timeout=5)
 
 
+def trial_params(trial) -> dict:
+    """The trial's parameters as recorded (a switched-off parameter is shown as ``"disabled"``)."""
+    params = dict(trial.params)
+    off = trial.user_attrs.get(OFF_ATTR)
+    if off:
+        params[off] = "disabled"
+    return params
+
+
 def run_trial(setup: Setup, study, trial, echo: Callable[[str], None] = print) -> str:
-    """Train one trial (resuming its folder if it was interrupted) and tell Optuna; returns its state."""
+    """Train one trial (resuming its folder if it was interrupted), evaluate it and tell Optuna; returns its state."""
     from optuna.trial import TrialState
 
-    number, params = trial.number, dict(trial.params)
+    number, params = trial.number, trial_params(trial)
     run_dir = setup.folder / f"trial{number:04d}"
     _prepare_trial_folder(run_dir, setup.name, trial._trial_id, params, echo)
-    config = setup.trial_config(params)
+    config = setup.trial_config(dict(trial.params), off=trial.user_attrs.get(OFF_ATTR))
     tags = {"mlflow.parentRunId": setup.parent_id, "fwpkm.role": "trial", "fwpkm.study": setup.name,
             "optuna.study": setup.name, "optuna.trial_number": str(number),
             "optuna.params": json.dumps(params, sort_keys=True, default=str)}
@@ -411,13 +534,14 @@ def run_trial(setup: Setup, study, trial, echo: Callable[[str], None] = print) -
                      "variant": f"trial{number}", "tags": {**(tracking.get("tags") or {}), **tags}})
     config["tracking"] = tracking
     config["run_dir"] = str(run_dir)
-    trainer = config.setdefault("trainer", {})
-    callbacks = trainer.get("callbacks") or []
-    callbacks = list(callbacks) if isinstance(callbacks, list) else [callbacks]
-    callbacks.append({"class_path": "ablations.tune.OptunaPruning",
-                      "init_args": {"study_name": setup.name, "trial_id": int(trial._trial_id),
-                                    "pruner": setup.pruner_spec, "run_dir": str(run_dir)}})
-    trainer["callbacks"] = callbacks
+    if not setup.multi:  # Optuna prunes single-objective studies only
+        trainer = config.setdefault("trainer", {})
+        callbacks = trainer.get("callbacks") or []
+        callbacks = list(callbacks) if isinstance(callbacks, list) else [callbacks]
+        callbacks.append({"class_path": "ablations.tune.OptunaPruning",
+                          "init_args": {"study_name": setup.name, "trial_id": int(trial._trial_id),
+                                        "pruner": setup.pruner_spec, "run_dir": str(run_dir)}})
+        trainer["callbacks"] = callbacks
     config_path = run_dir / CONFIG_FILE
     config_path.write_text("# written by `fwpkm tune`: the resolved config of this trial\n"
                            + dump_yaml(config))
@@ -426,30 +550,69 @@ def run_trial(setup: Setup, study, trial, echo: Callable[[str], None] = print) -
     start = time.time()
     rc, tail = 0, ""
     if not (run_dir / PRUNED_FILE).is_file():  # pruned before its worker died: nothing left to train
-        rc, tail = _train(run_dir, config_path, setup.trial_timeout, setup.storage_url)
+        rc, tail = _train(run_dir, config_path, setup.trial_timeout, setup.storage_url, setup.threads)
     run_id = read_run_id(run_dir)
+    if run_id:
+        with contextlib.suppress(Exception):
+            trial.set_user_attr("mlflow_run_id", run_id)
     frozen = study._storage.get_trial(trial._trial_id)
     client = setup.store.client
+    values, metrics = None, {}
     if (run_dir / PRUNED_FILE).is_file():
         study.tell(trial, state=TrialState.PRUNED)
-        state, value = "PRUNED", None
+        state = "PRUNED"
     elif rc == 0:
-        value = _final_value(frozen, client, run_id)
-        if value is None:
-            study.tell(trial, state=TrialState.FAIL)
-            state, tail = "FAIL", "training finished without a validation loss"
-        else:
-            study.tell(trial, value)
+        try:
+            metrics = trial_metrics(setup, frozen, client, run_id, run_dir, config)
+            values = [metrics[o["metric"]] for o in setup.objectives]
+            study.tell(trial, values if setup.multi else values[0])
             state = "COMPLETE"
+        except (KeyError, RuntimeError) as err:
+            missing = f"no {err.args[0]}" if isinstance(err, KeyError) else str(err)
+            study.tell(trial, state=TrialState.FAIL)
+            state, tail = "FAIL", f"training finished but the objective could not be measured: {missing}"
     else:
         study.tell(trial, state=TrialState.FAIL)
-        state, value = "FAIL", None
+        state = "FAIL"
     error = None if state != "FAIL" else (failure_text(f"fwpkm train exited with {rc}", tail) if rc != 0 else tail)
-    _record(setup, run_id, number, params, state, value, error, run_dir)
-    shown = "" if value is None else f" value {value:.4f}"
+    _record(setup, run_id, number, params, state, values, metrics, error, run_dir)
+    shown = "" if values is None else " " + ", ".join(
+        f"{o['metric']} {v:.4f}" for o, v in zip(setup.objectives, values))
     echo(f"[tune] trial {number} {state}{shown} in {time.time() - start:.1f} s"
          + (f": {error_line(error)}" if error else ""))
     return state
+
+
+def trial_metrics(setup: Setup, frozen, client, run_id: Optional[str], run_dir: Path, config: dict) -> dict:
+    """``val_loss`` and the metrics of the study's evaluations on the trial's last checkpoint."""
+    metrics = {}
+    loss = _final_value(frozen, client, run_id)
+    if loss is not None:
+        metrics[VAL_LOSS] = loss
+    if setup.eval:
+        from ablations.runner import EVALUATORS
+
+        with _torch_threads(setup.threads):
+            for kind, options in setup.eval.items():
+                try:
+                    found, _ = EVALUATORS[kind](run_dir, options, config)
+                except Exception as err:
+                    raise RuntimeError(f"{kind} evaluation failed: {type(err).__name__}: {err}") from err
+                metrics.update(found)
+    return metrics
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: Optional[int]):
+    import torch
+
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _prepare_trial_folder(run_dir: Path, study: str, trial_id: int, params: dict, echo) -> None:
@@ -469,8 +632,9 @@ def _prepare_trial_folder(run_dir: Path, study: str, trial_id: int, params: dict
     marker.write_text(json.dumps(identity) + "\n")
 
 
-def _train(run_dir: Path, config_path: Path, timeout: Optional[float], storage_url: str) -> tuple[Any, str]:
-    return run_training(config_path, run_dir / LOG_FILE, child_env(**{STORAGE_ENV: storage_url}), timeout)
+def _train(run_dir: Path, config_path: Path, timeout: Optional[float], storage_url: str,
+           threads: Optional[int] = None) -> tuple[Any, str]:
+    return run_training(config_path, run_dir / LOG_FILE, child_env(threads, **{STORAGE_ENV: storage_url}), timeout)
 
 
 def _final_value(frozen, client, run_id: Optional[str]) -> Optional[float]:
@@ -487,8 +651,8 @@ def _final_value(frozen, client, run_id: Optional[str]) -> Optional[float]:
     return None
 
 
-def _record(setup: Setup, run_id: Optional[str], number: int, params: dict, state: str, value: Optional[float],
-            error: Optional[str], run_dir: Path) -> None:
+def _record(setup: Setup, run_id: Optional[str], number: int, params: dict, state: str,
+            values: Optional[list], metrics: dict, error: Optional[str], run_dir: Path) -> None:
     client = setup.store.client
     tags = {"mlflow.parentRunId": setup.parent_id, "fwpkm.role": "trial", "fwpkm.study": setup.name,
             "optuna.study": setup.name, "optuna.trial_number": str(number),
@@ -501,8 +665,14 @@ def _record(setup: Setup, run_id: Optional[str], number: int, params: dict, stat
                 setup.store.experiment_id, tags=tags, run_name=tags["mlflow.runName"]).info.run_id
         for k, v in tags.items():
             client.set_tag(run_id, k, v[:MAX_TAG])
-        if value is not None:
-            client.log_metric(run_id, "optuna/value", float(value))
+        for k, v in metrics.items():
+            if k != VAL_LOSS:
+                client.log_metric(run_id, k, float(v))
+        if values is not None:
+            client.log_metric(run_id, "optuna/value", float(values[0]))
+            if setup.multi:
+                for o, v in zip(setup.objectives, values):
+                    client.log_metric(run_id, f"optuna/value/{o['metric']}", float(v))
         if error:
             client.set_tag(run_id, "fwpkm.error", error[:MAX_TAG])
             with contextlib.suppress(Exception):
@@ -540,7 +710,7 @@ def worker(setup: Setup, worker_index: int = 0, deadline: Optional[float] = None
 
 
 def finish(setup: Setup, echo: Callable[[str], None] = print) -> dict:
-    """Best value and params, plots and the trial table, logged on the study's MLflow run."""
+    """Best value (or Pareto front) and params, plots and the trial table, logged on the study's MLflow run."""
     from optuna.trial import TrialState
 
     from ablations import report
@@ -553,29 +723,45 @@ def finish(setup: Setup, echo: Callable[[str], None] = print) -> dict:
          + ", ".join(f"{n.lower()} {c}" for n, c in counts.items() if c))
     result: dict = {"study": study, "best": None}
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
-    if complete:
+    if not complete:
+        echo("[tune] no trial completed (all pruned or failed): no best value")
+    elif setup.multi:
+        front = sorted(study.best_trials, key=lambda t: t.number)
+        best = front[report.recommended_index([t.values for t in front], setup.directions)]
+        result.update(best=best, front=front)
+        names = [o["metric"] for o in setup.objectives]
+        for t in front:
+            echo(f"[tune] Pareto trial {t.number}: " + ", ".join(f"{n} {v:.4f}" for n, v in zip(names, t.values))
+                 + f"; params {json.dumps(trial_params(t), default=str)}")
+        echo(f"[tune] recommended trial {best.number} (nearest the utopia point of the front): "
+             f"params {json.dumps(trial_params(best), default=str)}")
+        client.set_tag(setup.parent_id, "pareto.trials", ",".join(str(t.number) for t in front))
+        for n, v in zip(names, best.values):
+            client.log_metric(setup.parent_id, f"best/{n}", float(v))
+        _log_best_params(client, setup.parent_id, best)
+    else:
         best = study.best_trial
         result["best"] = best
         echo(f"[tune] best trial {best.number}: value {best.value:.4f}; params {json.dumps(best.params, default=str)}")
         client.log_metric(setup.parent_id, "best_value", float(best.value))
-        client.log_metric(setup.parent_id, "best_trial", float(best.number))
-        client.set_tag(setup.parent_id, "best.trial", str(best.number))
-        for k, v in best.params.items():
-            client.set_tag(setup.parent_id, f"best.{k}"[:250], str(v))
-            if isinstance(v, (int, float)) and not isinstance(v, bool):
-                client.log_metric(setup.parent_id, f"best/{k}"[:250], float(v))
-    else:
-        echo("[tune] no trial completed (all pruned or failed): no best value")
+        _log_best_params(client, setup.parent_id, best)
     client.log_metric(setup.parent_id, "n_trials", float(len(trials)))
-    out = setup.folder
-    for path in report.study_plots(study, out / "optuna"):
-        with contextlib.suppress(Exception):
-            client.log_artifact(setup.parent_id, str(path), "optuna")
-    rep = report.study_report(setup.store, setup.name, out_dir=out, log=True, echo=echo)
+    rep = report.study_report(setup.store, setup.name, out_dir=setup.folder, log=True, echo=echo, optuna_study=study)
     result["report"] = rep
+    echo(f"[tune] summary: {setup.folder / 'summary.md'} (table, plots beside it; MLflow run {setup.parent_id}); "
+         f"again with: fwpkm report {setup.name}")
     if not any(t.state == TrialState.RUNNING for t in study.get_trials(deepcopy=False)):
         client.set_terminated(setup.parent_id, "FINISHED")
     return result
+
+
+def _log_best_params(client, run_id: str, best) -> None:
+    client.log_metric(run_id, "best_trial", float(best.number))
+    client.set_tag(run_id, "best.trial", str(best.number))
+    for k, v in trial_params(best).items():
+        client.set_tag(run_id, f"best.{k}"[:250], str(v))
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            client.log_metric(run_id, f"best/{k}"[:250], float(v))
 
 
 # --------------------------------------------------------------------------- entry point
@@ -588,6 +774,9 @@ def tune(grid_name: str, study_name: Optional[str] = None, storage: Optional[str
          argv: Optional[list] = None, echo: Callable[[str], None] = print) -> int:
     setup = Setup(grid_name, study_name, storage, n_trials, runs_dir, tracking_uri, sets, seed, trial_timeout)
     setup.check()
+    share = int(os.environ.get("FWPKM_TUNE_WORKERS", "0")) if worker_only else workers
+    if share > 1:  # the workers of this machine split its cores
+        setup.threads = max(1, (os.cpu_count() or 1) // share)
     setup.store = open_store(setup.runs_dir, setup.grid.experiment, tracking_uri)
     study = setup.load()
     setup.parent_id = study_parent(setup, study)
@@ -603,6 +792,7 @@ def tune(grid_name: str, study_name: Optional[str] = None, storage: Optional[str
             cmd = [sys.executable, "-m", "ablations", "tune", *(_worker_argv(argv or [], i)), "--worker"]
             env = child_env()
             env["FWPKM_TUNE_WORKER_INDEX"] = str(i)
+            env["FWPKM_TUNE_WORKERS"] = str(workers)
             children.append(subprocess.Popen(cmd, env=env, cwd=os.getcwd()))
     index = int(os.environ.get("FWPKM_TUNE_WORKER_INDEX", "0")) if worker_only else 0
     try:

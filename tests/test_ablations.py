@@ -349,8 +349,10 @@ def test_tune_study_with_pruning_completes_then_resumes_with_more_trials(tmp_pat
     parent = client(tmp_path).get_run(parents[0].info.run_id)
     assert parent.info.status == "FINISHED" and "best_value" in parent.data.metrics
     assert "best.model.block.memory.addr_loss_weight" in parent.data.tags
-    artifacts = {a.path for a in client(tmp_path).list_artifacts(parent.info.run_id, "optuna")}
-    assert {"optuna/optimization_history.png", "optuna/param_importances.png"} <= artifacts
+    artifacts = [a.path for a in client(tmp_path).list_artifacts(parent.info.run_id, "report")]
+    assert {"report/optimization_history.png", "report/param_importances.png", "report/summary.md"} <= set(artifacts)
+    assert not client(tmp_path).list_artifacts(parent.info.run_id, "optuna")  # each plot written and logged once
+    assert not (tmp_path / "runs" / "tune" / "smoke-addr_loss" / "optuna").exists()
     trials = runs_of(tmp_path, f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     assert sorted(int(r.data.tags["optuna.trial_number"]) for r in trials) == [0, 1, 2]
     for r in trials:
@@ -372,6 +374,77 @@ def test_tune_study_with_pruning_completes_then_resumes_with_more_trials(tmp_pat
     table = pd.read_csv(tmp_path / "report" / "summary.csv")
     assert list(table["trial"]) == [0, 1, 2, 3] and table["best"].sum() == 1
     assert (tmp_path / "report" / "optimization_history.png").is_file()
+
+
+def test_two_objective_study_has_its_disabled_point_a_front_and_trial_run_links(tmp_path):
+    from optuna.trial import TrialState
+
+    objectives = [{"metric": "mqar/acc/P16", "direction": "maximize"}, {"metric": "val_loss", "direction": "minimize"}]
+    grid = write_grid(tmp_path, {"name": "mqar-micro", "extends": "mqar", "tune": {
+        "study": "micro", "n_trials": 2, "seed": 0, "objectives": objectives, "pruner": {"type": "none"},
+        "eval": {"mqar": {"pairs": [16], "samples": 2}},
+        "overrides": {"trainer.max_steps": 4, "trainer.val_check_interval": 2, "checkpoint.every_n_steps": 2,
+                      "data.batch_size": 2, "data.seq_len": 128, "data.mqar_pairs": [4, 8, 16],
+                      "trainer.limit_val_batches": 1}}})
+    proc = run(tmp_path, "tune", str(grid))
+    assert "Pareto trial" in proc.stdout and "recommended trial" in proc.stdout
+    trials = study_trials(tmp_path, "micro")
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
+    assert all(len(t.values) == 2 and 0 <= t.values[0] <= 1 and t.values[1] > 0 for t in trials)
+    weight = "model.block.memory.addr_loss_weight"
+    disabled = [t for t in trials if t.user_attrs.get("disabled") == weight]
+    assert len(disabled) == 1 and weight not in disabled[0].params  # the switched-off point, once
+    memory = yaml.safe_load((tmp_path / "runs" / "tune" / "micro" / f"trial{disabled[0].number:04d}"
+                             / "grid_config.yaml").read_text())["model"]["block"]["memory"]
+    assert memory["addr_loss_weight"] is None and memory["grad_to_values_only"] is False
+    assert all(1e-3 <= t.params[weight] <= 100 for t in trials if t is not disabled[0])
+
+    for t in trials:  # each trial names its MLflow run, each run its trial and both objective values
+        r = client(tmp_path).get_run(t.user_attrs["mlflow_run_id"])
+        assert r.data.tags["optuna.trial_number"] == str(t.number)
+        assert r.data.metrics["optuna/value/mqar/acc/P16"] == pytest.approx(t.values[0])
+        assert r.data.metrics["optuna/value/val_loss"] == pytest.approx(t.values[1])
+    folder = tmp_path / "runs" / "tune" / "micro"
+    assert (folder / "pareto_front.png").is_file() and "Recommended trial" in (folder / "summary.md").read_text()
+
+    run(tmp_path, "report", "micro", "--out", str(tmp_path / "report"), "--no-log")  # from MLflow alone
+    import pandas as pd
+
+    table = pd.read_csv(tmp_path / "report" / "summary.csv")
+    assert list(table["trial"]) == [0, 1] and table["best"].sum() == 1 and table["pareto"].sum() >= 1
+    assert table.loc[table["best"], "pareto"].all()
+    assert (tmp_path / "report" / "pareto_front.png").is_file()
+
+
+def test_pareto_front_and_recommended_point():
+    from ablations.report import pareto_mask, recommended_index
+
+    points = [[0.9, 3.0], [0.5, 2.0], [0.4, 2.5], [0.7, 2.2], [0.9, 3.1]]  # (recall up, loss down)
+    assert pareto_mask(points, ["maximize", "minimize"]) == [True, True, False, True, False]
+    front = [points[i] for i in (0, 1, 3)]
+    assert recommended_index(front, ["maximize", "minimize"]) == 2  # (0.7, 2.2): nearest the utopia corner
+    assert recommended_index([[1.0, 1.0]], ["maximize", "minimize"]) == 0
+
+
+def test_study_definitions_fail_clearly():
+    from ablations.tune import Setup, TuneError
+
+    def setup(**tune):
+        grid = {"name": "bad", "extends": "mqar", "tune": tune}
+        path = write_grid(Path(pytest.importorskip("tempfile").mkdtemp()), grid)
+        return Setup(str(path), None, None, None, "runs", None, None, None, None)
+
+    two = [{"metric": "mqar/acc/P1024", "direction": "maximize"}, {"metric": "val_loss"}]
+    with pytest.raises(TuneError, match="cannot prune"):
+        setup(objectives=two, eval={"mqar": {}}, pruner={"type": "median"})
+    with pytest.raises(TuneError, match="tune.eval is empty"):
+        setup(objectives=two, eval={})
+    with pytest.raises(TuneError, match="direction='up'"):
+        setup(objectives=[{"metric": "val_loss", "direction": "up"}])
+    with pytest.raises(TuneError, match="`disabled:`"):
+        setup(params={"model.block.memory.addr_loss_weight": {"low": 0.1, "high": 1, False: {"x": 1}}})
+    with pytest.raises(TuneError, match="sampler.type='cmaes'"):
+        setup(sampler={"type": "cmaes"}).sampler()
 
 
 def test_two_tune_workers_share_one_study_without_lost_or_duplicated_trials(tmp_path):
