@@ -127,7 +127,7 @@ def test_dry_run_resolves_paper_and_tiny_without_building_models(tmp_path, monke
         raise AssertionError("--dry-run built a model")
 
     monkeypatch.setattr(fwpkm.model.HybridLM, "__init__", no_models)
-    for scale, n_runs in (("paper", 12), ("tiny", 12)):
+    for scale, n_runs in (("paper", 12), ("tiny", 36)):
         code = main(["ablate", scale, "--dry-run", "--runs-dir", str(tmp_path / "runs")])
         out = capsys.readouterr().out
         assert code == 0, out
@@ -136,7 +136,7 @@ def test_dry_run_resolves_paper_and_tiny_without_building_models(tmp_path, monke
             assert f" {variant} " in out
         assert "alias   h1k8" in out and "HxK=4x8" in out and "memory=fwmlp" in out and "memory=none" in out
         assert "addr_loss=None, values_only=False" in out
-        assert ("layers=12, d_model=768" if scale == "paper" else "layers=4, d_model=128") in out
+        assert ("layers=12, d_model=768" if scale == "paper" else "layers=4, d_model=64") in out
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*.ckpt"))
 
     # an invalid variant shows up in the dry run (config dataclasses only), and the exit code says so
