@@ -121,6 +121,15 @@ class HybridLM(nn.Module):
         return {f"{i}.{k}": t.detach().clone() for i, m in self.fast_weight_memories().items()
                 for k, t in m.state_dict().items()}
 
+    def reset_fast_weights(self, seed: Optional[int] = None) -> None:
+        """Every memory back to freshly initialised fast weights (spec section 1); from ``seed`` when
+        given, without touching the global random state."""
+        with torch.random.fork_rng(devices=[]):
+            if seed is not None:
+                torch.manual_seed(seed)
+            for memory in self.fast_weight_memories().values():
+                memory.reset_state()
+
     def load_fast_weight_state(self, state: dict) -> None:
         for i, m in self.fast_weight_memories().items():
             m.load_state_dict({k.split(".", 1)[1]: t for k, t in state.items() if k.split(".", 1)[0] == str(i)})

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -157,6 +159,8 @@ def test_eval_cli_on_a_trained_checkpoint_logs_into_its_run(micro_training, tmp_
         ["gates", "--max-tokens", "1024", "--window", "64"],
         ["mqar", "--pairs", "4", "8", "--samples", "2", "--vocab", "200", "--min-seq-len", "32"],
         ["inspect", "--text", "The cat sat on the mat. The cat sat on the mat."],
+        ["ppl", "--max-tokens", "2048", "--window", "64", "--stream-len", "512", "--segment-len", "100",
+         "--fresh-memory"],
     ]
     for args in commands:
         proc = subprocess.run([sys.executable, "-m", "ablations", "eval", *args, "--ckpt", str(run_dir)],
@@ -171,6 +175,27 @@ def test_eval_cli_on_a_trained_checkpoint_logs_into_its_run(micro_training, tmp_
     assert {"eval/niah", "eval/ppl", "eval/gates", "eval/inspect", "eval/mqar"} <= logged
     assert {"mqar/acc/P4", "mqar/acc/P8"} <= set(run.data.metrics)
     assert (run_dir / "eval" / "niah" / "heatmap_n1.png").is_file()
+    # --fresh-memory: beside the checkpoint-memory figures, not over them, and from other fast weights
+    assert "eval/ppl-fresh_memory" in logged and (run_dir / "eval" / "ppl-fresh_memory" / "summary.csv").is_file()
+    fresh = run.data.metrics["fresh_memory/eval/streamed_ppl"]
+    assert math.isfinite(fresh) and fresh != run.data.metrics["eval/streamed_ppl"]
+
+
+def test_fresh_memory_is_a_seeded_reinitialisation_of_the_fast_weights_only(model):
+    slow = {k: v.clone() for k, v in model.named_parameters()}
+    trained = {k: v + 1.0 for k, v in model.fast_weight_state().items()}
+    model.load_fast_weight_state(trained)
+    rng = torch.get_rng_state()
+    model.reset_fast_weights(seed=3)
+    first = model.fast_weight_state()
+    model.load_fast_weight_state(trained)
+    model.reset_fast_weights(seed=3)
+    assert torch.equal(torch.get_rng_state(), rng)  # the caller's random stream is untouched
+    assert first.keys() == trained.keys() and all(torch.equal(first[k], v) for k, v in model.fast_weight_state().items())
+    assert all(not torch.equal(first[k], trained[k]) for k in first)
+    model.reset_fast_weights(seed=4)
+    assert any(not torch.equal(first[k], v) for k, v in model.fast_weight_state().items())
+    assert all(torch.equal(slow[k], v) for k, v in model.named_parameters())
 
 
 def test_eval_cli_errors_are_clear(tmp_path, capsys):

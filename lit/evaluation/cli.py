@@ -2,7 +2,10 @@
 
 Each command writes its tables (CSV, JSON) and plots into ``--out`` (default: the run
 folder's ``eval/<command>``) and logs them into MLflow: into the checkpoint's own run when
-the run folder knows it, else into a new run of the experiment ``fwpkm-eval``.
+the run folder knows it, else into a new run of the experiment ``fwpkm-eval``. Every sample
+starts from the checkpoint's fast weights (restored between samples), or with
+``--fresh-memory`` from freshly initialised ones (seed ``--seed``), written to
+``eval/<command>-fresh_memory`` and logged as ``fresh_memory/<metric>``.
 """
 
 from __future__ import annotations
@@ -70,6 +73,8 @@ def load(args) -> tuple:
     if model.config.vocab_size < tokenizer.vocab_size:
         raise UsageError(f"--tokenizer={args.tokenizer}: vocab {tokenizer.vocab_size} exceeds the model's "
                          f"{model.config.vocab_size}; allowed: the training run's tokenizer")
+    if getattr(args, "fresh_memory", False):
+        model.reset_fast_weights(args.seed)  # the evaluations restore this state between samples
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
     return model.to(device).eval(), tokenizer, run_dir, run_id
 
@@ -98,12 +103,16 @@ def load_with_outputs(args, command: str) -> tuple:
     return model, tokenizer, Outputs(args, command, run_dir, run_id)
 
 
+FRESH = "fresh_memory"
+
+
 class Outputs:
     """Collects files into the output folder and logs them into MLflow at the end."""
 
     def __init__(self, args, command: str, run_dir: Optional[Path], run_id: Optional[str]):
         base = Path(args.out) if args.out else (run_dir or Path("runs") / "eval") / "eval"
-        self.dir = base / command
+        self.fresh = bool(getattr(args, "fresh_memory", False))
+        self.dir = base / (f"{command}-{FRESH}" if self.fresh else command)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.command, self.run_dir, self.run_id, self.enabled = command, run_dir, run_id, not args.no_mlflow
         self.metrics: dict = {}
@@ -123,6 +132,8 @@ class Outputs:
 
     def finish(self, metrics: Optional[dict] = None) -> None:
         self.metrics.update(metrics or {})
+        if self.fresh:  # beside, not over, the figures from the checkpoint's memory
+            self.metrics = {f"{FRESH}/{k}": v for k, v in self.metrics.items()}
         print(f"\nwritten to {self.dir}")
         if not self.enabled:
             return
@@ -136,13 +147,13 @@ class Outputs:
             client = mlflow.MlflowClient()
             for k, v in self.metrics.items():
                 client.log_metric(self.run_id, k, v)
-            client.log_artifacts(self.run_id, str(self.dir), f"eval/{self.command}")
+            client.log_artifacts(self.run_id, str(self.dir), f"eval/{self.dir.name}")
             print(f"logged into MLflow run {self.run_id}")
         else:
             mlflow.set_experiment("fwpkm-eval")
             with mlflow.start_run(run_name=f"eval-{self.command}") as run:
                 mlflow.log_metrics(self.metrics)
-                mlflow.log_artifacts(str(self.dir), f"eval/{self.command}")
+                mlflow.log_artifacts(str(self.dir), f"eval/{self.dir.name}")
                 print(f"logged into MLflow run {run.info.run_id} (experiment fwpkm-eval)")
 
 
@@ -313,10 +324,22 @@ def _busiest(inspector, n: int) -> list:
 # --------------------------------------------------------------------------- parser
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The description's line breaks kept, and every option's default shown (unless its help says it)."""
+
+    def _get_help_string(self, action) -> str:
+        text = action.help or ""
+        hidden = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if "default" in text or hidden or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog="fwpkm eval", description=__doc__, epilog=EPILOG,
-                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog="fwpkm eval", description=__doc__, epilog=EPILOG, formatter_class=HelpFormatter)
     sub = p.add_subparsers(dest="command", required=True, metavar="{ppl,niah,mqar,gates,inspect}")
+    _add_parser = sub.add_parser
+    sub.add_parser = lambda *a, **k: _add_parser(*a, formatter_class=HelpFormatter, **k)
     common = OneLineParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     common.add_argument("--ckpt", help="a checkpoint file or a run folder (uses checkpoints/last.ckpt)")
@@ -324,7 +347,9 @@ def parser() -> argparse.ArgumentParser:
     common.add_argument("--tokenizer", default="byte", help="the training run's tokenizer (default: byte)")
     common.add_argument("--out", help="output folder (default: <run folder>/eval/<command>)")
     common.add_argument("--no-mlflow", action="store_true", help="do not log into MLflow")
-    common.add_argument("--seed", type=int, default=0)
+    common.add_argument("--seed", type=int, default=0, help="seed of the samples (and of --fresh-memory)")
+    common.add_argument("--fresh-memory", action="store_true",
+                        help="start every sample from freshly initialised fast weights instead of the checkpoint's")
     common.add_argument("--cpu", action="store_true", help="stay on the CPU even when CUDA is available")
 
     ppl = sub.add_parser("ppl", parents=[common], help="perplexity in windows and streamed, loss by position")
