@@ -1,16 +1,18 @@
-"""Callbacks of the training stack: checkpoints and periodic plots."""
+"""Callbacks of the training stack: checkpoints, periodic plots, the step progress bar and the run summary."""
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
+import time
 from pathlib import Path
 from typing import Any, Optional
 
 import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
 
 from lit.plots import plot_memory
 
@@ -165,3 +167,80 @@ def log_artifacts(trainer: L.Trainer, paths: list, artifact_path: Optional[str] 
     for path in paths:
         if os.path.isfile(path):
             logger.experiment.log_artifact(logger.run_id, str(path), artifact_path)
+
+
+class StepProgressBar(TQDMProgressBar):
+    """One training bar over the whole run: optimizer step N / ``max_steps`` with its ETA, across
+    epochs and from the resumed step (Lightning's own bar restarts at every epoch)."""
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        bar = self.train_progress_bar
+        bar.reset(total=trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None)
+        bar.initial = bar.n = trainer.global_step  # the rate and ETA count this run's steps only
+        bar.set_description("step")
+
+    def on_train_epoch_start(self, trainer: L.Trainer, *_: Any) -> None:
+        self.train_progress_bar.set_description(f"step (epoch {trainer.current_epoch})")
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        bar = self.train_progress_bar
+        if bar is not None and self._should_update(trainer.global_step, bar.total):
+            bar.n = trainer.global_step
+            bar.refresh()
+            bar.set_postfix(self.get_metrics(trainer, pl_module))
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self.train_progress_bar.disable:
+            self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module))
+
+
+class RunSummary(Callback):
+    """What a run did, for the block printed at its end: validation loss (final and best, with the
+    step), steps, tokens/s and wall time of this invocation."""
+
+    def __init__(self, monitor: str = "val/ppl"):
+        super().__init__()
+        self.monitor = monitor
+        self.start_time: Optional[float] = None
+        self.start_step = 0
+        self.tokens = 0
+        self.final: Optional[tuple[int, float]] = None  # (step, val loss)
+        self.best: Optional[tuple[int, float]] = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.start_time, self.start_step = time.time(), trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if isinstance(batch, dict) and "input_ids" in batch:
+            self.tokens += batch["input_ids"].numel() * trainer.world_size
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        value = trainer.callback_metrics.get(self.monitor)
+        if trainer.sanity_checking or value is None or not float(value) > 0:
+            return
+        loss = math.log(float(value))
+        self.final = (trainer.global_step, loss)
+        if self.best is None or loss < self.best[1]:
+            self.best = (trainer.global_step, loss)
+
+    def lines(self, trainer: L.Trainer, places: dict) -> list[str]:
+        seconds = time.time() - (self.start_time or time.time())
+        steps = trainer.global_step - self.start_step
+        out = [f"{'steps':<12} {self.start_step} -> {trainer.global_step} (max_steps {trainer.max_steps}) "
+               f"in {_duration(seconds)}; {self.tokens / max(seconds, 1e-9):,.0f} tokens/s"
+               + (f", {steps / max(seconds, 1e-9):.2f} steps/s" if steps else "")]
+        for name, point in (("final", self.final), ("best", self.best)):
+            if point is not None:
+                out.append(f"{name + ' val':<12} loss {point[1]:.4f}  ppl {math.exp(point[1]):.3f}  (step {point[0]})")
+        if self.final is None:
+            out.append(f"{'val':<12} no validation ran in this invocation")
+        out += [f"{name:<12} {where}" for name, where in places.items() if where]
+        return out
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"

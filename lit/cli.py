@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -257,7 +258,8 @@ def train_lock_path(run_dir: Path) -> Path:
 def _fit(config, parser, namespace, run_dir: Path, state: dict, is_rank_zero: bool) -> int:
     import lightning as L
 
-    from lit.callbacks import LastCheckpoint, MemoryPlots, best_checkpoint, remove_partial_checkpoints
+    from lit.callbacks import (LastCheckpoint, MemoryPlots, RunSummary, StepProgressBar, best_checkpoint,
+                               remove_partial_checkpoints)
     from lit.data import FwPKMDataModule
     from lit.module import FwPKMLitModule, check_checkpoint_matches, load_checkpoint
     from lit.tracking import TrackingCallback, flat_params, make_logger, run_tags
@@ -284,6 +286,7 @@ def _fit(config, parser, namespace, run_dir: Path, state: dict, is_rank_zero: bo
             previous = _resume_decision(parser, namespace, run_dir, step)
             if previous == "finished":
                 return 0
+        warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")  # ours, resumed
     if is_rank_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
         artifacts = _write_config_files(parser, namespace, run_dir, module)
@@ -305,6 +308,10 @@ def _fit(config, parser, namespace, run_dir: Path, state: dict, is_rank_zero: bo
             callbacks.append(best_checkpoint(str(ckpt_dir), ckpt.monitor, ckpt.mode))
     if config.train.plot_every_n_steps:
         callbacks.append(MemoryPlots(str(run_dir / "plots"), config.train.plot_every_n_steps))
+    summary = RunSummary()
+    callbacks.append(summary)
+    if trainer_options.get("enable_progress_bar") is not False and not _has_progress_bar(trainer_options):
+        callbacks.append(StepProgressBar())
 
     state["checkpoint_note"] = f"the last complete checkpoint is in {ckpt_dir}; "
     trainer = _build_trainer(trainer_options, callbacks, loggers, run_dir)
@@ -312,11 +319,22 @@ def _fit(config, parser, namespace, run_dir: Path, state: dict, is_rank_zero: bo
     state["fitting"] = True
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None, weights_only=True)
     if trainer.is_global_zero:
-        done = f"trained to step {trainer.global_step}; checkpoints in {ckpt_dir}"
+        places = {"run folder": str(run_dir), "checkpoints": str(ckpt_dir),
+                  "plots": str(run_dir / "plots") if (run_dir / "plots").is_dir() else None}
         if loggers:
-            done += f"; MLflow run {loggers[0].run_id} at {loggers[0]._tracking_uri}"
-        print(f"[fwpkm] {done}")
+            uri = loggers[0]._tracking_uri
+            places["MLflow run"] = f"{loggers[0].run_id} (experiment {tracking.experiment})"
+            places["look"] = f"open {uri}" if uri.startswith("http") else f"mlflow ui --backend-store-uri {uri}"
+        print("\n".join([f"[fwpkm] run finished: {run_dir.name}"] + ["  " + line for line in
+                                                                      summary.lines(trainer, places)]))
     return 0
+
+
+def _has_progress_bar(trainer_options: dict) -> bool:
+    from lightning.pytorch.callbacks import ProgressBar
+
+    given = trainer_options.get("callbacks") or []
+    return any(isinstance(c, ProgressBar) for c in (given if isinstance(given, list) else [given]))
 
 
 def check_monitor(monitor: str, val_names: list[str]) -> None:

@@ -310,10 +310,17 @@ def test_a_finished_run_says_so_a_changed_option_is_refused_a_longer_run_is_reco
     import yaml
 
     run_dir = tmp_path / "runs" / "done"
-    args = ("--trainer.max_steps", "2", "--train.plot_every_n_steps", "0")
-    micro_training.run(run_dir, *args)
+    args = ("--trainer.max_steps", "2", "--train.plot_every_n_steps", "0", "--trainer.val_check_interval", "1",
+            "--trainer.enable_progress_bar", "true")
+    first = micro_training.run(run_dir, *args)
+    assert "step (epoch 0): 100%" in first.stdout and "2/2 [" in first.stdout  # one bar over max_steps
+    summary = first.stdout[first.stdout.index("[fwpkm] run finished: done"):]
+    losses = [float(line.split()[3]) for line in summary.splitlines() if line.strip().startswith(("final", "best"))]
+    assert len(losses) == 2 and losses[1] <= losses[0]  # final and best validation loss
+    assert "0 -> 2 (max_steps 2)" in summary and "tokens/s" in summary and str(run_dir / "checkpoints") in summary
+    assert micro_training.run_id(run_dir) in summary and "mlflow ui --backend-store-uri sqlite:///" in summary
     again = micro_training.run(run_dir, *args)
-    assert f"run folder {run_dir} already finished at step 2" in again.stdout
+    assert f"run folder {run_dir} already finished at step 2" in again.stdout and "nothing to do" in again.stdout
 
     changed = micro_training.run(run_dir, *args, "--trainer.limit_val_batches", "1", check=False)
     assert changed.returncode == 2
@@ -321,8 +328,9 @@ def test_a_finished_run_says_so_a_changed_option_is_refused_a_longer_run_is_reco
     assert len(lines) == 1 and "trainer.limit_val_batches=2.0 -> 1.0" in lines[0] and "allowed" in lines[0], lines
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["trainer"]["limit_val_batches"] == 2
 
-    longer = micro_training.run(run_dir, "--trainer.max_steps", "3", "--train.plot_every_n_steps", "0")
+    longer = micro_training.run(run_dir, *args[2:], "--trainer.max_steps", "3")
     assert "resuming" in longer.stdout and "trainer.max_steps 2 -> 3" in longer.stdout
+    assert "2 -> 3 (max_steps 3)" in longer.stdout and "exists and is not empty" not in longer.stderr
     assert yaml.safe_load((run_dir / "config.step2.yaml").read_text())["trainer"]["max_steps"] == 2
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["trainer"]["max_steps"] == 3
     assert step_of(run_dir / "checkpoints" / "last.ckpt") == 3
