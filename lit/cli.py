@@ -299,7 +299,8 @@ def _fit(config, parser, namespace, run_dir: Path, state: dict, is_rank_zero: bo
         logger = make_logger(tracking, run_dir, run_name=run_dir.name, tags=tags)
         loggers.append(logger)
         params = flat_params({**config.to_dict(), "run_dir": str(run_dir)})
-        callbacks.append(TrackingCallback(str(run_dir), params, tags, [str(p) for p in artifacts]))
+        callbacks.append(TrackingCallback(str(run_dir), params, tags, [str(p) for p in artifacts],
+                                          tracking.system_metrics_s))
     trainer_options = _trainer_objects(parser, namespace)
     ckpt = config.checkpoint
     if trainer_options.get("enable_checkpointing") is not False:

@@ -160,6 +160,8 @@ class TrackingConfig:
         experiment: MLflow experiment name.
         variant: the run's "variant" tag; null = "base" for a preset as it is, else "custom".
         tags: extra tags, e.g. {"team": "memory"}.
+        system_metrics_s: seconds between MLflow system metrics (CPU, memory, disk, network; GPU with
+            nvidia-ml-py), as ``system/*`` on the run; 0 = none.
     """
 
     enabled: bool = True
@@ -167,6 +169,7 @@ class TrackingConfig:
     experiment: str = "fwpkm"
     variant: Optional[str] = None
     tags: dict[str, str] = field(default_factory=dict)
+    system_metrics_s: float = 10.0
 
 
 # --------------------------------------------------------------------------- dotted paths

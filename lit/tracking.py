@@ -242,11 +242,13 @@ class TrackingCallback(Callback):
     """On fit start (rank 0): record the MLflow run id in the run folder, log params (only those
     the run does not have yet, so a resumed run keeps its params), tags and config artifacts."""
 
-    def __init__(self, run_dir: str, params: dict, tags: dict, artifacts: list[str]):
+    def __init__(self, run_dir: str, params: dict, tags: dict, artifacts: list[str], system_metrics_s: float = 0.0):
         self.run_dir = Path(run_dir)
         self.params = params
         self.tags = tags
         self.artifacts = artifacts
+        self.system_metrics_s = system_metrics_s
+        self.monitor = None
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         from lit.callbacks import log_artifacts, mlflow_logger
@@ -283,6 +285,7 @@ class TrackingCallback(Callback):
         message = " ".join(f"{type(exception).__name__}: {exception}".split())[:5000]
         with contextlib.suppress(Exception):  # the store may be on the disk that just filled up
             logger.experiment.set_tag(logger.run_id, "fwpkm.error", message)
+        self._stop_monitor()
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         from lit.callbacks import mlflow_logger
@@ -290,6 +293,29 @@ class TrackingCallback(Callback):
         logger = mlflow_logger(trainer)
         if logger is not None and trainer.is_global_zero:  # after a resume: the step it resumed from
             logger.experiment.set_tag(logger.run_id, "fwpkm.started_at_step", str(trainer.global_step))
+            self._start_monitor(logger.run_id, logger.experiment.tracking_uri)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._stop_monitor()
+
+    def _start_monitor(self, run_id: str, uri: str) -> None:
+        """MLflow's system-metrics monitor (a thread sampling psutil, and NVML when installed)."""
+        if self.system_metrics_s <= 0:
+            return
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+        except ImportError as err:  # psutil missing: the run goes on without them
+            warnings.warn(f"no MLflow system metrics ({err}); pip install psutil", stacklevel=2)
+            return
+        self.monitor = SystemMetricsMonitor(run_id, sampling_interval=self.system_metrics_s, resume_logging=True,
+                                            tracking_uri=uri)
+        self.monitor.start()
+
+    def _stop_monitor(self) -> None:
+        if self.monitor is not None:
+            with contextlib.suppress(Exception):
+                self.monitor.finish()
+            self.monitor = None
 
 
 # --------------------------------------------------------------------------- stores shared by grids and studies

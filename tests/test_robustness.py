@@ -311,7 +311,7 @@ def test_a_finished_run_says_so_a_changed_option_is_refused_a_longer_run_is_reco
 
     run_dir = tmp_path / "runs" / "done"
     args = ("--trainer.max_steps", "2", "--train.plot_every_n_steps", "0", "--trainer.val_check_interval", "1",
-            "--trainer.enable_progress_bar", "true")
+            "--trainer.enable_progress_bar", "true", "--tracking.system_metrics_s", "0.1")
     first = micro_training.run(run_dir, *args)
     assert "step (epoch 0): 100%" in first.stdout and "2/2 [" in first.stdout  # one bar over max_steps
     summary = first.stdout[first.stdout.index("[fwpkm] run finished: done"):]
@@ -319,6 +319,8 @@ def test_a_finished_run_says_so_a_changed_option_is_refused_a_longer_run_is_reco
     assert len(losses) == 2 and losses[1] <= losses[0]  # final and best validation loss
     assert "0 -> 2 (max_steps 2)" in summary and "tokens/s" in summary and str(run_dir / "checkpoints") in summary
     assert micro_training.run_id(run_dir) in summary and "mlflow ui --backend-store-uri sqlite:///" in summary
+    metrics = micro_training.mlflow_client(run_dir).get_run(micro_training.run_id(run_dir)).data.metrics
+    assert 0 < metrics["system/cpu_utilization_percentage"] and metrics["system/system_memory_usage_megabytes"] > 0
     again = micro_training.run(run_dir, *args)
     assert f"run folder {run_dir} already finished at step 2" in again.stdout and "nothing to do" in again.stdout
 
