@@ -126,6 +126,21 @@ def test_resume_after_kill_is_exact_and_logs_into_the_same_mlflow_run(micro_trai
     assert (killed / "checkpoints" / "best.ckpt").is_file()
 
 
+def test_same_config_and_seed_give_bitwise_the_same_run(micro_training, tmp_path):
+    """The cheap half of reproducing a published number: on one machine, the same config and seed give
+    the same validation losses and bitwise the same checkpointed weights, fast weights included."""
+    runs = [tmp_path / f"runs{i}" / "same" for i in range(2)]
+    procs = [micro_training.start(run, "--trainer.max_steps", "6") for run in runs]
+    for proc in procs:
+        finish(proc)
+    a, b = (load(run / "checkpoints" / "last.ckpt")["state_dict"] for run in runs)
+    assert a.keys() == b.keys() and any(".memory." in k for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
+    val = [{m.step: m.value for m in micro_training.mlflow_client(run).get_metric_history(
+        micro_training.run_id(run), "val/ppl")} for run in runs]
+    assert len(val[0]) >= 2 and val[0] == val[1]
+
+
 def test_resume_in_two_invocations_matches_one(micro_training, tmp_path):
     """max_steps=N/2, then the same run folder with max_steps=N (decay_steps pinned so the schedule
     does not depend on max_steps)."""
