@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 from typing import Optional
 
-from lit.evaluation.mqar import mean_interval
+from lit.evaluation.stats import mean_interval
 from lit.plots import save_figure
 
 NAN = float("nan")

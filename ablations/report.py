@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from ablations import capacity
+from lit.evaluation.stats import wilson_interval
 from lit.plots import save_figure
 from lit.tracking import Store, find_parent, resolve_tracking_uri, search_runs, store_lock, tag_filter
 
@@ -238,9 +239,24 @@ def _niah_axes(rows: list[dict]) -> tuple[list, list, list]:
             sorted({n for r in rows for (_, _, n) in r["cells"]}))
 
 
+def niah_exact(group: list[dict], L: int, n: int) -> Optional[tuple[float, float, float, int]]:
+    """(exact, low, high, questions) of a cell over the runs of ``group``: their questions pooled, with
+    the 95% Wilson interval; None for runs that did not record their number of questions."""
+    counts = [r["cells"].get(("questions", L, n)) for r in group]
+    if not counts or any(c is None or not c > 0 for c in counts):
+        return None
+    successes = sum(r["cells"].get(("exact", L, n), NAN) * c for r, c in zip(group, counts))
+    if math.isnan(successes):
+        return None
+    total = int(round(sum(counts)))
+    return (*wilson_interval(successes, total), total)
+
+
 def niah_markdown(rows: list[dict], order: Optional[list] = None) -> str:
-    """NIAH per (variant, passes) and context length, "exact / digit accuracy": mean ± std over the
-    finished seeds, then every seed's own figures. Empty when no run has per-cell NIAH metrics."""
+    """NIAH per (variant, passes) and context length: exact match with its 95% Wilson interval and the
+    number of questions (all seeds' questions pooled), then digit accuracy; then every seed's own
+    figures. Runs without question counts show mean ± std over seeds. Empty when no run has per-cell
+    NIAH metrics."""
     rows, lengths, passes = _niah_axes(rows)
     if not rows:
         return ""
@@ -248,14 +264,19 @@ def niah_markdown(rows: list[dict], order: Optional[list] = None) -> str:
     rule = "|---|---|" + "---|" * len(lengths)
 
     def cell(group, L, n):
-        parts = []
-        for measure in ("exact", "digit_acc"):
-            mean, std = _mean_std([r["cells"].get((measure, L, n), NAN) for r in group])
-            parts.append(_fmt(mean, std if len(group) > 1 else NAN, 2))
-        return " / ".join(parts)
+        digits, digits_std = _mean_std([r["cells"].get(("digit_acc", L, n), NAN) for r in group])
+        exact = niah_exact(group, L, n)
+        if exact is None:
+            mean, std = _mean_std([r["cells"].get(("exact", L, n), NAN) for r in group])
+            return " / ".join([_fmt(mean, std if len(group) > 1 else NAN, 2),
+                               _fmt(digits, digits_std if len(group) > 1 else NAN, 2)])
+        p, low, high, total = exact
+        return f"{p:.2f} [{low:.2f}, {high:.2f}] n={total} / {_fmt(digits, NAN, 2)}"
 
-    lines = ["NIAH exact match / digit accuracy (chance: 0 / 0.1), mean ± std over seeds:", "", header, rule]
-    per_seed = ["NIAH exact match / digit accuracy of each seed:", "", header.replace("passes", "seed, passes"), rule]
+    lines = ["NIAH exact match [95% Wilson interval] n=questions (all seeds' questions pooled) / digit accuracy "
+             "(chance: 0 / 0.1):", "", header, rule]
+    per_seed = ["NIAH exact match [95% Wilson interval] n=questions / digit accuracy of each seed:", "",
+                header.replace("passes", "seed, passes"), rule]
     for variant in _variant_order(rows, order):
         group = sorted((r for r in rows if r["variant"] == variant), key=lambda r: r["seed"])
         for n in passes:
@@ -267,7 +288,8 @@ def niah_markdown(rows: list[dict], order: Optional[list] = None) -> str:
 
 
 def plot_niah(rows: list[dict], path: Path, order: Optional[list] = None, title: str = "") -> Optional[Path]:
-    """Digit accuracy against context length, one panel per number of passes, a line per variant."""
+    """Exact match against context length with 95% Wilson intervals (runs without question counts:
+    digit accuracy ± std over seeds), one panel per number of passes, a line per variant."""
     rows, lengths, passes = _niah_axes(rows)
     if not rows:
         return None
@@ -276,21 +298,30 @@ def plot_niah(rows: list[dict], path: Path, order: Optional[list] = None, title:
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
+    wilson = all(niah_exact([r], L, n) is not None for r in rows for L in lengths for n in passes
+                 if ("exact", L, n) in r["cells"])
     fig, axes = plt.subplots(1, len(passes), figsize=(4.0 * len(passes), 3.4), squeeze=False, sharey=True)
     for ax, n in zip(axes[0], passes):
         for variant in _variant_order(rows, order):
             group = [r for r in rows if r["variant"] == variant]
-            stats = [_mean_std([r["cells"].get(("digit_acc", L, n), NAN) for r in group]) for L in lengths]
-            ax.errorbar(lengths, [m for m, _ in stats], yerr=[0.0 if math.isnan(e) else e for _, e in stats],
-                        marker="o", capsize=3, label=variant)
-        ax.axhline(0.1, color="gray", linestyle=":", linewidth=1)
+            if wilson:
+                stats = [niah_exact(group, L, n) or (NAN, NAN, NAN, 0) for L in lengths]
+                y = [s[0] for s in stats]
+                err = [[0.0 if math.isnan(s[0]) else s[0] - s[1] for s in stats],
+                       [0.0 if math.isnan(s[0]) else s[2] - s[0] for s in stats]]
+            else:
+                stats = [_mean_std([r["cells"].get(("digit_acc", L, n), NAN) for r in group]) for L in lengths]
+                y, err = [m for m, _ in stats], [0.0 if math.isnan(e) else e for _, e in stats]
+            ax.errorbar(lengths, y, yerr=err, marker="o", capsize=3, label=variant)
+        if not wilson:
+            ax.axhline(0.1, color="gray", linestyle=":", linewidth=1)
         ax.set_xscale("log", base=2)
         ax.set_xticks(lengths, [str(L) for L in lengths])
         ax.set_xlabel("context length (tokens)")
         ax.set_title(f"{n} extra pass{'es' if n != 1 else ''}")
         ax.set_ylim(0.0, 1.0)
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("NIAH digit accuracy (dotted: chance)")
+    axes[0][0].set_ylabel("NIAH exact match (95% Wilson)" if wilson else "NIAH digit accuracy (dotted: chance)")
     axes[0][-1].legend(fontsize=8)
     if title:
         fig.suptitle(title)

@@ -174,6 +174,25 @@ def test_niah_tables_average_seeds_and_list_each_seed():
     assert lines.index("| swa | 0 | 0.00 / 0.10 |") < lines.index("| fwpkm | 0 | 0.38 ± 0.18 / 0.50 ± 0.35 |")
     assert niah_markdown([row("x", 0, 0.1, 0.1, status="FAILED")]) == ""
 
+    # with question counts: the seeds' questions pooled (5 of 20 and 20 of 40), Wilson's interval
+    counted = [row("fwpkm", 0, 0.25, 0.25), row("fwpkm", 1, 0.5, 0.75)]
+    for r, n in zip(counted, (20, 40)):
+        r["cells"][("questions", 256, 0)] = n
+    lines = niah_markdown(counted).splitlines()
+    assert "| fwpkm | 0 | 0.42 [0.30, 0.54] n=60 / 0.50 |" in lines
+    assert "| fwpkm | 0, 0 | 0.25 [0.11, 0.47] n=20 / 0.25 |" in lines
+
+
+def test_wilson_interval_matches_the_textbook_values():
+    from lit.evaluation.stats import wilson_interval
+
+    assert wilson_interval(5, 10)[1:] == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    assert wilson_interval(0, 10) == pytest.approx((0.0, 0.0, 0.2775), abs=1e-4)  # not empty at 0 successes
+    assert wilson_interval(10, 10) == pytest.approx((1.0, 0.7225, 1.0), abs=1e-4)
+    assert wilson_interval(25, 60)[1:] == pytest.approx((0.3006, 0.5427), abs=1e-4)  # worked by hand
+    narrow, wide = wilson_interval(50, 100), wilson_interval(5, 10)
+    assert narrow[2] - narrow[1] < wide[2] - wide[1]
+
 
 def test_gate_histories_are_read_per_memory_layer_and_plotted(tmp_path):
     from types import SimpleNamespace

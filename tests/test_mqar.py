@@ -12,7 +12,8 @@ import torch
 
 from fwpkm import preset
 from fwpkm.config import ConfigError
-from lit.evaluation.mqar import MQARConfig, mean_interval, run_mqar, summarise
+from lit.evaluation.mqar import MQARConfig, run_mqar, summarise
+from lit.evaluation.stats import mean_interval
 from lit.synthetic import IGNORE_INDEX, mqar_sequence
 from lit.tokenizer import load_tokenizer
 

@@ -209,7 +209,7 @@ def _plot_position_loss(results, path: Path, bins: int) -> None:
 
 
 def cmd_niah(args) -> None:
-    from lit.evaluation.niah import NIAHConfig, heatmaps, run_niah, summarise
+    from lit.evaluation.niah import NIAHConfig, heatmaps, niah_metrics, run_niah, summarise
 
     model, tokenizer, out = load_with_outputs(args, "niah")
     cfg = NIAHConfig(context_lens=args.context_lens, depths=args.depths, iterations=args.iterations,
@@ -220,8 +220,10 @@ def cmd_niah(args) -> None:
     summary = summarise(rows)
     out.table("samples", rows)
     out.table("summary", summary, show=True)
+    print("exact: share of questions answered exactly, [exact_low, exact_high] its 95% Wilson interval")
     heatmaps(rows, str(out.dir / "heatmap"))
-    out.finish({f"niah/exact_{s['context_len']}_n{s['iterations']}": s["exact"] for s in summary})
+    metrics = {f"niah/exact_{s['context_len']}_n{s['iterations']}": s["exact"] for s in summary}
+    out.finish({**metrics, **{k: v for k, v in niah_metrics(rows).items() if v == v}})
 
 
 def cmd_mqar(args) -> None:

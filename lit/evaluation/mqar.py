@@ -15,7 +15,6 @@ queries, which would count correlated queries as independent.
 from __future__ import annotations
 
 import math
-import statistics
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,10 +26,7 @@ from fwpkm import HybridLM
 from lit.synthetic import IGNORE_INDEX, hash_seed, mqar_sequence
 
 from .common import device_of, preserved_fast_weights, run_device
-
-T_95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-        15: 2.131, 20: 2.086, 30: 2.042, 60: 2.000}  # two-sided 95% Student's t by degrees of freedom
-
+from .stats import mean_interval
 
 @dataclass
 class MQARConfig:
@@ -85,17 +81,6 @@ def run_mqar(model: HybridLM, cfg: MQARConfig) -> list[dict]:
             rows.append({"pairs": pairs, "seq_len": length, "sample": sample, "queries": int(asked.sum()),
                          "correct": correct, "acc": correct / int(asked.sum())})
     return rows
-
-
-def mean_interval(values: list[float]) -> tuple[float, float, float]:
-    """(mean, low, high): the mean and its two-sided 95% Student's t interval (clipped to [0, 1])."""
-    mean = sum(values) / len(values)
-    if len(values) < 2:
-        return mean, float("nan"), float("nan")
-    dof = len(values) - 1
-    t = T_95[max(k for k in T_95 if k <= dof)]
-    half = t * statistics.stdev(values) / math.sqrt(len(values))
-    return mean, max(0.0, mean - half), min(1.0, mean + half)
 
 
 def summarise(rows: list[dict]) -> list[dict]:

@@ -21,6 +21,7 @@ from fwpkm import HybridLM
 from lit.synthetic import NIAHSample, hash_seed, make_niah_sample, score_answer
 
 from .common import device_of, preserved_fast_weights, run_device, stream
+from .stats import wilson_interval
 
 CHUNK_POLICIES = ("input", "model")
 
@@ -104,13 +105,17 @@ def run_niah(model: HybridLM, tokenizer, haystack_ids: Sequence[int], cfg: NIAHC
 
 
 def summarise(rows: list[dict], by: tuple = ("context_len", "iterations")) -> list[dict]:
-    """Mean exact match and digit accuracy per group."""
+    """Per group: exact match with its 95% Wilson interval over the group's questions, digit accuracy,
+    and the number of questions."""
     groups = defaultdict(list)
     for r in rows:
         groups[tuple(r[k] for k in by)].append(r)
-    return [dict(zip(by, key)) | {"exact": sum(r["exact"] for r in g) / len(g),
-                                  "digit_acc": sum(r["digit_acc"] for r in g) / len(g), "samples": len(g)}
-            for key, g in sorted(groups.items())]
+    out = []
+    for key, g in sorted(groups.items()):
+        exact, low, high = wilson_interval(sum(r["exact"] for r in g), len(g))
+        out.append(dict(zip(by, key)) | {"exact": exact, "exact_low": low, "exact_high": high,
+                                         "digit_acc": sum(r["digit_acc"] for r in g) / len(g), "questions": len(g)})
+    return out
 
 
 def heatmaps(rows: list[dict], path_prefix: str) -> list[str]:
@@ -161,15 +166,20 @@ def _progress(items, enabled: bool, desc: str):
 
 def niah_metrics(rows: list[dict]) -> dict:
     """``niah/<exact|digit_acc>`` over all samples, per number of passes (``.../n<passes>``) and per
-    (context length, passes) (``.../L<len>/n<passes>``)."""
-    metrics = {}
-    for name in ("exact", "digit_acc"):
-        metrics[f"niah/{name}"] = sum(r[name] for r in rows) / max(1, len(rows))
-        for cell in summarise(rows):
+    (context length, passes) (``.../L<len>/n<passes>``); with the number of questions (``niah/questions/...``)
+    and exact match's Wilson interval (``niah/exact_low/...``, ``niah/exact_high/...``)."""
+    metrics = {"niah/exact": sum(r["exact"] for r in rows) / max(1, len(rows)),
+               "niah/digit_acc": sum(r["digit_acc"] for r in rows) / max(1, len(rows)), "niah/questions": len(rows)}
+    for cell in summarise(rows):
+        for name in CELL_MEASURES:
             metrics[f"niah/{name}/L{cell['context_len']}/n{cell['iterations']}"] = cell[name]
-        for cell in summarise(rows, by=("iterations",)):
+    for cell in summarise(rows, by=("iterations",)):
+        for name in CELL_MEASURES:
             metrics[f"niah/{name}/n{cell['iterations']}"] = cell[name]
     return metrics
+
+
+CELL_MEASURES = ("exact", "exact_low", "exact_high", "digit_acc", "questions")
 
 
 def evaluate_run(run_dir: Path, niah: dict, config: dict, gpu: Optional[str] = None) -> tuple[dict, Path]:
