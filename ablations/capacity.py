@@ -66,9 +66,11 @@ def capacity_markdown(rows: list[dict], order: Optional[list] = None, aliases: O
     return "\n".join(lines)
 
 
-def plot_capacity(rows: list[dict], path: Path, order: Optional[list] = None, title: str = "") -> Optional[Path]:
+def plot_capacity(rows: list[dict], path: Path, order: Optional[list] = None, title: str = "",
+                  per_panel: int = 8) -> Optional[Path]:
     """Accuracy against the number of pairs (log scale), a line per variant (mean over seeds, bars: the 95%
-    t interval), each seed as a dot."""
+    t interval), each seed as a dot; more than ``per_panel`` variants go on side-by-side panels, each with
+    the reference (``base``, else the first variant) dashed."""
     rows = _finished(rows)
     if not rows:
         return None
@@ -78,24 +80,31 @@ def plot_capacity(rows: list[dict], path: Path, order: Optional[list] = None, ti
     import matplotlib.pyplot as plt
 
     pairs = sorted({p for r in rows for p in r["mqar"]})
-    fig, ax = plt.subplots(figsize=(7.5, 4.2))
-    for i, variant in enumerate(_variants(rows, order)):
-        group = [r for r in rows if r["variant"] == variant]
-        colour = f"C{i % 10}"
-        stats = [mean_interval([r["mqar"][p] for r in group if p in r["mqar"]]) for p in pairs]
-        means = [m for m, _, _ in stats]
-        below = [0.0 if math.isnan(lo) else m - lo for m, lo, _ in stats]
-        above = [0.0 if math.isnan(hi) else hi - m for m, _, hi in stats]
-        ax.errorbar(pairs, means, yerr=[below, above], color=colour, marker="o", capsize=3, label=variant)
-        for r in group:
-            ax.scatter([p for p in pairs if p in r["mqar"]], [r["mqar"][p] for p in pairs if p in r["mqar"]],
-                       color=colour, s=8, alpha=0.5)
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(pairs, [str(p) for p in pairs])
-    ax.set_xlabel("key-value pairs in the sequence")
-    ax.set_ylabel("MQAR recall accuracy")
-    ax.set_ylim(-0.02, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, ncol=2)
-    ax.set_title(title or "MQAR capacity")
+    variants = _variants(rows, order)
+    reference = "base" if "base" in variants else variants[0]
+    others = [v for v in variants if v != reference]
+    panels = [others[i:i + per_panel] for i in range(0, len(others), per_panel)] or [[]]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.2), squeeze=False, sharey=True)
+    colours = plt.get_cmap("tab20").colors
+    for ax, names in zip(axes[0], panels):
+        for variant in [reference, *names]:
+            group = [r for r in rows if r["variant"] == variant]
+            colour = "black" if variant == reference else colours[(2 * others.index(variant)) % len(colours)]
+            stats = [mean_interval([r["mqar"][p] for r in group if p in r["mqar"]]) for p in pairs]
+            means = [m for m, _, _ in stats]
+            below = [0.0 if math.isnan(lo) else m - lo for m, lo, _ in stats]
+            above = [0.0 if math.isnan(hi) else hi - m for m, _, hi in stats]
+            ax.errorbar(pairs, means, yerr=[below, above], color=colour, marker="o", capsize=3,
+                        linestyle="--" if variant == reference else "-", label=variant)
+            for r in group:
+                ax.scatter([p for p in pairs if p in r["mqar"]], [r["mqar"][p] for p in pairs if p in r["mqar"]],
+                           color=colour, s=8, alpha=0.5)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(pairs, [str(p) for p in pairs])
+        ax.set_xlabel("key-value pairs in the sequence")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, ncol=2, loc="center right")
+    axes[0][0].set_ylabel("MQAR recall accuracy")
+    fig.suptitle(title or "MQAR capacity")
     return save_figure(fig, path)
