@@ -105,18 +105,25 @@ def store_lock(uri: str):
     return file_lock(db.with_name(db.name + ".lock"))
 
 
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")  # MLflow 3's UI opens it on its runs
+
+
 def ensure_experiment(uri: str, experiment: str, artifact_location: Optional[str]) -> None:
-    """Create the store's tables and the experiment if missing (call under :func:`store_lock`)."""
+    """Create the store's tables and the experiment if missing (call under :func:`store_lock`), marked
+    as model training so that MLflow 3's UI opens it on its training runs, not on GenAI traces."""
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
-    if client.get_experiment_by_name(experiment) is None:
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
         try:
-            client.create_experiment(experiment, artifact_location=artifact_location)
+            client.create_experiment(experiment, artifact_location=artifact_location, tags=dict([EXPERIMENT_KIND]))
         except MlflowException:  # created meanwhile by another process
             if client.get_experiment_by_name(experiment) is None:
                 raise
+    elif EXPERIMENT_KIND[0] not in found.tags:  # made by an older version, or by MLflow itself
+        client.set_experiment_tag(found.experiment_id, *EXPERIMENT_KIND)
 
 
 @contextlib.contextmanager

@@ -319,7 +319,10 @@ def test_a_finished_run_says_so_a_changed_option_is_refused_a_longer_run_is_reco
     assert len(losses) == 2 and losses[1] <= losses[0]  # final and best validation loss
     assert "0 -> 2 (max_steps 2)" in summary and "tokens/s" in summary and str(run_dir / "checkpoints") in summary
     assert micro_training.run_id(run_dir) in summary and "mlflow ui --backend-store-uri sqlite:///" in summary
-    metrics = micro_training.mlflow_client(run_dir).get_run(micro_training.run_id(run_dir)).data.metrics
+    client = micro_training.mlflow_client(run_dir)
+    metrics = client.get_run(micro_training.run_id(run_dir)).data.metrics
+    kind = client.get_experiment(client.get_run(micro_training.run_id(run_dir)).info.experiment_id).tags
+    assert kind["mlflow.experimentKind"] == "custom_model_development"  # MLflow 3's UI opens it on its runs
     assert 0 < metrics["system/cpu_utilization_percentage"] and metrics["system/system_memory_usage_megabytes"] > 0
     again = micro_training.run(run_dir, *args)
     assert f"run folder {run_dir} already finished at step 2" in again.stdout and "nothing to do" in again.stdout
