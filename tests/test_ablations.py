@@ -240,7 +240,8 @@ def test_smoke_grid_end_to_end_with_failures_then_skips_finished_runs(tmp_path):
     assert set(table[~table["variant"].isin(smoke_variants)]["status"]) == {"FAILED"}
     assert (folder / "summary.md").is_file() and (folder / "summary.png").is_file()
     assert finished["niah_digit_acc_mean"].between(0, 1).all()
-    assert "NIAH exact match / digit accuracy of each seed" in out and (folder / "summary_niah.png").is_file()
+    assert "NIAH exact match [95% Wilson interval] n=questions / digit accuracy of each seed" in out
+    assert " n=" in out and (folder / "summary_niah.png").is_file()  # each cell with its number of questions
     assert (folder / "summary_gates.png").is_file()  # gate trajectories of the memory runs
 
     # MLflow: one parent run for the grid, every run nested under it with its tags
