@@ -90,7 +90,7 @@ def plot_capacity(rows: list[dict], path: Path, order: Optional[list] = None, ti
         for variant in [reference, *names]:
             group = [r for r in rows if r["variant"] == variant]
             colour = "black" if variant == reference else colours[(2 * others.index(variant)) % len(colours)]
-            stats = [mean_interval([r["mqar"][p] for r in group if p in r["mqar"]]) for p in pairs]
+            stats = [_interval([r["mqar"][p] for r in group if p in r["mqar"]]) for p in pairs]
             means = [m for m, _, _ in stats]
             below = [0.0 if math.isnan(lo) else m - lo for m, lo, _ in stats]
             above = [0.0 if math.isnan(hi) else hi - m for m, _, hi in stats]
@@ -108,3 +108,8 @@ def plot_capacity(rows: list[dict], path: Path, order: Optional[list] = None, ti
     axes[0][0].set_ylabel("MQAR recall accuracy")
     fig.suptitle(title or "MQAR capacity")
     return save_figure(fig, path)
+
+
+def _interval(values: list[float]) -> tuple[float, float, float]:
+    """mean_interval, or NaNs where a variant was not evaluated at this number of pairs."""
+    return mean_interval(values) if values else (NAN, NAN, NAN)

@@ -535,7 +535,8 @@ def pareto_mask(points: list[list[float]], directions: list[str]) -> list[bool]:
 
 
 def recommended_index(points: list[list[float]], directions: list[str]) -> Optional[int]:
-    """The point nearest the utopia point, each objective scaled to [0, 1] over the points (ties: the first)."""
+    """The point nearest the utopia point, each objective scaled to [0, 1] over the points; ties (every
+    two-point front is one) go to the better first objective, then to the first point."""
     if not points:
         return None
     spans = [(min(c), max(c)) for c in zip(*points)]
@@ -547,7 +548,8 @@ def recommended_index(points: list[list[float]], directions: list[str]) -> Optio
             total += (scaled if direction == "minimize" else 1.0 - scaled) ** 2
         return total
 
-    return min(range(len(points)), key=lambda i: (regret(points[i]), i))
+    sign = 1.0 if directions[0] == "minimize" else -1.0
+    return min(range(len(points)), key=lambda i: (round(regret(points[i]), 12), sign * points[i][0], i))
 
 
 def summarise_study(rows: list[dict], objectives: Optional[list[dict]] = None):
@@ -597,8 +599,9 @@ def study_markdown(df, title: str = "", objectives: Optional[list[dict]] = None)
     multi = len(objectives) > 1
     params = [c for c in df.columns if c.startswith("param:")]
     value_columns = [o["metric"] for o in objectives] if multi else ["value"]
+    single = "value (val loss)" if objectives[0]["metric"] == "val_loss" else f"value ({objectives[0]['metric']})"
     header = (["trial", "state"] + ([f"{o['metric']} ({o['direction'][:3]})" for o in objectives] if multi
-                                    else ["value (val loss)"])
+                                    else [single])
               + ["val ppl"] + [p[len("param:"):] for p in params] + ["steps"])
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
     for _, r in df.iterrows():
@@ -730,7 +733,8 @@ def study_report(store: Store, study: str, out_dir: Optional[Path] = None, log: 
             front = ", ".join(str(int(t)) for t in df[df["pareto"]]["trial"])
             shown = ", ".join(f"{o['metric']} {b[o['metric']]:.4f}" for o in objectives)
             md += (f"\n\nPareto front: trials {front}. Recommended trial {int(b['trial'])} (nearest the utopia point "
-                   f"with each objective scaled to [0, 1] over the front): {shown}, params {params}")
+                   f"with each objective scaled to [0, 1] over the front; a tie goes to the better "
+                   f"{objectives[0]['metric']}): {shown}, params {params}")
         else:
             md += f"\n\nbest trial {int(b['trial'])}: value {b['value']:.4f}, params {params}"
     echo(md)

@@ -246,12 +246,13 @@ class Setup:
         self.params_spec = spec.get("params") or DEFAULT_PARAMS
         self.distributions = distributions(self.params_spec)
         self.off_points = off_points(self.params_spec)
-        default_pruner = "none" if self.multi else "median"
-        self.pruner_spec = dict(spec.get("pruner") or {"type": default_pruner})
-        if self.multi and self.pruner_spec.get("type", "median") not in ("none", "nop"):
-            raise TuneError(f"tune.pruner.type={self.pruner_spec.get('type', 'median')!r}: a study with "
-                            f"{len(self.objectives)} objectives cannot prune (Optuna reports one value per step, "
-                            "and a trial behind on one objective may lead on another); use pruner: {type: none}")
+        self.pruner_spec = dict(spec.get("pruner") or {"type": "median" if self.prunes else "none"})
+        if not self.prunes and self.pruner_spec.get("type", "median") not in ("none", "nop"):
+            reason = (f"a study with {len(self.objectives)} objectives cannot prune (Optuna reports one value per "
+                      "step, and a trial behind on one objective may lead on another)" if self.multi else
+                      f"the pruner sees the validation loss during training, not {self.objectives[0]['metric']}")
+            raise TuneError(f"tune.pruner.type={self.pruner_spec.get('type', 'median')!r}: {reason}; "
+                            "use pruner: {type: none}")
         make_pruner(self.pruner_spec)  # check now
         self.sampler_spec = dict(spec.get("sampler") or {})
         self.seed = seed if seed is not None else spec.get("seed")
@@ -275,11 +276,19 @@ class Setup:
         return len(self.objectives) > 1
 
     @property
+    def prunes(self) -> bool:
+        """Pruning on the validation loss reported during training: sound when it is the only objective."""
+        return [o["metric"] for o in self.objectives] == [VAL_LOSS]
+
+    @property
     def directions(self) -> list[str]:
         return [o["direction"] for o in self.objectives]
 
     def trial_config(self, params: dict, off: Optional[str] = None) -> dict:
         config = apply(self.base, params)
+        if off and off not in self.off_points:
+            raise TuneError(f"study {self.name!r} has a trial at the disabled point of {off!r}, but tune.params.{off} "
+                            "has no `disabled:` any more; restore it or give the study another name (--study-name)")
         return apply(config, self.off_points[off]) if off else config
 
     def check(self) -> None:
@@ -336,6 +345,13 @@ class Setup:
         if [d.name.lower() for d in study.directions] != self.directions:
             raise TuneError(f"study {self.name!r} in {public_url(self.storage_url)} has directions "
                             f"{[d.name.lower() for d in study.directions]}, the grid asks for {self.directions}: "
+                            "give this study another name (--study-name)")
+        stored = study.user_attrs.get("objectives")
+        if stored is None:
+            study.set_user_attr("objectives", self.objectives)
+        elif stored != self.objectives:
+            raise TuneError(f"study {self.name!r} in {public_url(self.storage_url)} has objectives "
+                            f"{[o['metric'] for o in stored]}, the grid asks for {[o['metric'] for o in self.objectives]}: "
                             "give this study another name (--study-name)")
         return study
 
@@ -534,7 +550,7 @@ def run_trial(setup: Setup, study, trial, echo: Callable[[str], None] = print) -
                      "variant": f"trial{number}", "tags": {**(tracking.get("tags") or {}), **tags}})
     config["tracking"] = tracking
     config["run_dir"] = str(run_dir)
-    if not setup.multi:  # Optuna prunes single-objective studies only
+    if setup.prunes:  # the callback reports the validation loss, the study's one objective
         trainer = config.setdefault("trainer", {})
         callbacks = trainer.get("callbacks") or []
         callbacks = list(callbacks) if isinstance(callbacks, list) else [callbacks]
@@ -565,6 +581,8 @@ def run_trial(setup: Setup, study, trial, echo: Callable[[str], None] = print) -
         try:
             metrics = trial_metrics(setup, frozen, client, run_id, run_dir, config)
             values = [metrics[o["metric"]] for o in setup.objectives]
+            if not all(math.isfinite(v) for v in values):
+                raise RuntimeError(f"a non-finite objective value {values}")
             study.tell(trial, values if setup.multi else values[0])
             state = "COMPLETE"
         except (KeyError, RuntimeError) as err:

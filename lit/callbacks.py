@@ -231,9 +231,10 @@ class RunSummary(Callback):
         out = [f"{'steps':<12} {self.start_step} -> {trainer.global_step} (max_steps {trainer.max_steps}) "
                f"in {_duration(seconds)}; {self.tokens / max(seconds, 1e-9):,.0f} tokens/s"
                + (f", {steps / max(seconds, 1e-9):.2f} steps/s" if steps else "")]
+        since = f" (validations since step {self.start_step})" if self.start_step else ""
         for name, point in (("final", self.final), ("best", self.best)):
             if point is not None:
-                out.append(f"{name + ' val':<12} loss {point[1]:.4f}  ppl {math.exp(point[1]):.3f}  (step {point[0]})")
+                out.append(f"{name + ' val':<12} loss {point[1]:.4f}  ppl {math.exp(point[1]):.3f}  (step {point[0]}){since if name == 'best' else ''}")
         if self.final is None:
             out.append(f"{'val':<12} no validation ran in this invocation")
         out += [f"{name:<12} {where}" for name, where in places.items() if where]

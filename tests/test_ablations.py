@@ -444,6 +444,8 @@ def test_pareto_front_and_recommended_point():
     front = [points[i] for i in (0, 1, 3)]
     assert recommended_index(front, ["maximize", "minimize"]) == 2  # (0.7, 2.2): nearest the utopia corner
     assert recommended_index([[1.0, 1.0]], ["maximize", "minimize"]) == 0
+    # a two-point front is always a tie when scaled over itself: the better first objective wins
+    assert recommended_index([[0.5, 2.0], [0.9, 3.0]], ["maximize", "minimize"]) == 1
 
 
 def test_study_definitions_fail_clearly():
@@ -457,6 +459,8 @@ def test_study_definitions_fail_clearly():
     two = [{"metric": "mqar/acc/P1024", "direction": "maximize"}, {"metric": "val_loss"}]
     with pytest.raises(TuneError, match="cannot prune"):
         setup(objectives=two, eval={"mqar": {}}, pruner={"type": "median"})
+    with pytest.raises(TuneError, match="pruner sees the validation loss"):  # one objective, but not the loss
+        setup(objectives=two[:1], eval={"mqar": {}}, pruner={"type": "median"})
     with pytest.raises(TuneError, match="tune.eval is empty"):
         setup(objectives=two, eval={})
     with pytest.raises(TuneError, match="direction='up'"):

@@ -347,7 +347,7 @@ def parser() -> argparse.ArgumentParser:
     common.add_argument("--ckpt", help="a checkpoint file or a run folder (uses checkpoints/last.ckpt)")
     common.add_argument("--preset", help="evaluate a randomly initialised model of this preset instead")
     common.add_argument("--tokenizer", default="byte", help="the training run's tokenizer (default: byte)")
-    common.add_argument("--out", help="output folder (default: <run folder>/eval/<command>)")
+    common.add_argument("--out", help="output folder (default: <run folder>/eval/<command>, or <command>-fresh_memory)")
     common.add_argument("--no-mlflow", action="store_true", help="do not log into MLflow")
     common.add_argument("--seed", type=int, default=0, help="seed of the samples (and of --fresh-memory)")
     common.add_argument("--fresh-memory", action="store_true",
