@@ -241,7 +241,7 @@ class GridRunner:
         return path
 
     def _train(self, spec: RunSpec, config_path: Path, gpu: Optional[str]):
-        env = child_env(threads=_threads_per_worker(self.workers) if gpu is None else None)
+        env = child_env(threads=threads_per_worker(self.workers) if gpu is None else None)
         if gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = physical_gpu(gpu)
         log_path = spec.run_dir / LOG_FILE
@@ -346,7 +346,8 @@ def physical_gpu(gpu: str) -> str:
     return str(gpu)
 
 
-def _threads_per_worker(workers: int) -> int:
+def threads_per_worker(workers: int) -> int:
+    """CPU threads for each of ``workers`` jobs sharing this machine."""
     return max(1, (os.cpu_count() or 1) // max(1, workers))
 
 

@@ -73,7 +73,7 @@ from lightning.pytorch.callbacks import Callback
 from ablations.grid import apply, check_grid_run, load_grid
 from lit.config import RunConfig, dump_yaml
 from ablations.launch import CONFIG_FILE, LOG_FILE, child_env, error_line, failure_text, run_training, stop
-from ablations.runner import MAX_TAG
+from ablations.runner import EVALUATORS, MAX_TAG, threads_per_worker
 from lit.tracking import (Store, ensure_parent, file_lock, open_store, read_run_id, search_runs, set_running,
                           tag_filter)
 
@@ -172,8 +172,6 @@ def objectives(spec: dict) -> list[dict]:
 
 def evaluations(spec, objective_list: list[dict]) -> dict:
     """``tune.eval`` ({evaluation: options}, as a grid's ``eval``); needed by any objective but val_loss."""
-    from ablations.runner import EVALUATORS
-
     spec = dict(spec or {})
     unknown = sorted(set(spec) - set(EVALUATORS))
     if unknown:
@@ -608,8 +606,6 @@ def trial_metrics(setup: Setup, frozen, client, run_id: Optional[str], run_dir: 
     if loss is not None:
         metrics[VAL_LOSS] = loss
     if setup.eval:
-        from ablations.runner import EVALUATORS
-
         with _torch_threads(setup.threads):
             for kind, options in setup.eval.items():
                 try:
@@ -794,7 +790,7 @@ def tune(grid_name: str, study_name: Optional[str] = None, storage: Optional[str
     setup.check()
     share = int(os.environ.get("FWPKM_TUNE_WORKERS", "0")) if worker_only else workers
     if share > 1:  # the workers of this machine split its cores
-        setup.threads = max(1, (os.cpu_count() or 1) // share)
+        setup.threads = threads_per_worker(share)
     setup.store = open_store(setup.runs_dir, setup.grid.experiment, tracking_uri)
     study = setup.load()
     setup.parent_id = study_parent(setup, study)
