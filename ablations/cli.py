@@ -34,6 +34,7 @@ ABLATE_EXAMPLES = """\
   fwpkm ablate tiny --dry-run
   fwpkm ablate tiny --workers 2 --only base dot --seeds 0 1
   fwpkm ablate paper --gpus 0,1,2,3,4,5,6,7 --set data.source=hf:HuggingFaceFW/fineweb-edu
+  fwpkm ablate mqar --storage postgresql://user@db/fwpkm --tracking-uri http://mlflow:5000   # on every machine
 """
 
 TUNE_EXAMPLES = """\
@@ -94,19 +95,28 @@ def ablate(argv: list[str]) -> Optional[int]:
                         help="comma-separated GPU indices, one run per GPU at a time (e.g. 0,1,2,3; 'all')")
     parser.add_argument("--timeout", type=float, default=None, help="seconds per training run before it is stopped "
                                                                     "and recorded as failed")
+    parser.add_argument("--storage", default=None,
+                        help="Optuna RDB storage URL (postgresql://...) holding the grid's cells as a queue that "
+                             "`fwpkm ablate` processes on any machines share; default: none (this machine only)")
+    parser.add_argument("--heartbeat", type=float, default=60.0,
+                        help="with --storage: seconds between a running cell's heartbeats; a cell silent for 3 "
+                             "heartbeats is taken over by another worker (default: 60)")
     _sets(parser)
     _common(parser)
     args = parser.parse_args(argv)
     from ablations.grid import GridError, parse_sets
     from ablations.runner import ablate as run
+    from ablations.storage import StorageError
 
     try:
         gpus = _gpus(args.gpus)
         sets = parse_sets(args.sets)
+        if args.heartbeat <= 0:
+            raise GridError(f"--heartbeat {args.heartbeat:g}: must be a positive number of seconds")
         return run(args.grid, runs_dir=args.runs_dir, tracking_uri=args.tracking_uri, only=args.only,
                    seeds=args.seeds, workers=args.workers or (len(gpus) if gpus else 1), gpus=gpus, sets=sets,
-                   dry_run=args.dry_run, timeout=args.timeout)
-    except (GridError, LookupError) as err:
+                   dry_run=args.dry_run, timeout=args.timeout, storage=args.storage, heartbeat_s=args.heartbeat)
+    except (GridError, LookupError, StorageError) as err:
         return _error("fwpkm ablate", err)
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import queue
 import signal
@@ -38,6 +39,7 @@ from typing import Callable, Optional
 
 
 from ablations.grid import Grid, GridError, RunSpec, describe, grid_dir, load_grid, resolve_runs
+from ablations.storage import public_url
 from ablations.launch import CONFIG_FILE, LOG_FILE, ProcessGroup, child_env, error_line, failure_text, run_training
 from lit.config import dump_yaml
 from lit.evaluation import mqar, niah
@@ -62,13 +64,15 @@ class Outcome:
     run_id: Optional[str] = None
     seconds: float = 0.0
     error: Optional[str] = None
+    value: Optional[float] = None  # the final validation loss, ln(val/ppl)
 
 
 class GridRunner:
     def __init__(self, grid: Grid, specs: list[RunSpec], store: Store, workers: int = 1,
                  gpus: Optional[list[str]] = None, timeout: Optional[float] = None,
-                 echo: Callable[[str], None] = print):
+                 echo: Callable[[str], None] = print, cell_queue=None):
         self.grid, self.specs, self.store = grid, specs, store
+        self.cell_queue = cell_queue  # ablations.cellqueue.CellQueue: cells shared with other machines
         self.gpus = list(gpus or [])
         self.workers = max(1, int(workers or (len(self.gpus) or 1)))
         self.timeout = timeout
@@ -84,8 +88,20 @@ class GridRunner:
 
     def run(self) -> list[Outcome]:
         grid = self.grid
-        self.parent_id = ensure_parent(self.store, ROLE_GRID, grid.name)
         client = self.store.client
+        todo = self._skip_finished()
+        if self.cell_queue is None:
+            self.parent_id = ensure_parent(self.store, ROLE_GRID, grid.name)
+        else:  # the queue's creator makes the parent run and fills the queue before the others look
+            def make_parent() -> str:
+                parent = ensure_parent(self.store, ROLE_GRID, grid.name)
+                self.cell_queue.fill([s for s in todo if s.error is None])
+                return parent
+
+            self.parent_id = self.cell_queue.share("mlflow_parent_run", make_parent)
+            added = self.cell_queue.fill([s for s in todo if s.error is None])
+            self.echo(f"[ablate] queue {self.cell_queue.name!r} on {public_url(self.cell_queue.url)}"
+                      f"{': created' if self.cell_queue.leader else ''}{f', {added} cell(s) added' if added else ''}")
         set_running(self.store, self.parent_id)
         tags = {"fwpkm.variants": json.dumps(grid.order), "fwpkm.aliases": json.dumps(grid.aliases),
                 "fwpkm.eval": self.eval_signature, "fwpkm.grid_file": str(grid.path),
@@ -100,30 +116,23 @@ class GridRunner:
         self.echo(f"[ablate] grid {grid.name!r}: {len(self.specs)} run(s), {self.workers} worker(s); "
                   f"MLflow parent run {self.parent_id} ({self.store.uri}, experiment {self.store.experiment!r})")
 
-        outcomes: list[Outcome] = []
-        todo = []
-        for spec in self.specs:
+        outcomes: list[Outcome] = list(self._skipped)
+        for spec in todo:
             if spec.error is not None:
                 outcomes.append(self._record_failure(spec, f"invalid config: {spec.error}", seconds=0.0))
-                continue
-            done = self.finished_run(spec)
-            if done is not None and done.data.tags.get("fwpkm.stage") == "done":
-                if done.data.tags.get(EVALUATED_WITH) == self.eval_signature:
-                    self.echo(f"[ablate] skip {spec.key}: MLflow run {done.info.run_id} already FINISHED "
-                              f"(hash {spec.config_hash})")
-                    outcomes.append(Outcome(spec, "SKIPPED", done.info.run_id))
-                    continue
-                self.echo(f"[ablate] re-evaluate {spec.key}: trained (MLflow run {done.info.run_id}), "
-                          f"evaluated with another eval config than the grid's")
-            todo.append(spec)
+        todo = [s for s in todo if s.error is None]
 
         previous = _install_sigterm()
         try:
             with ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="ablate") as pool:
-                futures = [pool.submit(self._execute, spec) for spec in todo]
+                if self.cell_queue is None:
+                    futures = [pool.submit(self._execute, spec) for spec in todo]
+                else:
+                    futures = [pool.submit(self._queue_worker) for _ in range(self.workers)]
                 try:
                     for future in as_completed(futures):
-                        outcomes.append(future.result())
+                        result = future.result()
+                        outcomes.extend(result if isinstance(result, list) else [result])
                 except BaseException:
                     self._stopping.set()
                     for f in futures:
@@ -140,9 +149,73 @@ class GridRunner:
         outcomes.sort(key=lambda o: order.get(id(o.spec), 0))
         return outcomes
 
-    def finished_run(self, spec: RunSpec):
-        runs = search_runs(self.store, tag_filter(fwpkm__grid=spec.grid, fwpkm__variant=spec.variant,
+    def _skip_finished(self) -> list[RunSpec]:
+        """The specs still to run; the finished and evaluated ones are noted in ``self._skipped``."""
+        self._skipped, todo = [], []
+        for spec in self.specs:
+            done = self.finished_run(spec) if spec.error is None else None
+            if done is not None and done.data.tags.get("fwpkm.stage") == "done":
+                if done.data.tags.get(EVALUATED_WITH) == self.eval_signature:
+                    self.echo(f"[ablate] skip {spec.key}: MLflow run {done.info.run_id} already FINISHED "
+                              f"(hash {spec.config_hash})")
+                    self._skipped.append(Outcome(spec, "SKIPPED", done.info.run_id))
+                    continue
+                self.echo(f"[ablate] re-evaluate {spec.key}: trained (MLflow run {done.info.run_id}), "
+                          f"evaluated with another eval config than the grid's")
+            todo.append(spec)
+        return todo
+
+    def _queue_worker(self) -> list[Outcome]:
+        """Take cells from the shared queue and run them until it is empty (one thread of ``--workers``)."""
+        from ablations.cellqueue import cell_id
+
+        by_cell = {cell_id(s): s for s in self.specs if s.error is None}
+        outcomes: list[Outcome] = []
+        while not self._stopping.is_set():
+            trial = self.cell_queue.take(self._stopping)
+            if trial is None:
+                break
+            spec = by_cell[trial.user_attrs["cell"]]
+            outcome = Outcome(spec, "FAILED", error="interrupted")
+            try:
+                with self.cell_queue.heartbeat(trial):
+                    retried = self.cell_queue.retried_from(trial)
+                    if retried is not None:
+                        self.echo(f"[ablate] taking over {spec.key} (queue trial {retried}: its worker stopped)")
+                        self._close_dead_runs(spec)
+                    done = self.finished_run(spec)
+                    if (done is not None and done.data.tags.get("fwpkm.stage") == "done"
+                            and done.data.tags.get(EVALUATED_WITH) == self.eval_signature):
+                        outcome = Outcome(spec, "SKIPPED", done.info.run_id, value=val_loss(done))
+                    else:
+                        outcome = self._execute(spec)
+            finally:
+                if outcome.error == "interrupted":  # back in the queue at once, for any worker
+                    self.cell_queue.finish(trial, "FAILED", None, outcome.run_id)
+                    self.cell_queue.fill([spec])
+                else:
+                    self.cell_queue.finish(trial, outcome.status, outcome.value, outcome.run_id)
+                    if outcome.run_id:
+                        with contextlib.suppress(Exception):
+                            self.store.client.set_tag(outcome.run_id, "fwpkm.queue_trial", str(trial.number))
+            outcomes.append(outcome)
+        return outcomes
+
+    def _close_dead_runs(self, spec: RunSpec) -> None:
+        """A taken-over cell whose run folder is not shared trains again in a new MLflow run: the dead
+        worker's run, still RUNNING, is marked KILLED so that the cell has one live run."""
+        own = read_run_id(spec.run_dir)
+        for run in self._cell_runs(spec):
+            if run.info.status == "RUNNING" and run.info.run_id != own:
+                self.store.client.set_tag(run.info.run_id, "fwpkm.stage", "taken_over")
+                self.store.client.set_terminated(run.info.run_id, "KILLED")
+
+    def _cell_runs(self, spec: RunSpec) -> list:
+        return search_runs(self.store, tag_filter(fwpkm__grid=spec.grid, fwpkm__variant=spec.variant,
                                                   fwpkm__seed=str(spec.seed), fwpkm__config_hash=spec.config_hash))
+
+    def finished_run(self, spec: RunSpec):
+        runs = self._cell_runs(spec)
         finished = [r for r in runs if r.info.status == "FINISHED"]
         finished.sort(key=lambda r: (r.data.tags.get("fwpkm.stage") == "done", r.info.start_time or 0))
         return finished[-1] if finished else None
@@ -283,7 +356,7 @@ class GridRunner:
         ppl = run.data.metrics.get("val/ppl")
         note = f"val/ppl={ppl:.3f}" if ppl is not None else "no val/ppl"
         self.echo(f"[ablate] done {spec.key} in {time.time() - start:.1f} s: {note} (MLflow run {run_id})")
-        return Outcome(spec, "FINISHED", run_id, time.time() - start)
+        return Outcome(spec, "FINISHED", run_id, time.time() - start, value=val_loss(run))
 
     def _record_failure(self, spec: RunSpec, error: str, seconds: float, run_id: Optional[str] = None) -> Outcome:
         """Mark the run's MLflow run FAILED with the error; create one if training never got that far."""
@@ -332,6 +405,11 @@ class GridRunner:
 # --------------------------------------------------------------------------- helpers
 
 
+def val_loss(run) -> Optional[float]:
+    ppl = run.data.metrics.get("val/ppl")
+    return math.log(ppl) if ppl and ppl > 0 else None
+
+
 def runner_lock_path(run_dir: Path) -> Path:
     """The lock a grid runner holds on one (variant, seed) while it trains and evaluates it."""
     return run_dir.parent / f".{run_dir.name}.runner.lock"
@@ -371,8 +449,10 @@ def _restore_sigterm(previous) -> None:
 
 def ablate(grid_name: str, runs_dir: str = "runs", tracking_uri: Optional[str] = None, only=None, seeds=None,
            workers: int = 1, gpus: Optional[list[str]] = None, sets: Optional[dict] = None, dry_run: bool = False,
-           timeout: Optional[float] = None, echo: Callable[[str], None] = print) -> int:
-    """Run (or with ``dry_run`` list) a grid; returns the exit code (1 if any run failed)."""
+           timeout: Optional[float] = None, storage: Optional[str] = None, heartbeat_s: float = 60.0,
+           echo: Callable[[str], None] = print) -> int:
+    """Run (or with ``dry_run`` list) a grid; returns the exit code (1 if any run failed). With ``storage``
+    (an Optuna RDB URL) the grid's cells are a queue shared with ``ablate`` processes elsewhere."""
     from ablations import report
 
     grid = load_grid(grid_name)
@@ -385,7 +465,13 @@ def ablate(grid_name: str, runs_dir: str = "runs", tracking_uri: Optional[str] =
         echo(describe(grid, specs))
         return 0 if all(s.error is None for s in specs) else 1
     store = open_store(Path(runs_dir), grid.experiment, tracking_uri)
-    runner = GridRunner(grid, specs, store, workers=workers, gpus=gpus, timeout=timeout, echo=echo)
+    cell_queue = None
+    if storage:
+        from ablations.cellqueue import CellQueue, cell_id
+
+        cell_queue = CellQueue(storage, grid.name, [cell_id(s) for s in specs], heartbeat_s=heartbeat_s, echo=echo)
+    runner = GridRunner(grid, specs, store, workers=workers, gpus=gpus, timeout=timeout, echo=echo,
+                        cell_queue=cell_queue)
     try:
         outcomes = runner.run()
     except KeyboardInterrupt:

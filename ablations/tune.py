@@ -74,6 +74,7 @@ from ablations.grid import apply, check_grid_run, load_grid
 from lit.config import RunConfig, dump_yaml
 from ablations.launch import CONFIG_FILE, LOG_FILE, child_env, error_line, failure_text, run_training, stop
 from ablations.runner import EVALUATORS, MAX_TAG, threads_per_worker
+from ablations.storage import public_url, storage_object
 from lit.tracking import (Store, ensure_parent, file_lock, open_store, read_run_id, search_runs, set_running,
                           tag_filter)
 
@@ -194,28 +195,6 @@ def off_points(params: dict) -> dict:
                                 "e.g. {model.block.memory.addr_loss_weight: null}")
             out[name] = dict(spec["disabled"])
     return out
-
-
-def storage_object(url: str):
-    """An Optuna RDB storage with a patient SQLite connection (several workers share the file)."""
-    import optuna
-
-    if url.startswith("sqlite:///"):
-        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-        return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 120}})
-    if "://" in url and not url.startswith(("redis", "journal")):
-        return optuna.storages.RDBStorage(url)
-    return url
-
-
-def public_url(url: str) -> str:
-    """The storage URL without its password (for tags and logs)."""
-    try:
-        from sqlalchemy.engine import make_url
-
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return url.split("@")[-1] if "@" in url else url
 
 
 class Setup:

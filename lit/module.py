@@ -58,7 +58,6 @@ import math
 import random
 import time
 from pathlib import Path
-from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 import lightning as L
