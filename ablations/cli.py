@@ -151,6 +151,9 @@ def tune(argv: list[str]) -> Optional[int]:
     parser.add_argument("--timeout", type=float, default=None, help="stop starting trials after this many seconds")
     parser.add_argument("--trial-timeout", type=float, default=None, help="seconds per trial before it fails")
     parser.add_argument("--seed", type=int, default=None, help="sampler seed (worker i uses seed + i)")
+    parser.add_argument("--heartbeat", type=float, default=30.0,
+                        help="seconds between a running trial's heartbeats in an RDB storage; a trial silent for 3 "
+                             "heartbeats is failed and retried by another worker, resuming its folder (default: 30)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # a worker started by --workers
     _sets(parser)
     _common(parser)
@@ -163,7 +166,7 @@ def tune(argv: list[str]) -> Optional[int]:
         return run(args.grid, study_name=args.study_name, storage=args.storage, n_trials=args.n_trials,
                    workers=args.workers, timeout=args.timeout, trial_timeout=args.trial_timeout, seed=args.seed,
                    runs_dir=args.runs_dir, tracking_uri=args.tracking_uri, sets=parse_sets(args.sets),
-                   worker_only=args.worker, argv=argv)
+                   worker_only=args.worker, argv=argv, heartbeat_s=args.heartbeat)
     except (GridError, TuneError, LookupError) as err:
         return _error("fwpkm tune", err)
 

@@ -36,15 +36,16 @@ def public_url(url: str) -> str:
         return url.split("@")[-1] if "@" in url else url
 
 
-def retry_callback(max_retry: Optional[int]):
+def retry_callback(max_retry: Optional[int], inherit_intermediate_values: bool = False):
     """Optuna's callback that enqueues a heartbeat-stale trial again (renamed in Optuna 4.9)."""
     from optuna import storages
 
     cls = getattr(storages, "RetryHeartbeatStaleTrialCallback", None) or storages.RetryFailedTrialCallback
-    return cls(max_retry=max_retry)
+    return cls(max_retry=max_retry, inherit_intermediate_values=inherit_intermediate_values)
 
 
-def heartbeat_storage(url: str, heartbeat_s: float = HEARTBEAT_S, max_retry: Optional[int] = 3):
+def heartbeat_storage(url: str, heartbeat_s: float = HEARTBEAT_S, max_retry: Optional[int] = 3,
+                      inherit_intermediate_values: bool = False):
     """An Optuna RDB storage with heartbeats: trials whose worker stops beating for ``3 x heartbeat_s``
     are failed by the next worker and enqueued again (at most ``max_retry`` times)."""
     import inspect
@@ -63,7 +64,7 @@ def heartbeat_storage(url: str, heartbeat_s: float = HEARTBEAT_S, max_retry: Opt
     kwargs = {"heartbeat_interval": max(1, int(round(heartbeat_s))), "grace_period": max(3, int(round(3 * heartbeat_s)))}
     params = inspect.signature(optuna.storages.RDBStorage).parameters
     name = "heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback" in params else "failed_trial_callback"
-    kwargs[name] = retry_callback(max_retry)
+    kwargs[name] = retry_callback(max_retry, inherit_intermediate_values)
     if url.startswith("sqlite:///"):
         kwargs["engine_kwargs"] = {"connect_args": {"timeout": 120}}
     return optuna.storages.RDBStorage(url, **kwargs)

@@ -46,8 +46,10 @@ scaled to [0, 1] over the front (:func:`ablations.report.recommended_index`).
   Workers (``--workers N`` here, or more ``fwpkm tune`` processes anywhere on the same storage)
   claim trials under a lock, so the study gets exactly ``n_trials`` trials (with a shared
   network storage and no shared folder, workers on different machines can overshoot by at
-  most one trial each). A trial whose worker died (no heartbeat, or a dead process on this
-  host) is taken over and resumes from its last checkpoint.
+  most one trial each). A running trial records Optuna's heartbeat in an RDB storage
+  (``--heartbeat``); Optuna fails a trial whose worker stopped beating for 3 heartbeats and
+  enqueues it again (``RetryHeartbeatStaleTrialCallback``, intermediate values kept), and the
+  worker that takes the retry resumes the first trial's folder from its last checkpoint.
 * At the end: best value and parameters (printed, tags ``best.*`` and metric ``best_value`` on
   the study's run), Optuna's optimisation-history, parameter-importance and slice plots, and
   the trial table, all attached to the study's run.
@@ -62,7 +64,6 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 import traceback
 from pathlib import Path
@@ -74,7 +75,7 @@ from ablations.grid import apply, check_grid_run, load_grid
 from lit.config import RunConfig, dump_yaml
 from ablations.launch import CONFIG_FILE, LOG_FILE, child_env, error_line, failure_text, run_training, stop
 from ablations.runner import EVALUATORS, MAX_TAG, threads_per_worker
-from ablations.storage import public_url, storage_object
+from ablations.storage import Heartbeat, heartbeat_storage, public_url, storage_object
 from lit.tracking import (Store, ensure_parent, file_lock, open_store, read_run_id, search_runs, set_running,
                           tag_filter)
 
@@ -85,8 +86,7 @@ DEFAULT_PARAMS = {"model.block.memory.addr_loss_weight": {"type": "float", "low"
                                                                    "log": True}}
 VAL_LOSS = "val_loss"  # the objective ln(val/ppl) at the last validation
 OFF_ATTR = "disabled"  # user attribute of the trial at a parameter's switched-off point
-HEARTBEAT_S = 15.0
-STALE_AFTER_S = 120.0
+HEARTBEAT_S = 30.0  # a trial silent for 3 heartbeats is failed by Optuna and retried by the next worker
 MAX_CONSECUTIVE_FAILURES = 3
 
 
@@ -202,8 +202,11 @@ class Setup:
 
     def __init__(self, grid_name: str, study_name: Optional[str], storage: Optional[str], n_trials: Optional[int],
                  runs_dir: str, tracking_uri: Optional[str], sets: Optional[dict], seed: Optional[int],
-                 trial_timeout: Optional[float]):
+                 trial_timeout: Optional[float], heartbeat_s: float = HEARTBEAT_S, echo: Callable[[str], None] = print):
         self.grid = load_grid(grid_name)
+        if not heartbeat_s > 0:
+            raise TuneError(f"--heartbeat {heartbeat_s:g}: must be a positive number of seconds")
+        self.heartbeat_s, self.echo = float(heartbeat_s), echo
         spec = dict(self.grid.tune or {})
         unknown = sorted(set(spec) - {"study", "n_trials", "direction", "objectives", "eval", "params", "overrides",
                                       "pruner", "sampler", "seed"})
@@ -315,8 +318,11 @@ class Setup:
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # the workers print their own lines
+        self.heartbeats = "://" in self.storage_url and not self.storage_url.startswith(("redis", "journal"))
+        self.optuna_storage = (heartbeat_storage(self.storage_url, self.heartbeat_s, inherit_intermediate_values=True)
+                               if self.heartbeats else storage_object(self.storage_url))
         with self.lock():
-            study = optuna.create_study(study_name=self.name, storage=storage_object(self.storage_url),
+            study = optuna.create_study(study_name=self.name, storage=self.optuna_storage,
                                         directions=self.directions, sampler=self.sampler(worker_index),
                                         pruner=make_pruner(self.pruner_spec), load_if_exists=True)
         if [d.name.lower() for d in study.directions] != self.directions:
@@ -431,75 +437,48 @@ class OptunaPruning(Callback):
 # --------------------------------------------------------------------------- workers
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _is_stale(trial, now: float) -> bool:
-    owner = trial.user_attrs.get("worker") or {}
-    beat = float(owner.get("heartbeat", 0) or 0)
-    if owner.get("host") == socket.gethostname() and owner.get("pid") and not _alive(int(owner["pid"])):
-        return True
-    return now - beat > STALE_AFTER_S
-
-
-def _own(trial) -> None:
-    trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid(), "heartbeat": time.time()})
-
-
 def claim(setup: Setup, study, worker_index: int = 0):
-    """The next trial for this worker: a RUNNING trial whose worker died, else a new one while the
-    study has fewer than ``n_trials``; None when the study is complete."""
+    """The next trial for this worker: a WAITING retry of a trial whose worker died (Optuna fails a
+    trial without heartbeat and enqueues it again), else a new one while the study has fewer than
+    ``n_trials``; waits while other workers' trials run (they may still go stale); None when done."""
     import optuna
     from optuna.trial import TrialState
 
-    with setup.lock():
-        trials = study.get_trials(deepcopy=False)
-        now = time.time()
-        for frozen in trials:
-            if frozen.state == TrialState.RUNNING and _is_stale(frozen, now):
-                trial = optuna.trial.Trial(study, frozen._trial_id)
-                _own(trial)
-                return trial, True
-        if len(trials) >= setup.n_trials:
+    announced = False
+    while True:
+        with setup.lock():
+            if setup.heartbeats:
+                optuna.storages.fail_stale_trials(study)
+            trials = study.get_trials(deepcopy=False)
+            if any(t.state == TrialState.WAITING for t in trials):
+                return study.ask(), True
+            started = [t for t in trials if original_number(t) == t.number]  # a retry is not a new trial
+            if len(started) < setup.n_trials:
+                taken = {t.user_attrs.get(OFF_ATTR) for t in trials}
+                off = next((name for name in setup.off_points if name not in taken), None)
+                if off is not None:  # the switched-off point, once, before the search
+                    trial = study.ask(fixed_distributions={k: v for k, v in setup.distributions.items() if k != off})
+                    trial.set_user_attr(OFF_ATTR, off)
+                else:
+                    if setup.seed is not None:
+                        study.sampler = setup.sampler(offset=1000 * len(trials) + worker_index)
+                    trial = study.ask(fixed_distributions=setup.distributions)
+                trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid()})
+                return trial, False
+            running = [t.number for t in trials if t.state == TrialState.RUNNING]
+        if not running or not setup.heartbeats:
             return None, False
-        taken = {t.user_attrs.get(OFF_ATTR) for t in trials}
-        off = next((name for name in setup.off_points if name not in taken), None)
-        if off is not None:  # the switched-off point, once, before the search
-            trial = study.ask(fixed_distributions={k: v for k, v in setup.distributions.items() if k != off})
-            trial.set_user_attr(OFF_ATTR, off)
-        else:
-            if setup.seed is not None:
-                study.sampler = setup.sampler(offset=1000 * len(trials) + worker_index)
-            trial = study.ask(fixed_distributions=setup.distributions)
-        _own(trial)
-        return trial, False
+        if not announced:
+            echo = setup.echo
+            echo(f"[tune] all {setup.n_trials} trials started; waiting on running trial(s) {running}, "
+                 f"taken over here if their worker stops")
+            announced = True
+        time.sleep(min(setup.heartbeat_s, 5.0))
 
 
-class _Heartbeat:
-    def __init__(self, trial):
-        self.trial = trial
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._beat, daemon=True)
-
-    def _beat(self) -> None:
-        while not self.stop.wait(HEARTBEAT_S):
-            with contextlib.suppress(Exception):
-                _own(self.trial)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        self.thread.join(timeout=5)
+def original_number(trial) -> int:
+    """The number of the first trial of a retry series (its folder and MLflow run), else its own."""
+    return int(trial.system_attrs.get("failed_trial", trial.number))
 
 
 def trial_params(trial) -> dict:
@@ -516,8 +495,9 @@ def run_trial(setup: Setup, study, trial, echo: Callable[[str], None] = print) -
     from optuna.trial import TrialState
 
     number, params = trial.number, trial_params(trial)
-    run_dir = setup.folder / f"trial{number:04d}"
-    _prepare_trial_folder(run_dir, setup.name, trial._trial_id, params, echo)
+    first = original_number(study._storage.get_trial(trial._trial_id))
+    run_dir = setup.folder / f"trial{first:04d}"  # a retry resumes the folder of the trial it retries
+    _prepare_trial_folder(run_dir, setup.name, first, params, echo)
     config = setup.trial_config(dict(trial.params), off=trial.user_attrs.get(OFF_ATTR))
     tags = {"mlflow.parentRunId": setup.parent_id, "fwpkm.role": "trial", "fwpkm.study": setup.name,
             "optuna.study": setup.name, "optuna.trial_number": str(number),
@@ -608,10 +588,10 @@ def _torch_threads(threads: Optional[int]):
         torch.set_num_threads(before)
 
 
-def _prepare_trial_folder(run_dir: Path, study: str, trial_id: int, params: dict, echo) -> None:
+def _prepare_trial_folder(run_dir: Path, study: str, number: int, params: dict, echo) -> None:
     """A folder left by another study of the same name (storage deleted) is moved aside."""
     marker = run_dir / TRIAL_FILE
-    identity = {"study": study, "trial_id": int(trial_id), "params": json.loads(json.dumps(params, default=str))}
+    identity = {"study": study, "trial": int(number), "params": json.loads(json.dumps(params, default=str))}
     if marker.is_file():
         try:
             old = json.loads(marker.read_text())
@@ -688,8 +668,10 @@ def worker(setup: Setup, worker_index: int = 0, deadline: Optional[float] = None
         if trial is None:
             break
         if taken_over:
-            echo(f"[tune] taking over trial {trial.number} (its worker stopped); resuming it")
-        with _Heartbeat(trial):
+            first = original_number(study._storage.get_trial(trial._trial_id))
+            echo(f"[tune] taking over trial {first} (its worker stopped) as trial {trial.number}; resuming it")
+        beating = Heartbeat(setup.optuna_storage, trial._trial_id, setup.heartbeat_s) if setup.heartbeats else None
+        with beating or contextlib.nullcontext():
             state = run_trial(setup, study, trial, echo)
         done += 1
         failures = failures + 1 if state == "FAIL" else 0
@@ -764,8 +746,9 @@ def tune(grid_name: str, study_name: Optional[str] = None, storage: Optional[str
          n_trials: Optional[int] = None, workers: int = 1, timeout: Optional[float] = None,
          trial_timeout: Optional[float] = None, seed: Optional[int] = None, runs_dir: str = "runs",
          tracking_uri: Optional[str] = None, sets: Optional[dict] = None, worker_only: bool = False,
-         argv: Optional[list] = None, echo: Callable[[str], None] = print) -> int:
-    setup = Setup(grid_name, study_name, storage, n_trials, runs_dir, tracking_uri, sets, seed, trial_timeout)
+         argv: Optional[list] = None, heartbeat_s: float = HEARTBEAT_S, echo: Callable[[str], None] = print) -> int:
+    setup = Setup(grid_name, study_name, storage, n_trials, runs_dir, tracking_uri, sets, seed, trial_timeout,
+                  heartbeat_s, echo)
     setup.check()
     share = int(os.environ.get("FWPKM_TUNE_WORKERS", "0")) if worker_only else workers
     if share > 1:  # the workers of this machine split its cores

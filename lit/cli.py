@@ -351,7 +351,9 @@ class RunFolderConflict(ValueError):
     """A run folder's existing run and this command disagree."""
 
 
-RESUMABLE_CHANGES = ("trainer.max_steps",)  # may grow on an existing run folder: an explicit longer resume
+# may change on an existing run folder: a longer resume, or the same run on another device layout (the
+# data module continues at the same row of the epoch, or refuses when the new global batch cannot)
+RESUMABLE_CHANGES = ("trainer.max_steps", "trainer.devices", "trainer.num_nodes", "trainer.strategy", "data.batch_size")
 # where the run lives and is logged, and trainer options that only hook into or display it
 IGNORED_CHANGES = ("run_dir", "tracking.", "trainer.callbacks", "trainer.logger", "trainer.plugins", "trainer.profiler",
                    "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.default_root_dir")
@@ -375,19 +377,23 @@ def _resume_decision(parser, namespace, run_dir: Path, step: int) -> Optional[st
     if refused:
         diffs = "; ".join(f"{k}={before.get(k, MISSING)!r} -> {now.get(k, MISSING)!r}" for k in refused[:8])
         raise RunFolderConflict(f"run folder {run_dir} (checkpoint at step {step}) was run with other options: "
-                                f"{diffs}; allowed on an existing run folder: the same options, or a larger "
-                                f"trainer.max_steps (resume for more steps); use another --run_dir for a new run")
+                                f"{diffs}; allowed on an existing run folder: the same options, a larger "
+                                f"trainer.max_steps (resume for more steps), or another device layout "
+                                f"(trainer.devices, trainer.num_nodes, trainer.strategy, data.batch_size); "
+                                f"use another --run_dir for a new run")
     if "trainer.max_steps" in changed:
         old = before.get("trainer.max_steps")
         if isinstance(max_steps, int) and isinstance(old, int) and 0 < max_steps < old:
             raise RunFolderConflict(f"trainer.max_steps={max_steps} is smaller than the run folder's "
                                     f"trainer.max_steps={old} (checkpoint at step {step}); allowed: >= {old}")
+    finished = isinstance(max_steps, int) and 0 < max_steps <= step
+    if changed and not finished:
         kept = run_dir / f"config.step{step}.yaml"
         path.replace(kept)
-        print(f"[fwpkm] resuming {run_dir} from step {step} with trainer.max_steps {old} -> {max_steps}; "
-              f"the previous config is kept as {kept}")
+        diffs = ", ".join(f"{k} {before.get(k, MISSING)} -> {now.get(k, MISSING)}" for k in changed)
+        print(f"[fwpkm] resuming {run_dir} from step {step} with {diffs}; the previous config is kept as {kept}")
         return None
-    if isinstance(max_steps, int) and 0 < max_steps <= step:
+    if finished:
         print(f"[fwpkm] run folder {run_dir} already finished at step {step} (trainer.max_steps={max_steps}); "
               "nothing to do (a larger --trainer.max_steps resumes it)")
         return "finished"

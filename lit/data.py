@@ -28,7 +28,15 @@ the batch stream is one fixed sequence however the run is cut: ``state_dict()`` 
 Lightning writes into checkpoints) stores (epoch, batches consumed), and after
 ``load_state_dict()`` the loader continues with the next unseen batch. Lightning's own
 epoch number is not used for the order (it calls a fit stopped by ``max_steps`` a finished
-epoch). One process only: under DDP the sampler is not sharded.
+epoch).
+
+Data parallel: with ``W`` ranks each step reads one global batch of ``W x data.batch_size``
+rows, the next slice of the epoch's permutation, and rank ``r`` gets its ``r``-th part, so the
+ranks read disjoint rows and together the rows one process with the global batch would read.
+The position (epoch, global batches consumed) is the same on every rank. A checkpoint
+resumed with another global batch (other devices or batch size) continues at the same row of
+the permutation when that row starts a global batch of the new size, and is refused with the
+numbers otherwise.
 """
 
 from __future__ import annotations
@@ -468,18 +476,28 @@ class ResumableSampler(Sampler[int]):
 
     Epoch ``e`` is a permutation of ``range(size)`` drawn from (seed, e); a pass over the
     sampler yields that epoch's indices from the first unconsumed batch on. The owner calls
-    :meth:`record_batch` for every batch that was really used. ``len()`` stays the full size
-    so that Lightning's batch counting after a mid-epoch restart stays right.
+    :meth:`record_batch` for every batch that was really used. With ``world_size`` ranks a batch
+    is a global batch of ``world_size x batch_size`` rows of which this ``rank`` yields its part.
+    ``len()`` stays the full size (one rank's share of it) so that Lightning's batch counting
+    after a mid-epoch restart stays right.
     """
 
-    def __init__(self, size: int, batch_size: int, seed: int, shuffle: bool = True):
+    def __init__(self, size: int, batch_size: int, seed: int, shuffle: bool = True, rank: int = 0,
+                 world_size: int = 1):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world_size {world_size}")
         self.size, self.batch_size, self.seed, self.shuffle = size, batch_size, seed, shuffle
+        self.rank, self.world_size = rank, world_size
         self.epoch = 0
-        self.batches_consumed = 0  # in the current epoch
+        self.batches_consumed = 0  # global batches, in the current epoch
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.world_size
 
     @property
     def batches_per_epoch(self) -> int:
-        return self.size // self.batch_size  # the last partial batch is dropped
+        return self.size // self.global_batch  # the last partial batch is dropped
 
     def set_epoch(self, epoch: int) -> None:
         """Called by Lightning each epoch; ignored, the order follows the data position."""
@@ -495,14 +513,18 @@ class ResumableSampler(Sampler[int]):
         return np.random.default_rng([self.seed, epoch]).permutation(self.size)
 
     def __iter__(self):
-        start = self.batches_consumed * self.batch_size
-        return iter(self.order(self.epoch)[start:].tolist())
+        order = self.order(self.epoch)
+        if self.world_size == 1:
+            return iter(order[self.batches_consumed * self.batch_size:].tolist())
+        n = self.batches_per_epoch
+        parts = order[:n * self.global_batch].reshape(n, self.world_size, self.batch_size)
+        return iter(parts[self.batches_consumed:, self.rank].reshape(-1).tolist())
 
     def __len__(self) -> int:
-        return self.size
+        return self.size if self.world_size == 1 else self.batches_per_epoch * self.batch_size
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "batches_consumed": self.batches_consumed}
+        return {"epoch": self.epoch, "batches_consumed": self.batches_consumed, "world_size": self.world_size}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch, self.batches_consumed = int(state["epoch"]), int(state["batches_consumed"])
@@ -579,9 +601,34 @@ class FwPKMDataModule(L.LightningDataModule):
         main_val = [self._held_out_set(self.main_source, "data.source")] if self.config.val_fraction > 0 else []
         self.val_sets = main_val + [self._extra_val_set(spec, option) for option, spec in self.val_specs]
         self.train_set = train_set
-        self.sampler = ResumableSampler(len(train_set), self.config.batch_size, self.config.seed)
+        rank, world = self._rank_and_world()
+        self.sampler = ResumableSampler(len(train_set), self.config.batch_size, self.config.seed, rank=rank,
+                                        world_size=world)
         if self._resume_state is not None:
             self._apply_resume_state()
+
+    shards_by_rank = True  # each rank reads its own part of every global batch
+
+    def _shard_for_this_rank(self) -> None:
+        """Set up before the Trainer attached (one process), the sampler is rebuilt for this rank,
+        at the same row of the epoch."""
+        rank, world = self._rank_and_world()
+        if (self.sampler.rank, self.sampler.world_size) != (rank, world):
+            self._resume_state = self._resume_state or self.state_dict()
+            self.sampler = ResumableSampler(len(self.train_set), self.config.batch_size, self.config.seed,
+                                            rank=rank, world_size=world)
+            self._apply_resume_state()
+
+    def _rank_and_world(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 0, 1
+        return int(trainer.global_rank), int(trainer.world_size)
+
+    @property
+    def global_batch_size(self) -> int:
+        """Rows per optimizer step over all ranks: world size x data.batch_size."""
+        return self.config.batch_size * self._rank_and_world()[1]
 
     def documents(self, source: str) -> list[str]:
         """The documents of a text source as this module reads them (cached)."""
@@ -676,6 +723,7 @@ class FwPKMDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self.setup("fit")
+        self._shard_for_this_rank()
         return ResumableDataLoader(
             self.train_set,
             batch_size=self.config.batch_size,
@@ -694,7 +742,8 @@ class FwPKMDataModule(L.LightningDataModule):
 
     @property
     def batches_per_epoch(self) -> Optional[int]:
-        return None if self.train_set is None else len(self.train_set) // self.config.batch_size
+        """Optimizer steps per pass over the train rows (global batches)."""
+        return None if self.sampler is None else self.sampler.batches_per_epoch
 
     # ----------------------------------------------------------------- resuming
 
@@ -727,11 +776,27 @@ class FwPKMDataModule(L.LightningDataModule):
     def _apply_resume_state(self) -> None:
         state, self._resume_state = self._resume_state, None
         if "train_rows" in state:
-            saved = (state["seed"], state["batch_size"], state["train_rows"])
-            current = (self.config.seed, self.config.batch_size, len(self.train_set))
+            saved = (state["seed"], state["train_rows"])
+            current = (self.config.seed, len(self.train_set))
             if saved != current:
                 raise ConfigError(
-                    "the checkpoint's data position was saved for (seed, batch_size, train rows) = "
+                    "the checkpoint's data position was saved for (seed, train rows) = "
                     f"{saved}, but this run has {current}; resume with the same data settings"
                 )
+            state = self._convert_position(state)
         self.sampler.load_state_dict(state)
+
+    def _convert_position(self, state: dict) -> dict:
+        """The saved position in global batches of this run's size (another device count or batch size)."""
+        saved_world = int(state.get("world_size", 1))
+        saved_global, current_global = int(state["batch_size"]) * saved_world, self.sampler.global_batch
+        if saved_global == current_global:
+            return state
+        rows = int(state["batches_consumed"]) * saved_global
+        if rows % current_global:
+            raise ConfigError(
+                f"the checkpoint stopped {rows} rows into epoch {state['epoch']} with a global batch of {saved_global} "
+                f"({saved_world} device(s) x data.batch_size={state['batch_size']}); this run's global batch of "
+                f"{current_global} ({self.sampler.world_size} x {self.config.batch_size}) does not divide {rows}, so "
+                f"it cannot continue at that row: resume with a global batch that divides {rows} (e.g. {saved_global})")
+        return {**state, "batches_consumed": rows // current_global}

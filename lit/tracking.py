@@ -266,6 +266,10 @@ class TrackingCallback(Callback):
         client, run_id = logger.experiment, logger.run_id
         (self.run_dir / RUN_ID_FILE).write_text(run_id + "\n")
         existing = client.get_run(run_id).data.params
+        datamodule = getattr(trainer, "datamodule", None)
+        if getattr(datamodule, "global_batch_size", None):  # rows per optimizer step over all ranks
+            self.params = {**self.params, "data.global_batch_size": str(datamodule.global_batch_size),
+                           "trainer.world_size": str(trainer.world_size)}
         changed = {k: v for k, v in self.params.items() if k in existing and existing[k] != v}
         new = {k: v for k, v in self.params.items() if k not in existing}
         if changed:

@@ -509,7 +509,7 @@ def test_killed_tune_worker_leaves_a_trial_that_the_next_worker_resumes(tmp_path
     from optuna.trial import TrialState
 
     args = ["tune", "smoke", "--study-name", "killed", "--n-trials", "1", "--set", "trainer.max_steps=40",
-            "--set", "trainer.val_check_interval=20", "--set", "checkpoint.every_n_steps=4"]
+            "--set", "trainer.val_check_interval=20", "--set", "checkpoint.every_n_steps=4", "--heartbeat", "1"]
     (tmp_path / "store").mkdir()
     proc = subprocess.Popen(fwpkm(tmp_path, *args), cwd=tmp_path, env=env(tmp_path), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -532,9 +532,11 @@ def test_killed_tune_worker_leaves_a_trial_that_the_next_worker_resumes(tmp_path
         proc.communicate()
     assert [t.state for t in study_trials(tmp_path, "killed")] == [TrialState.RUNNING]
 
-    out = run(tmp_path, *args).stdout
-    assert "taking over trial 0" in out
-    (trial,) = study_trials(tmp_path, "killed")  # still one trial: resumed, not replaced
+    out = run(tmp_path, *args).stdout  # waits for the silent trial to go stale (3 heartbeats), then takes it
+    assert "taking over trial 0 (its worker stopped) as trial 1" in out
+    dead, trial = study_trials(tmp_path, "killed")  # Optuna failed the stale trial and enqueued it again
+    assert dead.state == TrialState.FAIL and trial.system_attrs["failed_trial"] == 0
     assert trial.state == TrialState.COMPLETE and sorted(trial.intermediate_values) == [20, 40]
+    assert trial.params == dead.params
     log = (run_dir / "train.log").read_text()
     assert log.count("=====") == 2 and "Restored all states from the checkpoint" in log

@@ -296,10 +296,40 @@ def test_state_dict_resumes_at_the_next_batch_without_a_trainer(tmp_path):
         resumed.setup()
         assert torch.equal(next(iter(resumed.train_dataloader()))["input_ids"], order[consumed])
 
-    changed = module(tmp_path, seq_len=128, batch_size=8, seed=3)
+    changed = module(tmp_path, seq_len=128, batch_size=16, seed=4)
     changed.setup()
     with pytest.raises(ValueError, match="same data settings"):
         changed.load_state_dict(state)
+
+    dm = module(tmp_path, **settings)
+    batch_stream(dm, 5)  # 80 rows into the epoch
+    halved = module(tmp_path, seq_len=128, batch_size=8, seed=3)
+    halved.load_state_dict(dm.state_dict())
+    halved.setup()  # another global batch that starts at row 80: continues there
+    assert torch.equal(next(iter(halved.train_dataloader()))["input_ids"], order[5][:8])
+    assert halved.state_dict()["batches_consumed"] == 10
+    bigger = module(tmp_path, seq_len=128, batch_size=48, seed=3)
+    bigger.setup()
+    with pytest.raises(ValueError, match="does not divide 80"):
+        bigger.load_state_dict(dm.state_dict())
+
+
+def test_ranks_read_disjoint_parts_of_the_one_process_global_batch():
+    from lit.data import ResumableSampler
+
+    one = ResumableSampler(50, 6, seed=1)  # one process, the global batch of 2 ranks x 3
+    ranks = [ResumableSampler(50, 3, seed=1, rank=r, world_size=2) for r in (0, 1)]
+    assert len(ranks[0]) == 24 and ranks[0].batches_per_epoch == one.batches_per_epoch == 8
+    for _ in range(2):  # an epoch boundary on the way
+        for step in range(6):
+            streams = [list(r)[:3] for r in ranks]
+            assert not set(streams[0]) & set(streams[1])
+            assert streams[0] + streams[1] == list(one)[:6], step
+            for sampler in (one, *ranks):
+                sampler.record_batch()
+    assert ranks[0].state_dict() == {"epoch": 1, "batches_consumed": 4, "world_size": 2}
+    with pytest.raises(ValueError, match="rank 2 outside"):
+        ResumableSampler(50, 3, seed=1, rank=2, world_size=2)
 
 
 class RecordingModel(L.LightningModule):
