@@ -32,7 +32,7 @@ from typing import Callable, Optional
 from ablations import capacity
 from lit.evaluation.stats import wilson_interval
 from lit.plots import save_figure
-from lit.tracking import Store, find_parent, resolve_tracking_uri, search_runs, store_lock, tag_filter
+from lit.tracking import Store, browse_hint, child_runs, find_parent, resolve_tracking_uri, store_lock
 
 NAN = float("nan")
 
@@ -127,8 +127,7 @@ def _rank(run) -> tuple:
 
 def grid_runs(store: Store, parent) -> list[dict]:
     """One row per (variant, seed): the newest run, preferring finished ones."""
-    children = search_runs(store, tag_filter(mlflow__parentRunId=parent.info.run_id),
-                           [parent.info.experiment_id])
+    children = child_runs(store, parent)
     chosen: dict = {}
     for run in children:
         tags = run.data.tags
@@ -494,7 +493,7 @@ def study_objectives(tags: dict) -> list[dict]:
 def study_trials(store: Store, parent, objectives: Optional[list[dict]] = None) -> list[dict]:
     objectives = objectives or VAL_LOSS_OBJECTIVE
     multi = len(objectives) > 1
-    children = search_runs(store, tag_filter(mlflow__parentRunId=parent.info.run_id), [parent.info.experiment_id])
+    children = child_runs(store, parent)
     chosen: dict = {}
     for run in children:
         number = run.data.tags.get("optuna.trial_number")
@@ -793,4 +792,8 @@ def report(name: str, runs_dir: str = "runs", tracking_uri: Optional[str] = None
         out = Path(out_dir) if out_dir else store.runs_dir / "tune" / name
         result = study_report(store, name, out, log=log, echo=echo)
     echo(f"[report] {kind} {name!r}: " + ", ".join(str(p) for p in result["files"].values()))
+    parent = find_parent(store, kind, name)
+    if parent is not None:
+        search = f"tags.`fwpkm.{kind}` = '{name}'"
+        echo(f"[report] compare the runs: {browse_hint(store.uri, parent.info.experiment_id, search=search)}")
     return 0

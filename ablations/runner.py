@@ -4,7 +4,7 @@ Each run is a ``fwpkm train`` subprocess (crash isolation; ``--workers N`` of th
 or one per GPU with ``--gpus``) started with ``--config <run folder>/grid_config.yaml``, the
 resolved config of the run, in ``<runs>/ablations/<grid>/<variant>/seed<k>/``. Its MLflow run
 is tagged ``fwpkm.grid``, ``fwpkm.variant``, ``fwpkm.seed``, ``fwpkm.config_hash`` and nested
-under the grid's parent run (tag ``mlflow.parentRunId``); the parent is found again by its
+under the grid's parent run (tag ``fwpkm.parent_run``, not MLflow's nesting, which its UI folds); the parent is found again by its
 tags, so every invocation of the same grid adds to the same parent.
 
 * A run whose MLflow run is FINISHED with the same config hash (and evaluated) is skipped.
@@ -44,8 +44,8 @@ from ablations.launch import CONFIG_FILE, LOG_FILE, ProcessGroup, child_env, err
 from lit.config import dump_yaml
 from lit.evaluation import mqar, niah
 from lit.module import model_costs
-from lit.tracking import (FolderLockedError, Store, ensure_parent, exclusive_lock, open_store, read_run_id, search_runs,
-                          set_running, tag_filter)
+from lit.tracking import (PARENT_TAG, FolderLockedError, Store, browse_hint, ensure_parent, exclusive_lock,
+                          open_store, read_run_id, search_runs, set_running, tag_filter)
 
 STATE_FILE = "ablation.json"
 ROLE_GRID, ROLE_RUN = "grid", "grid-run"
@@ -293,7 +293,7 @@ class GridRunner:
         return json.dumps(self.grid.eval, sort_keys=True)[:MAX_TAG]
 
     def run_tags(self, spec: RunSpec) -> dict:
-        return {"mlflow.parentRunId": self.parent_id, "fwpkm.role": ROLE_RUN, "fwpkm.grid": spec.grid,
+        return {PARENT_TAG: self.parent_id, "fwpkm.role": ROLE_RUN, "fwpkm.grid": spec.grid,
                 "fwpkm.variant": spec.variant, "fwpkm.seed": str(spec.seed), "fwpkm.config_hash": spec.config_hash,
                 "fwpkm.stage": "training"}
 
@@ -405,6 +405,11 @@ class GridRunner:
 # --------------------------------------------------------------------------- helpers
 
 
+def grid_search(name: str) -> str:
+    """MLflow's search filter for a grid's runs (and its summary run)."""
+    return f"tags.`fwpkm.grid` = '{name}'"
+
+
 def val_loss(run) -> Optional[float]:
     ppl = run.data.metrics.get("val/ppl")
     return math.log(ppl) if ppl and ppl > 0 else None
@@ -485,6 +490,8 @@ def ablate(grid_name: str, runs_dir: str = "runs", tracking_uri: Optional[str] =
     counts = {s: sum(o.status == s for o in outcomes) for s in ("FINISHED", "SKIPPED", "FAILED")}
     echo(f"[ablate] grid {grid.name!r}: {counts['FINISHED']} trained, {counts['SKIPPED']} skipped (already finished), "
          f"{counts['FAILED']} failed; summary in {result.get('files', {}).get('md', '-')}")
+    echo(f"[ablate] tables and plots: {grid_dir(store.runs_dir, grid.name)}; again with: fwpkm report {grid.name}")
+    echo(f"[ablate] compare the runs: {browse_hint(store.uri, store.experiment_id, search=grid_search(grid.name))}")
     for o in failed:
         echo(f"[ablate]   FAILED {o.spec.key}: {error_line(o.error or '')}")
     return 1 if failed else 0

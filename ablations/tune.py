@@ -76,8 +76,8 @@ from lit.config import RunConfig, dump_yaml
 from ablations.launch import CONFIG_FILE, LOG_FILE, child_env, error_line, failure_text, run_training, stop
 from ablations.runner import EVALUATORS, MAX_TAG, threads_per_worker
 from ablations.storage import Heartbeat, heartbeat_storage, public_url, storage_object
-from lit.tracking import (Store, ensure_parent, file_lock, open_store, read_run_id, search_runs, set_running,
-                          tag_filter)
+from lit.tracking import (PARENT_TAG, Store, browse_hint, ensure_parent, file_lock, open_store, read_run_id,
+                          search_runs, set_running, tag_filter)
 
 STORAGE_ENV = "FWPKM_OPTUNA_STORAGE"
 PRUNED_FILE = "optuna_pruned"
@@ -499,7 +499,7 @@ def run_trial(setup: Setup, study, trial, echo: Callable[[str], None] = print) -
     run_dir = setup.folder / f"trial{first:04d}"  # a retry resumes the folder of the trial it retries
     _prepare_trial_folder(run_dir, setup.name, first, params, echo)
     config = setup.trial_config(dict(trial.params), off=trial.user_attrs.get(OFF_ATTR))
-    tags = {"mlflow.parentRunId": setup.parent_id, "fwpkm.role": "trial", "fwpkm.study": setup.name,
+    tags = {PARENT_TAG: setup.parent_id, "fwpkm.role": "trial", "fwpkm.study": setup.name,
             "optuna.study": setup.name, "optuna.trial_number": str(number),
             "optuna.params": json.dumps(params, sort_keys=True, default=str)}
     tracking = dict(config.get("tracking") or {})
@@ -627,7 +627,7 @@ def _final_value(frozen, client, run_id: Optional[str]) -> Optional[float]:
 def _record(setup: Setup, run_id: Optional[str], number: int, params: dict, state: str,
             values: Optional[list], metrics: dict, error: Optional[str], run_dir: Path) -> None:
     client = setup.store.client
-    tags = {"mlflow.parentRunId": setup.parent_id, "fwpkm.role": "trial", "fwpkm.study": setup.name,
+    tags = {PARENT_TAG: setup.parent_id, "fwpkm.role": "trial", "fwpkm.study": setup.name,
             "optuna.study": setup.name, "optuna.trial_number": str(number),
             "optuna.params": json.dumps(params, sort_keys=True, default=str), "optuna.state": state,
             "mlflow.runName": f"{setup.name}/trial{number}"}
@@ -725,6 +725,8 @@ def finish(setup: Setup, echo: Callable[[str], None] = print) -> dict:
     result["report"] = rep
     echo(f"[tune] summary: {setup.folder / 'summary.md'} (table, plots beside it; MLflow run {setup.parent_id}); "
          f"again with: fwpkm report {setup.name}")
+    look = browse_hint(setup.store.uri, setup.store.experiment_id, search=f"tags.`fwpkm.study` = '{setup.name}'")
+    echo(f"[tune] compare the trials: {look}")
     if not any(t.state == TrialState.RUNNING for t in study.get_trials(deepcopy=False)):
         client.set_terminated(setup.parent_id, "FINISHED")
     return result

@@ -232,7 +232,6 @@ def _dotted(path: str) -> dict:
 
 
 def _train(argv: list[str], state: dict) -> int:
-    import lightning as L
 
     from lit.tracking import exclusive_lock
 
@@ -323,9 +322,11 @@ def _fit(config, parser, namespace, run_dir: Path, state: dict, is_rank_zero: bo
         places = {"run folder": str(run_dir), "checkpoints": str(ckpt_dir),
                   "plots": str(run_dir / "plots") if (run_dir / "plots").is_dir() else None}
         if loggers:
+            from lit.tracking import browse_hint
+
             uri = loggers[0]._tracking_uri
             places["MLflow run"] = f"{loggers[0].run_id} (experiment {tracking.experiment})"
-            places["look"] = f"open {uri}" if uri.startswith("http") else f"mlflow ui --backend-store-uri {uri}"
+            places["look"] = browse_hint(uri, loggers[0].experiment_id, loggers[0].run_id)
         print("\n".join([f"[fwpkm] run finished: {run_dir.name}"] + ["  " + line for line in
                                                                       summary.lines(trainer, places)]))
     return 0

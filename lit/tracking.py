@@ -367,6 +367,21 @@ def open_store(runs_dir: Path, experiment: str, tracking_uri: Optional[str] = No
     return store
 
 
+def browse_hint(uri: str, experiment_id: Optional[str] = None, run_id: Optional[str] = None,
+                search: Optional[str] = None) -> str:
+    """How to look at a run, or at an experiment's runs (filtered by ``search``), in MLflow's UI; the
+    link asks for the model-training pages (MLflow 3 opens on GenAI ones unless told otherwise)."""
+    from urllib.parse import quote
+
+    page = ""
+    if experiment_id is not None:
+        page = f"#/experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "/runs")
+        page += "?workflowType=machine_learning" + (f"&searchFilter={quote(search)}" if search and not run_id else "")
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri.rstrip('/')}/{page}"
+    return f"mlflow ui --backend-store-uri {uri}, then open http://127.0.0.1:5000/{page}"
+
+
 def search_runs(store: Store, filter_string: str = "", experiment_ids: Optional[list] = None) -> list:
     client, out, token = store.client, [], None
     while True:
@@ -380,6 +395,20 @@ def search_runs(store: Store, filter_string: str = "", experiment_ids: Optional[
 
 def tag_filter(**tags: str) -> str:
     return " and ".join(f"tags.`{k.replace('__', '.')}` = '{v}'" for k, v in tags.items())
+
+
+# A grid's or study's runs point to its summary run with this tag, not with MLflow's mlflow.parentRunId:
+# MLflow's UI folds nested runs under their parent, and its charts then plot only the parents.
+PARENT_TAG = "fwpkm.parent_run"
+
+
+def child_runs(store: Store, parent) -> list:
+    """The runs of a grid or study (``PARENT_TAG``; stores written before it: ``mlflow.parentRunId``)."""
+    found = {}
+    for key in ("fwpkm__parent_run", "mlflow__parentRunId"):
+        for run in search_runs(store, tag_filter(**{key: parent.info.run_id}), [parent.info.experiment_id]):
+            found.setdefault(run.info.run_id, run)
+    return list(found.values())
 
 
 def find_parent(store: Store, role: str, name: str):

@@ -248,7 +248,7 @@ def test_smoke_grid_end_to_end_with_failures_then_skips_finished_runs(tmp_path):
     parents = runs_of(tmp_path, "tags.`fwpkm.role` = 'grid' and tags.`fwpkm.grid` = 'smoke-e2e'")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     parent = parents[0]
-    children = runs_of(tmp_path, f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    children = runs_of(tmp_path, f"tags.`fwpkm.parent_run` = '{parent.info.run_id}'")
     by_variant = {r.data.tags["fwpkm.variant"]: r for r in children}
     assert sorted(by_variant) == sorted(variants) and len(children) == len(variants)
     for name in smoke_variants:
@@ -270,7 +270,7 @@ def test_smoke_grid_end_to_end_with_failures_then_skips_finished_runs(tmp_path):
     proc = run(tmp_path, "ablate", str(grid), "--workers", "2", expect=1)
     for name in smoke_variants:
         assert f"skip smoke-e2e/{name}/seed0" in proc.stdout
-    children = runs_of(tmp_path, f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    children = runs_of(tmp_path, f"tags.`fwpkm.parent_run` = '{parent.info.run_id}'")
     assert len(children) == len(variants)  # no new runs: skipped ones and the failed ones reused
     assert all((folder / v / "seed0" / "train.log").read_text().count("=====") == 1 for v in smoke_variants)
 
@@ -282,7 +282,7 @@ def test_smoke_grid_end_to_end_with_failures_then_skips_finished_runs(tmp_path):
         assert f"re-evaluate smoke-e2e/{name}/seed0" in proc.stdout
         assert (folder / name / "seed0" / "train.log").read_text().count("=====") == 1
         assert len(pd.read_csv(folder / name / "seed0" / "niah.csv")) == 2 * 2  # 2 passes x 2 samples
-    assert len(runs_of(tmp_path, f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")) == len(variants)
+    assert len(runs_of(tmp_path, f"tags.`fwpkm.parent_run` = '{parent.info.run_id}'")) == len(variants)
     proc = run(tmp_path, "ablate", str(grid), "--workers", "2", expect=1)
     assert all(f"skip smoke-e2e/{name}/seed0" in proc.stdout for name in smoke_variants)
 
@@ -373,7 +373,7 @@ def test_tune_study_with_pruning_completes_then_resumes_with_more_trials(tmp_pat
     assert {"report/optimization_history.png", "report/param_importances.png", "report/summary.md"} <= set(artifacts)
     assert not client(tmp_path).list_artifacts(parent.info.run_id, "optuna")  # each plot written and logged once
     assert not (tmp_path / "runs" / "tune" / "smoke-addr_loss" / "optuna").exists()
-    trials = runs_of(tmp_path, f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    trials = runs_of(tmp_path, f"tags.`fwpkm.parent_run` = '{parent.info.run_id}'")
     assert sorted(int(r.data.tags["optuna.trial_number"]) for r in trials) == [0, 1, 2]
     for r in trials:
         assert r.data.tags["optuna.state"] in ("COMPLETE", "PRUNED")
@@ -492,7 +492,7 @@ def test_two_tune_workers_share_one_study_without_lost_or_duplicated_trials(tmp_
     assert all(sorted(t.intermediate_values) == [2, 4] for t in trials)
     parents = runs_of(tmp_path, "tags.`fwpkm.role` = 'study' and tags.`fwpkm.study` = 'workers'")
     assert len(parents) == 1
-    runs = runs_of(tmp_path, f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}'")
+    runs = runs_of(tmp_path, f"tags.`fwpkm.parent_run` = '{parents[0].info.run_id}'")
     assert sorted(int(r.data.tags["optuna.trial_number"]) for r in runs) == [0, 1, 2, 3]
     folder = tmp_path / "runs" / "tune" / "workers"
     for number in range(4):

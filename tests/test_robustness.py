@@ -72,7 +72,7 @@ def test_grid_config_with_a_numeric_looking_hash_parses(tmp_path, monkeypatch):
     spec.run_dir.mkdir(parents=True)
     _, _, namespace = parse_run_config(["--config", str(runner._write_config(spec, None))])
     assert namespace.tracking.tags["fwpkm.config_hash"] == "552743e64060"
-    assert namespace.tracking.tags["mlflow.parentRunId"] == "0123e45"
+    assert namespace.tracking.tags["fwpkm.parent_run"] == "0123e45"
 
 
 # --------------------------------------------------------------------------- (1) atomic checkpoints

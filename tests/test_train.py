@@ -163,44 +163,40 @@ def ddp_args(dump: Path, policy: str, devices: int = 2, steps: int = 3) -> tuple
             "--trainer.callbacks+=tests.test_train.DumpFastWeights", f"--trainer.callbacks.out_dir={dump}")
 
 
-def test_ddp_two_cpu_processes_keep_one_memory_and_checkpoint(micro_training, tmp_path):
-    run_dir, dump = tmp_path / "runs" / "ddp", tmp_path / "dump"
-    local = micro_training.start(tmp_path / "runs" / "ddp-local", *ddp_args(tmp_path / "dump-local", "local"))
-    micro_training.run(run_dir, *ddp_args(dump, "mean"))
-    finish(local)
-    r0, r1 = load(dump / "rank0.pt"), load(dump / "rank1.pt")
+def test_ddp_shards_the_global_batch_keeps_one_memory_and_resumes_on_another_device_count(micro_training, tmp_path):
+    """2 ranks x 2 rows for 2 steps (policy "mean"), resumed on 1 device x 4 rows to step 4, against
+    1 process x 4 rows for 4 steps: the same rows in the same steps, so the same model up to float
+    reduction order; beside it, policy "local" keeps one memory per rank."""
+    pin = ("--optim.decay_steps", "4", "--checkpoint.every_n_steps", "100", "--checkpoint.save_best", "false",
+           "--trainer.val_check_interval", "2")
+    split, straight, local = tmp_path / "runs" / "split", tmp_path / "runs2" / "straight", tmp_path / "runs3" / "local"
+    one = micro_training.start(straight, *ddp_args(tmp_path / "dump1", "mean", devices=1, steps=4),
+                               "--data.batch_size", "4", *pin, "--tracking.enabled", "false")
+    apart = micro_training.start(local, *ddp_args(tmp_path / "dump-local", "local", steps=2), "--data.batch_size", "2",
+                                 *pin, "--tracking.enabled", "false")
+    micro_training.run(split, *ddp_args(tmp_path / "dump2", "mean", steps=2), "--data.batch_size", "2", *pin)
+
+    r0, r1 = load(tmp_path / "dump2" / "rank0.pt"), load(tmp_path / "dump2" / "rank1.pt")
     assert_same_state(r0, r1, atol=0)  # policy "mean": identical memory on every rank
-    b0, b1 = load(dump / "batches0.pt"), load(dump / "batches1.pt")
-    assert len(b0) == len(b1) == 3  # the sampler shards by rank: no row read by both ranks
-    assert all(not (x[:, None] == y[None]).all(-1).any() for x, y in zip(b0, b1))
-    l0, l1 = load(tmp_path / "dump-local" / "rank0.pt"), load(tmp_path / "dump-local" / "rank1.pt")
-    assert any(not torch.allclose(l0[k], l1[k]) for k in l0)  # policy "local": the ranks' memories differ
-    ckpt = load(run_dir / "checkpoints" / "last.ckpt")
-    assert ckpt["global_step"] == 3
+    ckpt = load(split / "checkpoints" / "last.ckpt")
+    assert ckpt["global_step"] == 2
     saved = {k[len("model.layers."):].replace(".memory.memory.", "."): v for k, v in ckpt["state_dict"].items()
              if ".memory.memory." in k}
     assert_same_state(saved, r0, atol=0)  # the checkpoint holds that common memory
-    run_id = (run_dir / "mlflow_run_id").read_text().strip()
-    params = micro_training.mlflow_client(run_dir).get_run(run_id).data.params
-    assert (params["data.global_batch_size"], params["trainer.world_size"]) == ("8", "2")  # 2 ranks x 4 rows
+    params = micro_training.mlflow_client(split).get_run(micro_training.run_id(split)).data.params
+    assert (params["data.global_batch_size"], params["trainer.world_size"]) == ("4", "2")  # 2 ranks x 2 rows
+    finish(apart)
+    l0, l1 = load(tmp_path / "dump-local" / "rank0.pt"), load(tmp_path / "dump-local" / "rank1.pt")
+    assert any(not torch.allclose(l0[k], l1[k]) for k in l0)  # policy "local": the ranks' memories differ
 
-
-def test_ddp_global_batch_matches_one_process_and_resumes_on_another_device_count(micro_training, tmp_path):
-    """2 ranks x 2 rows for 2 steps, resumed on 1 device x 4 rows to step 4, against 1 process x 4 rows
-    for 4 steps: the same rows in the same steps, so the same model up to float reduction order."""
-    pin = ("--optim.decay_steps", "4", "--checkpoint.every_n_steps", "100", "--checkpoint.save_best", "false",
-           "--tracking.enabled", "false", "--trainer.val_check_interval", "2")
-    split, straight = tmp_path / "runs" / "split", tmp_path / "runs2" / "straight"
-    one = micro_training.start(straight, *ddp_args(tmp_path / "dump1", "mean", devices=1, steps=4),
-                               "--data.batch_size", "4", *pin)
-    micro_training.run(split, *ddp_args(tmp_path / "dump2", "mean", devices=2, steps=2), "--data.batch_size", "2", *pin)
     resumed = micro_training.run(split, *ddp_args(tmp_path / "dump3", "mean", devices=1, steps=4),
                                  "--data.batch_size", "4", *pin)
     out_one = finish(one)[1]
     first = load(tmp_path / "dump2" / "batches0.pt") + load(tmp_path / "dump3" / "batches0.pt")
     second = load(tmp_path / "dump2" / "batches1.pt")
     reference = load(tmp_path / "dump1" / "batches0.pt")
-    for step in range(2):  # the ranks' parts make up the one process's global batch
+    for step in range(2):  # the ranks read disjoint parts that make up the one process's global batch
+        assert not (first[step][:, None] == second[step][None]).all(-1).any()
         assert torch.equal(torch.cat([first[step], second[step]]), reference[step]), step
     for step in (2, 3):  # resumed on one device at the next global batch
         assert torch.equal(first[step], reference[step]), step

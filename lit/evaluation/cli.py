@@ -139,7 +139,7 @@ class Outputs:
             return
         import mlflow
 
-        from lit.tracking import default_tracking_uri
+        from lit.tracking import browse_hint, default_tracking_uri
 
         runs_folder = self.run_dir.parent if self.run_dir else Path("runs")
         mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(runs_folder))
@@ -148,13 +148,15 @@ class Outputs:
             for k, v in self.metrics.items():
                 client.log_metric(self.run_id, k, v)
             client.log_artifacts(self.run_id, str(self.dir), f"eval/{self.dir.name}")
-            print(f"logged into MLflow run {self.run_id}")
+            run = client.get_run(self.run_id)
+            print(f"logged into MLflow run {self.run_id} (its metrics, and the files under eval/{self.dir.name})")
         else:
             mlflow.set_experiment("fwpkm-eval")
             with mlflow.start_run(run_name=f"eval-{self.command}") as run:
                 mlflow.log_metrics(self.metrics)
                 mlflow.log_artifacts(str(self.dir), f"eval/{self.dir.name}")
                 print(f"logged into MLflow run {run.info.run_id} (experiment fwpkm-eval)")
+        print(f"look: {browse_hint(mlflow.get_tracking_uri(), run.info.experiment_id, run.info.run_id)}")
 
 
 def print_table(rows: list[dict], columns: Optional[list] = None) -> None:
