@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -14,15 +15,27 @@ class StorageError(ValueError):
     pass
 
 
-def storage_object(url: str):
-    """An Optuna RDB storage with a patient SQLite connection (several workers share the file)."""
+def rdb_storage(url: str, attempts: int = 5, **kwargs):
+    """``optuna.storages.RDBStorage``, tried again when workers that start together on a new database
+    race on creating its tables (PostgreSQL then fails the losers with a unique-constraint error)."""
     import optuna
 
+    for attempt in range(attempts):
+        try:
+            return optuna.storages.RDBStorage(url, **kwargs)
+        except Exception:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(1.0 + attempt)
+
+
+def storage_object(url: str):
+    """An Optuna RDB storage with a patient SQLite connection (several workers share the file)."""
     if url.startswith("sqlite:///"):
         Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-        return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 120}})
+        return rdb_storage(url, engine_kwargs={"connect_args": {"timeout": 120}})
     if "://" in url and not url.startswith(("redis", "journal")):
-        return optuna.storages.RDBStorage(url)
+        return rdb_storage(url)
     return url
 
 
@@ -67,7 +80,7 @@ def heartbeat_storage(url: str, heartbeat_s: float = HEARTBEAT_S, max_retry: Opt
     kwargs[name] = retry_callback(max_retry, inherit_intermediate_values)
     if url.startswith("sqlite:///"):
         kwargs["engine_kwargs"] = {"connect_args": {"timeout": 120}}
-    return optuna.storages.RDBStorage(url, **kwargs)
+    return rdb_storage(url, **kwargs)
 
 
 class Heartbeat:

@@ -40,7 +40,13 @@ def page_text(browser: str, url: str) -> str:
 
 
 @pytest.fixture
-def smoke_store(tmp_path):
+def browser() -> str:
+    pytest.importorskip("mlflow.server", reason="the MLflow UI is not installed (pip install -e '.[ui]')")
+    return chromium()
+
+
+@pytest.fixture
+def smoke_store(browser, tmp_path):  # after the skips: no grid is run where the browser check cannot be
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "FWPKM_"))}
     env.update(PYTHONPATH=str(ROOT), CI="true", OMP_NUM_THREADS="1", JSONARGPARSE_DEPRECATION_WARNINGS="off",
@@ -52,9 +58,7 @@ def smoke_store(tmp_path):
     return uri, proc.stdout
 
 
-def test_mlflow_ui_opens_the_grid_on_its_runs_with_their_metrics(smoke_store, tmp_path):
-    pytest.importorskip("mlflow.server", reason="the MLflow UI is not installed (pip install -e '.[ui]')")
-    browser = chromium()
+def test_mlflow_ui_opens_the_grid_on_its_runs_with_their_metrics(browser, smoke_store, tmp_path):
     from mlflow.tracking import MlflowClient
 
     uri, out = smoke_store
