@@ -4,7 +4,7 @@
   config, named variants as dotted overrides, seeds, optional evaluations; resolving and
   validating runs without building a model.
 * :mod:`ablations.runner`: ``fwpkm ablate GRID``: every run a ``fwpkm train`` subprocess,
-  tracked as an MLflow run nested under the grid's parent run; skip / resume / fail logic.
+  tracked as an MLflow run linked to the grid's parent run; skip / resume / fail logic.
 * :mod:`ablations.tune`: ``fwpkm tune GRID``: an Optuna study (TPE, median pruning through
   Lightning) over the addressing-loss weight and any other config option.
 * :mod:`ablations.report`: ``fwpkm report GRID|STUDY``: summary tables and plots rebuilt from

@@ -23,7 +23,7 @@ TUNE_DESCRIPTION = """\
 An Optuna study on the base config of a grid: by default the addressing-loss weight
 (model.block.memory.addr_loss_weight, log-uniform), more parameters in the grid's `tune.params`. TPE
 sampler, median pruning on the validation loss through Lightning; every trial a `fwpkm train`
-subprocess and an MLflow run nested under the study's run. The study lives in an Optuna storage
+subprocess and an MLflow run linked to the study's run. The study lives in an Optuna storage
 (default: SQLite in <runs-dir>/tune/optuna.db), so an interrupted study resumes, and any number of
 workers (here or on other machines, e.g. with a PostgreSQL --storage) can share it. --n-trials is
 the study's total: running again with a larger number adds trials.
@@ -82,7 +82,7 @@ def _error(prog: str, err: Exception) -> int:
 
 
 def ablate(argv: list[str]) -> Optional[int]:
-    """Run an ablation grid (ablations/grids/*.yaml) as MLflow runs nested under one parent run."""
+    """Run an ablation grid (ablations/grids/*.yaml) as MLflow runs linked to one parent run."""
     parser = _parser("fwpkm ablate", ABLATE_DESCRIPTION, ABLATE_EXAMPLES)
     parser.add_argument("grid", help="grid name (ablations/grids/<name>.yaml) or path to a grid YAML file")
     parser.add_argument("--dry-run", action="store_true",

@@ -283,8 +283,6 @@ def test_smoke_grid_end_to_end_with_failures_then_skips_finished_runs(tmp_path):
         assert (folder / name / "seed0" / "train.log").read_text().count("=====") == 1
         assert len(pd.read_csv(folder / name / "seed0" / "niah.csv")) == 2 * 2  # 2 passes x 2 samples
     assert len(runs_of(tmp_path, f"tags.`fwpkm.parent_run` = '{parent.info.run_id}'")) == len(variants)
-    proc = run(tmp_path, "ablate", str(grid), "--workers", "2", expect=1)
-    assert all(f"skip smoke-e2e/{name}/seed0" in proc.stdout for name in smoke_variants)
 
     # the report rebuilds the same table from the MLflow store alone
     import shutil
