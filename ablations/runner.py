@@ -45,7 +45,7 @@ from lit.config import dump_yaml
 from lit.evaluation import mqar, niah
 from lit.module import model_costs
 from lit.tracking import (PARENT_TAG, FolderLockedError, Store, browse_hint, ensure_parent, exclusive_lock,
-                          open_store, read_run_id, search_runs, set_running, tag_filter)
+                          open_store, read_run_id, search_runs, set_running, set_shared_tag, tag_filter)
 
 STATE_FILE = "ablation.json"
 ROLE_GRID, ROLE_RUN = "grid", "grid-run"
@@ -107,7 +107,7 @@ class GridRunner:
                 "fwpkm.eval": self.eval_signature, "fwpkm.grid_file": str(grid.path),
                 "fwpkm.seeds": json.dumps(sorted({s.seed for s in self.specs} | set(grid.seeds)))}
         for k, v in tags.items():
-            client.set_tag(self.parent_id, k, v[:MAX_TAG])
+            set_shared_tag(client, self.parent_id, k, v[:MAX_TAG])
         out_dir = grid_dir(self.store.runs_dir, grid.name)
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "grid.yaml").write_text(dump_yaml(grid.to_dict()))
@@ -485,7 +485,7 @@ def ablate(grid_name: str, runs_dir: str = "runs", tracking_uri: Optional[str] =
     result = report.grid_report(store, grid.name, out_dir=grid_dir(store.runs_dir, grid.name), log=True, echo=echo)
     client = store.client
     failed = [o for o in outcomes if o.status == "FAILED"]
-    client.set_tag(runner.parent_id, "fwpkm.failed_runs", json.dumps([o.spec.key for o in failed])[:MAX_TAG])
+    set_shared_tag(client, runner.parent_id, "fwpkm.failed_runs", json.dumps([o.spec.key for o in failed])[:MAX_TAG])
     client.set_terminated(runner.parent_id, "FINISHED")
     counts = {s: sum(o.status == s for o in outcomes) for s in ("FINISHED", "SKIPPED", "FAILED")}
     echo(f"[ablate] grid {grid.name!r}: {counts['FINISHED']} trained, {counts['SKIPPED']} skipped (already finished), "

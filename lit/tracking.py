@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -228,8 +229,17 @@ def check_run_exists(uri: str, run_id: str, run_dir: Path) -> None:
 def run_tags(preset: str, variant: str, seed: Any, run_dir: Path, extra: dict) -> dict:
     tags = {"preset": str(preset), "variant": str(variant), "seed": str(seed), "git_commit": git_commit(),
             "run_dir": str(Path(run_dir).resolve())}
-    tags.update({str(k): str(v) for k, v in (extra or {}).items()})
+    tags.update(_dotted(extra or {}))
     return tags
+
+
+def _dotted(tags: dict, prefix: str = "") -> dict:
+    """Tag keys with dots (``fwpkm.grid``) come back from YAML configs as nested mappings: flatten them."""
+    out = {}
+    for k, v in tags.items():
+        key = f"{prefix}{k}"
+        out.update(_dotted(v, key + ".") if isinstance(v, dict) else {key: str(v)})
+    return out
 
 
 MAX_PARAM_VALUE = 6000  # MLflow 3's limit on a param value
@@ -428,6 +438,21 @@ def ensure_parent(store: Store, role: str, name: str, tags: Optional[dict] = Non
         all_tags.update(tags or {})
         run = store.client.create_run(store.experiment_id, tags=all_tags, run_name=f"{role}:{name}")
         return run.info.run_id
+
+
+def set_shared_tag(client, run_id: str, key: str, value: str, attempts: int = 4) -> None:
+    """``set_tag`` on a run that workers on other machines write too: an MLflow server on PostgreSQL
+    inserts a new tag without a lock, so two workers setting it at once fail one with a unique-key
+    violation; the retry then updates the row."""
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(attempts):
+        try:
+            return client.set_tag(run_id, key, value)
+        except MlflowException as err:
+            if attempt == attempts - 1 or "unique" not in str(err).lower():
+                raise
+            time.sleep(0.2 * (attempt + 1))
 
 
 def set_running(store: Store, run_id: str) -> None:

@@ -173,7 +173,7 @@ def test_two_machines_share_a_grid_and_one_takes_over_the_other_s_killed_run(tmp
         if r.info.status == "FINISHED":
             assert r.data.tags["fwpkm.stage"] == "done" and "val/ppl" in r.data.metrics
             assert "fwpkm.queue_trial" in r.data.tags
-    assert client.get_run(killed_run).info.status == "KILLED"
+    assert client.get_run(killed_run).info.status == "KILLED", (client.get_run(killed_run).data.tags, out[-3000:])
     assert len(runs) == len(GRID_ONLY) + 1
     parents = client.search_runs([experiment.experiment_id], "tags.`fwpkm.role` = 'grid'")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
