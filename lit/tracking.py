@@ -106,12 +106,12 @@ def store_lock(uri: str):
     return file_lock(db.with_name(db.name + ".lock"))
 
 
-EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")  # MLflow 3's UI opens it on its runs
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")  # the kind MLflow 3 records (3.17 UI still needs ?workflowType)
 
 
 def ensure_experiment(uri: str, experiment: str, artifact_location: Optional[str]) -> None:
     """Create the store's tables and the experiment if missing (call under :func:`store_lock`), marked
-    as model training so that MLflow 3's UI opens it on its training runs, not on GenAI traces."""
+    as model training (MLflow 3.17's UI still opens on GenAI pages without ``?workflowType``: browse_hint)."""
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
