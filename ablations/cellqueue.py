@@ -29,11 +29,10 @@ import threading
 import time
 from typing import Callable, Optional
 
-from ablations.storage import HEARTBEAT_S, Heartbeat, heartbeat_storage
+from ablations.storage import HEARTBEAT_S, Heartbeat, heartbeat_storage, retried_from
 
 CELL, KEY, DUPLICATE_OF = "cell", "key", "duplicate_of"
 LEADER_WAIT_S = 300.0
-
 
 
 def cell_id(spec) -> str:
@@ -149,7 +148,7 @@ class CellQueue:
 
     def retried_from(self, trial) -> Optional[int]:
         """The number of the trial (of a dead worker) this one retries, if any."""
-        return self.storage.get_trial(trial._trial_id).system_attrs.get("failed_trial")
+        return retried_from(self.storage.get_trial(trial._trial_id))
 
     def finish(self, trial, status: str, value: Optional[float], run_id: Optional[str]) -> None:
         from optuna.trial import TrialState

@@ -57,6 +57,11 @@ def retry_callback(max_retry: Optional[int], inherit_intermediate_values: bool =
     return cls(max_retry=max_retry, inherit_intermediate_values=inherit_intermediate_values)
 
 
+def retried_from(frozen) -> Optional[int]:
+    """The number of the first trial of a retry series that Optuna's retry callback started, if any."""
+    return frozen.system_attrs.get("failed_trial")
+
+
 def heartbeat_storage(url: str, heartbeat_s: float = HEARTBEAT_S, max_retry: Optional[int] = 3,
                       inherit_intermediate_values: bool = False):
     """An Optuna RDB storage with heartbeats: trials whose worker stops beating for ``3 x heartbeat_s``

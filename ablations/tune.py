@@ -75,7 +75,7 @@ from ablations.grid import apply, check_grid_run, load_grid
 from lit.config import RunConfig, dump_yaml
 from ablations.launch import CONFIG_FILE, LOG_FILE, child_env, error_line, failure_text, run_training, stop
 from ablations.runner import EVALUATORS, MAX_TAG, threads_per_worker
-from ablations.storage import Heartbeat, heartbeat_storage, public_url, storage_object
+from ablations.storage import Heartbeat, heartbeat_storage, public_url, retried_from, storage_object
 from lit.tracking import (PARENT_TAG, Store, browse_hint, ensure_parent, file_lock, open_store, read_run_id,
                           search_runs, set_running, tag_filter)
 
@@ -478,7 +478,8 @@ def claim(setup: Setup, study, worker_index: int = 0):
 
 def original_number(trial) -> int:
     """The number of the first trial of a retry series (its folder and MLflow run), else its own."""
-    return int(trial.system_attrs.get("failed_trial", trial.number))
+    first = retried_from(trial)
+    return trial.number if first is None else int(first)
 
 
 def trial_params(trial) -> dict:

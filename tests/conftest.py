@@ -24,6 +24,30 @@ from lit.config import merge
 ROOT = Path(__file__).resolve().parent.parent
 
 
+# -- servers started by tests --------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def wait_healthy():
+    """wait_healthy(url, proc, what, timeout=120): until ``url/health`` answers 200; fails naming
+    ``what`` if ``proc`` exits or the time runs out."""
+    import contextlib
+    import time
+    import urllib.request
+
+    def wait(url: str, proc: subprocess.Popen, what: str, timeout: float = 120.0) -> None:
+        deadline = time.time() + timeout
+        while True:
+            with contextlib.suppress(OSError):
+                if urllib.request.urlopen(f"{url}/health", timeout=2).status == 200:
+                    return
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"{what} did not start")
+            time.sleep(0.5)
+
+    return wait
+
+
 # -- the memory core ---------------------------------------------------------------------
 SMALL_MEMORY = dict(heads=2, topk=3, n_subkeys=6, k_dim=6, v_dim=5, chunk_size=5)
 

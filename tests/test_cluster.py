@@ -17,7 +17,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -81,7 +80,7 @@ def postgres():
 
 
 @pytest.fixture(scope="module")
-def mlflow_server(postgres, tmp_path_factory):
+def mlflow_server(postgres, tmp_path_factory, wait_healthy):
     """``mlflow server`` on a loopback port, its runs in PostgreSQL, artifacts served from a folder."""
     pytest.importorskip("mlflow.server", reason="the mlflow server is not installed (pip install -e '.[cluster]')")
     folder = tmp_path_factory.mktemp("mlflow-server")
@@ -93,14 +92,10 @@ def mlflow_server(postgres, tmp_path_factory):
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 180
-        while True:
-            with contextlib.suppress(OSError):
-                if urllib.request.urlopen(f"{url}/health", timeout=2).status == 200:
-                    break
-            if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"mlflow server did not start:\n{(folder / 'server.log').read_text()[-3000:]}")
-            time.sleep(0.5)
+        try:
+            wait_healthy(url, proc, "mlflow server", timeout=180)
+        except RuntimeError as err:
+            raise RuntimeError(f"{err}:\n{(folder / 'server.log').read_text()[-3000:]}") from None
         yield url
     finally:
         with contextlib.suppress(ProcessLookupError):

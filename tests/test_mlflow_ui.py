@@ -13,8 +13,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -58,7 +56,7 @@ def smoke_store(browser, tmp_path):  # after the skips: no grid is run where the
     return uri, proc.stdout
 
 
-def test_mlflow_ui_opens_the_grid_on_its_runs_with_their_metrics(browser, smoke_store, tmp_path):
+def test_mlflow_ui_opens_the_grid_on_its_runs_with_their_metrics(browser, smoke_store, tmp_path, wait_healthy):
     from mlflow.tracking import MlflowClient
 
     uri, out = smoke_store
@@ -71,13 +69,7 @@ def test_mlflow_ui_opens_the_grid_on_its_runs_with_their_metrics(browser, smoke_
                                "127.0.0.1", "--port", str(port)], stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        deadline = time.time() + 120
-        while True:
-            with contextlib.suppress(OSError):
-                if urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).status == 200:
-                    break
-            assert server.poll() is None and time.time() < deadline, "mlflow ui did not start"
-            time.sleep(0.5)
+        wait_healthy(f"http://127.0.0.1:{port}", server, "mlflow ui")
         runs_page = page_text(browser, f"http://127.0.0.1:{port}/{page}")
         assert "Detect Issues" not in runs_page and "No data available" not in runs_page  # not the GenAI pages
         assert f"{len(VARIANTS) + 1} matching runs" in runs_page  # the link's filter: the grid's runs
