@@ -116,15 +116,17 @@ def worker_train(a: dict) -> dict:
     if a["threads"]:
         torch.set_num_threads(a["threads"])
     torch.manual_seed(0)
+    device = torch.device(a.get("device", "cpu"))
     rss0 = rss_bytes()
-    mem = FwPKMMemory(_memory_config(a)).train()
+    mem = FwPKMMemory(_memory_config(a)).train().to(device)
     state_bytes = sum(t.numel() * t.element_size() for t in (mem.keys, mem.values))
     B, T, H, dk, dv = a["batch"], a["seq"], a["heads"], a["dim"], a["dim"]
     g = torch.Generator().manual_seed(1)
     # stand-ins for the block's projections: leaves that receive the meta-gradients
-    q = torch.randn(B, T, H * dk, generator=g).requires_grad_(True)
-    v = torch.randn(B, T, dv, generator=g).requires_grad_(True)
-    gates = torch.rand(B, T, generator=g).requires_grad_(True)
+    q = torch.randn(B, T, H * dk, generator=g).to(device).requires_grad_(True)
+    v = torch.randn(B, T, dv, generator=g).to(device).requires_grad_(True)
+    gates = torch.rand(B, T, generator=g).to(device).requires_grad_(True)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     if a["impl"] == "ours":
         def forward():
@@ -152,6 +154,10 @@ def worker_train(a: dict) -> dict:
         step = _timed_parts(forward, backward, parts)
     rss_state = rss_bytes()
     hwm_reset = reset_peak()
+    if device.type == "cuda":
+        sync()
+        torch.cuda.reset_peak_memory_stats(device)
+        device0 = torch.cuda.memory_allocated(device)
     times, cpu = [], []
     t_start = time.perf_counter()
     for i in range(a["warmup"] + a["steps"]):
@@ -160,6 +166,7 @@ def worker_train(a: dict) -> dict:
             parts.clear()
         t0, c0 = time.perf_counter(), time.process_time()
         step()
+        sync()
         t1, c1 = time.perf_counter(), time.process_time()
         if i >= a["warmup"]:
             times.append(t1 - t0)
@@ -167,8 +174,12 @@ def worker_train(a: dict) -> dict:
         if times and t1 - t_start > a["max_s"]:
             break  # a very slow configuration: keep the steps timed so far
     peak = peak_bytes()
-    return {
-        "impl": a["impl"], "n_subkeys": a["n_subkeys"], "tokens_per_step": B * T,
+    on_device = {}
+    if device.type == "cuda":  # the device's peak: state + inputs + what the steps allocate
+        on_device = {"device_peak_mib": torch.cuda.max_memory_allocated(device) / MiB,
+                     "device_working_mib": (torch.cuda.max_memory_allocated(device) - device0) / MiB}
+    return on_device | {
+        "impl": a["impl"], "n_subkeys": a["n_subkeys"], "tokens_per_step": B * T, "device": str(device),
         "step_s": times, "cpu_s": cpu,
         "peak_mib": (peak - rss0) / MiB, "working_mib": (peak - rss_state) / MiB,
         "state_mib": state_bytes / MiB, "peak_total_rss_mib": peak / MiB,
@@ -307,7 +318,7 @@ def _fmt(x, spec):
 
 def _train_args(ns) -> dict:
     return dict(heads=ns.heads, topk=ns.topk, dim=ns.dim, chunk=ns.chunk, batch=ns.batch, seq=ns.seq,
-                backend=ns.backend, threads=ns.threads, max_s=ns.max_s, malloc=ns.malloc)
+                backend=ns.backend, threads=ns.threads, max_s=ns.max_s, malloc=ns.malloc, device=ns.device)
 
 
 IMPLS = ("ours", "dense")  # the sparse core; fwpkm.naive, the dense baseline
@@ -340,6 +351,9 @@ def mode_train(ns) -> list[dict]:
         for key in IMPLS:
             if skip(n, key):
                 continue
+            if ns.device != "cpu":  # the device's own peak, from the timing run: no separate memory run
+                results[n, key]["memory"] = results[n, key]["time"][0]
+                continue
             res = run_worker("train", common | {"impl": key, "n_subkeys": n, "warmup": 1, "steps": 1},
                              ns.timeout, precise_malloc=True)
             results[n, key]["memory"] = res
@@ -367,7 +381,8 @@ def mode_train(ns) -> list[dict]:
                 "impl": key, "steps_timed": len(steps), "step_s": steps,
                 "tok_s": tokens / statistics.median(steps), "tok_s_best": tokens / min(steps),
                 "cpu_s_per_step": statistics.median([x for t in runs for x in t["cpu_s"]]),
-                "peak_mib": mem["peak_mib"], "working_mib": mem["working_mib"], "state_mib": mem["state_mib"],
+                "peak_mib": mem.get("device_peak_mib", mem["peak_mib"]),  # CUDA: the device's memory
+                "working_mib": mem.get("device_working_mib", mem["working_mib"]), "state_mib": mem["state_mib"],
                 "rss_default_malloc_mib": max(t["peak_mib"] for t in runs), "hwm_reset": mem["hwm_reset"],
                 "errors": errors,
             }
@@ -528,6 +543,8 @@ def main(argv=None):
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"],
                    help="kernels of the sparse core (auto: Triton on CUDA, else PyTorch)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: PyTorch's default)")
+    p.add_argument("--device", default="cpu", help="train and parts: cpu or cuda (default cpu); on CUDA the peak "
+                                                     "is the device memory's (torch.cuda.max_memory_allocated)")
     p.add_argument("--omp-wait-policy", default="passive", choices=["passive", "active", "inherit"],
                    help="OMP_WAIT_POLICY of the workers (default passive: idle OpenMP threads sleep instead of "
                         "spinning, which keeps timings sane when other processes share the cores)")

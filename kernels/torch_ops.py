@@ -68,6 +68,9 @@ def rows_csr(idx: Tensor, n_rows: int) -> tuple[Tensor, Tensor]:
     return order, offsets
 
 
+DENSE_SCATTER_ELEMENTS = 1 << 23  # M*P*D up to which scatter_rows materialises its [M*P, D] reads (32 MiB)
+
+
 def scatter_rows(w: Optional[Tensor], x: Tensor, idx: Tensor, n_rows: int,
                  row_scale: Optional[Tensor] = None) -> Tensor:
     """out[r] = row_scale[r] * sum over (m, p) with idx[m, p] = r of w[m, p] * x[m]  ->  [n_rows, D].
@@ -79,6 +82,11 @@ def scatter_rows(w: Optional[Tensor], x: Tensor, idx: Tensor, n_rows: int,
     M, P = idx.shape
     if M * P == 0 or n_rows == 0:
         return x.new_zeros(n_rows, x.shape[1])
+    if M * P * x.shape[1] <= DENSE_SCATTER_ELEMENTS:
+        # small: the per-read rows fit in cache, and one index_add beats sorting the reads into a CSR
+        reads = x.unsqueeze(1).expand(M, P, x.shape[1]) if w is None else w.to(x.dtype).unsqueeze(-1) * x.unsqueeze(1)
+        out = x.new_zeros(n_rows, x.shape[1]).index_add_(0, idx.reshape(-1), reads.reshape(M * P, -1))
+        return out if row_scale is None else out.mul_(row_scale.to(out.dtype).unsqueeze(-1))
     order, offsets = rows_csr(idx, n_rows)
     vals = x.new_ones(M * P) if w is None else w.reshape(-1).to(x.dtype)[order]
     S = torch.sparse_csr_tensor(offsets, order // P, vals, (n_rows, M), check_invariants=False)

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -387,25 +388,41 @@ PROBES = [
 ]
 
 
-@pytest.mark.parametrize("argv, option, allowed", PROBES, ids=[" ".join(p[0]) for p in PROBES])
-def test_every_probe_is_one_named_line_with_exit_code_2(argv, option, allowed, micro_training, tmp_path):
+PROBE_IDS = [" ".join(p[0]) for p in PROBES]
+
+
+@pytest.fixture(scope="module")
+def probe_runs(micro_training, tmp_path_factory) -> dict:
+    """Every probe run once, two at a time: each is a fresh interpreter whose start-up is most of its
+    time. id -> (argv, option, completed process, its folder)."""
+    data = tmp_path_factory.mktemp("data")
+    for name, (content, _) in DATA_FILES.items():
+        (data / name).write_bytes(content)
+
+    def run(probe):
+        argv, option, _ = probe
+        tmp_path = tmp_path_factory.mktemp("probe")
+        argv = [a.replace("DATA", str(data)) for a in argv]
+        if argv[0] in ("ablate", "tune"):
+            argv += ["--runs-dir", str(tmp_path / "runs")]
+        if argv[0] == "eval":
+            argv += ["--no-mlflow", "--cpu"]
+        if argv[0] == "train":
+            argv += ["--run_dir", str(tmp_path / "runs" / "probe")]
+        proc = subprocess.run([sys.executable, "-m", "ablations", *argv], cwd=tmp_path, env=micro_training.env(),
+                              capture_output=True, text=True, timeout=300)
+        return argv, option.replace("DATA", str(data)), proc, tmp_path
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return dict(zip(PROBE_IDS, pool.map(run, PROBES)))
+
+
+@pytest.mark.parametrize("probe, allowed", [(i, p[2]) for i, p in zip(PROBE_IDS, PROBES)], ids=PROBE_IDS)
+def test_every_probe_is_one_named_line_with_exit_code_2(probe, allowed, probe_runs):
     """`fwpkm <probe>` in a subprocess: exit code 2, no traceback, and one error line that starts with
     `fwpkm <cmd>` and names the option and what is allowed (Lightning's "Seed set" and the datasets
     progress bar may also appear on stderr: they are not errors)."""
-    data = tmp_path / "data"
-    data.mkdir()
-    for name, (content, _) in DATA_FILES.items():
-        (data / name).write_bytes(content)
-    argv = [a.replace("DATA", str(data)) for a in argv]
-    option = option.replace("DATA", str(data))
-    if argv[0] in ("ablate", "tune"):
-        argv += ["--runs-dir", str(tmp_path / "runs")]
-    if argv[0] == "eval":
-        argv += ["--no-mlflow", "--cpu"]
-    if argv[0] == "train":
-        argv += ["--run_dir", str(tmp_path / "runs" / "probe")]
-    proc = subprocess.run([sys.executable, "-m", "ablations", *argv], cwd=tmp_path, env=micro_training.env(),
-                          capture_output=True, text=True, timeout=300)
+    argv, option, proc, tmp_path = probe_runs[probe]
     lines = [line for line in proc.stderr.splitlines() if "error" in line.lower() or "Traceback" in line]
     print(f"PROBE fwpkm {' '.join(argv)} -> {lines}")
     assert proc.returncode == 2, proc.stderr[-3000:]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -163,50 +164,67 @@ def ddp_args(dump: Path, policy: str, devices: int = 2, steps: int = 3) -> tuple
             "--trainer.callbacks+=tests.test_train.DumpFastWeights", f"--trainer.callbacks.out_dir={dump}")
 
 
-def test_ddp_shards_the_global_batch_keeps_one_memory_and_resumes_on_another_device_count(micro_training, tmp_path):
-    """2 ranks x 2 rows for 2 steps (policy "mean"), resumed on 1 device x 4 rows to step 4, against
-    1 process x 4 rows for 4 steps: the same rows in the same steps, so the same model up to float
-    reduction order; beside it, policy "local" keeps one memory per rank."""
-    pin = ("--optim.decay_steps", "4", "--checkpoint.every_n_steps", "100", "--checkpoint.save_best", "false",
-           "--trainer.val_check_interval", "2")
-    split, straight, local = tmp_path / "runs" / "split", tmp_path / "runs2" / "straight", tmp_path / "runs3" / "local"
-    one = micro_training.start(straight, *ddp_args(tmp_path / "dump1", "mean", devices=1, steps=4),
+def test_ddp_shards_the_global_batch_keeps_one_memory_and_resumes_exactly(micro_training, tmp_path):
+    """2 ranks x 2 rows (policy "mean") against 1 process x 4 rows: the ranks read disjoint halves
+    of the one process's global batches, hold one common memory, and give the same model up to
+    float reduction order. Killed at step 2, the same command resumes it exactly; resumed on one
+    device x 4 rows instead, it reads the next global batches. Policy "local" keeps one memory
+    per rank."""
+    pin = ("--optim.decay_steps", "4", "--checkpoint.save_best", "false", "--trainer.val_check_interval", "2")
+    ddp = ("--data.batch_size", "2", *pin)
+    runs = {name: tmp_path / name / "run" for name in ("one", "ddp", "local", "killed", "other")}
+    one = micro_training.start(runs["one"], *ddp_args(tmp_path / "dump1", "mean", devices=1, steps=4),
                                "--data.batch_size", "4", *pin, "--tracking.enabled", "false")
-    apart = micro_training.start(local, *ddp_args(tmp_path / "dump-local", "local", steps=2), "--data.batch_size", "2",
-                                 *pin, "--tracking.enabled", "false")
-    micro_training.run(split, *ddp_args(tmp_path / "dump2", "mean", steps=2), "--data.batch_size", "2", *pin)
+    killed = micro_training.start(runs["killed"], *ddp_args(tmp_path / "dump-killed", "mean", steps=4), *ddp,
+                                  "--checkpoint.every_n_steps", "1", "--tracking.enabled", "false",
+                                  "--trainer.callbacks+=tests.test_train.KillAtStep", "--trainer.callbacks.step=2")
+    micro_training.run(runs["ddp"], *ddp_args(tmp_path / "dump2", "mean", steps=4), *ddp)
 
     r0, r1 = load(tmp_path / "dump2" / "rank0.pt"), load(tmp_path / "dump2" / "rank1.pt")
     assert_same_state(r0, r1, atol=0)  # policy "mean": identical memory on every rank
-    ckpt = load(split / "checkpoints" / "last.ckpt")
-    assert ckpt["global_step"] == 2
-    saved = {k[len("model.layers."):].replace(".memory.memory.", "."): v for k, v in ckpt["state_dict"].items()
+    straight = load(runs["ddp"] / "checkpoints" / "last.ckpt")
+    assert straight["global_step"] == 4
+    saved = {k[len("model.layers."):].replace(".memory.memory.", "."): v for k, v in straight["state_dict"].items()
              if ".memory.memory." in k}
     assert_same_state(saved, r0, atol=0)  # the checkpoint holds that common memory
-    params = micro_training.mlflow_client(split).get_run(micro_training.run_id(split)).data.params
+    params = micro_training.mlflow_client(runs["ddp"]).get_run(micro_training.run_id(runs["ddp"])).data.params
     assert (params["data.global_batch_size"], params["trainer.world_size"]) == ("4", "2")  # 2 ranks x 2 rows
-    finish(apart)
+
+    assert finish(killed, expect_ok=False)[0] == -signal.SIGKILL
+    assert load(runs["killed"] / "checkpoints" / "last.ckpt")["global_step"] == 2
+    shutil.copytree(runs["killed"], runs["other"])
+    local = micro_training.start(runs["local"], *ddp_args(tmp_path / "dump-local", "local", steps=2), *ddp,
+                                 "--tracking.enabled", "false")
+    micro_training.run(runs["killed"], *ddp_args(tmp_path / "dump-resumed", "mean", steps=4), *ddp,
+                       "--checkpoint.every_n_steps", "1", "--tracking.enabled", "false")
+    resumed = load(runs["killed"] / "checkpoints" / "last.ckpt")
+    assert resumed["global_step"] == 4
+    assert_same_state(resumed["state_dict"], straight["state_dict"])  # exact: slow and fast weights
+    for sa, sb in zip(resumed["optimizer_states"][0]["state"].values(), straight["optimizer_states"][0]["state"].values()):
+        assert_same_state({k: v for k, v in sa.items() if torch.is_tensor(v)},
+                          {k: v for k, v in sb.items() if torch.is_tensor(v)})
+    finish(local)
     l0, l1 = load(tmp_path / "dump-local" / "rank0.pt"), load(tmp_path / "dump-local" / "rank1.pt")
     assert any(not torch.allclose(l0[k], l1[k]) for k in l0)  # policy "local": the ranks' memories differ
 
-    resumed = micro_training.run(split, *ddp_args(tmp_path / "dump3", "mean", devices=1, steps=4),
-                                 "--data.batch_size", "4", *pin)
+    other = micro_training.run(runs["other"], *ddp_args(tmp_path / "dump3", "mean", devices=1, steps=4),
+                               "--data.batch_size", "4", *pin, "--checkpoint.every_n_steps", "1",
+                               "--tracking.enabled", "false")
     out_one = finish(one)[1]
-    first = load(tmp_path / "dump2" / "batches0.pt") + load(tmp_path / "dump3" / "batches0.pt")
-    second = load(tmp_path / "dump2" / "batches1.pt")
+    first, second = load(tmp_path / "dump2" / "batches0.pt"), load(tmp_path / "dump2" / "batches1.pt")
     reference = load(tmp_path / "dump1" / "batches0.pt")
-    for step in range(2):  # the ranks read disjoint parts that make up the one process's global batch
+    for step in range(4):  # the ranks read disjoint parts that make up the one process's global batch
         assert not (first[step][:, None] == second[step][None]).all(-1).any()
         assert torch.equal(torch.cat([first[step], second[step]]), reference[step]), step
-    for step in (2, 3):  # resumed on one device at the next global batch
-        assert torch.equal(first[step], reference[step]), step
-    a, b = load(split / "checkpoints" / "last.ckpt"), load(straight / "checkpoints" / "last.ckpt")
-    assert a["global_step"] == b["global_step"] == 4
-    slow = [k for k in b["state_dict"] if ".memory.memory." not in k and b["state_dict"][k].is_floating_point()]
-    assert max((a["state_dict"][k] - b["state_dict"][k]).abs().max().item() for k in slow) < 1e-2
+    moved = load(tmp_path / "dump3" / "batches0.pt")  # resumed on one device at the next global batch
+    assert len(moved) == 2 and all(torch.equal(moved[i], reference[2 + i]) for i in range(2))
+    for run in (straight, load(runs["other"] / "checkpoints" / "last.ckpt")):
+        a, b = run["state_dict"], load(runs["one"] / "checkpoints" / "last.ckpt")["state_dict"]
+        slow = [k for k in b if ".memory.memory." not in k and b[k].is_floating_point()]
+        assert max((a[k] - b[k]).abs().max().item() for k in slow) < 1e-2
     # the same validation loss within tolerance: Adam's first steps and the averaged fast-weight writes
     # (mean of per-rank N_read-scaled steps, not one write of the global batch) are not bitwise the same
-    losses = [float(re.search(r"final val\s+loss (\S+)", out).group(1)) for out in (out_one, resumed.stdout)]
+    losses = [float(re.search(r"final val\s+loss (\S+)", out).group(1)) for out in (out_one, other.stdout)]
     assert abs(losses[0] - losses[1]) < 2e-3, losses
 
 
