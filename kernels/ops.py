@@ -23,8 +23,6 @@ already computed) has a backward made of the same two, restricted to the reads o
 
 from __future__ import annotations
 
-import functools
-
 from typing import Optional
 
 import torch
@@ -274,22 +272,7 @@ def address(q: Tensor, keys: Tensor, topk: int, score: str, backend: Optional[st
     s = s.view(B, T, H, 2, topk)
     top1, top2 = s[..., 0, :], s[..., 1, :]
     ids1, ids2 = ids[..., 0, :], ids[..., 1, :]
-    first, second = cartesian_candidates(topk, q.device)
-    cart = top1[..., first] + top2[..., second]  # [B,T,H,c]: the pairs that can be among the k best
-    scores, pick = cart.topk(topk, dim=-1)
-    slots = ids1.gather(-1, first[pick]) * n + ids2.gather(-1, second[pick])
+    cart = (top1.unsqueeze(-1) + top2.unsqueeze(-2)).flatten(-2)  # [B,T,H,k*k]
+    scores, flat = cart.topk(topk, dim=-1)
+    slots = ids1.gather(-1, flat // topk) * n + ids2.gather(-1, flat % topk)
     return ((top1, ids1), (top2, ids2)), scores, slots
-
-
-def cartesian_candidates(k: int, device) -> tuple[Tensor, Tensor]:
-    """The (i, j) positions of the k x k Cartesian sums top1[i] + top2[j] that can be among the k
-    largest when both halves are sorted best first: (i+1)(j+1) <= k, since the (i+1)(j+1) sums
-    top1[i'] + top2[j'] with i' <= i, j' <= j are at least as large. For k = 8, 20 of the 64 pairs
-    (k = 32: 119 of 1,024); the top-k of those is the top-k of all."""
-    return _candidate_pairs(k, str(device))
-
-
-@functools.lru_cache(maxsize=None)
-def _candidate_pairs(k: int, device: str) -> tuple[Tensor, Tensor]:
-    pairs = [(i, j) for i in range(k) for j in range(k) if (i + 1) * (j + 1) <= k]
-    return tuple(torch.tensor(side, dtype=torch.int64, device=device) for side in zip(*pairs))

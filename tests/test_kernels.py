@@ -248,20 +248,6 @@ def test_address_equals_dense_addressing(score, backend, request):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-11)
 
 
-@pytest.mark.parametrize("k", [1, 2, 3, 8, 13, 32])
-def test_cartesian_candidates_hold_the_top_k_of_all_pairs(k):
-    """Of two halves sorted best first, the k largest of the k x k sums are among the pairs
-    (i+1)(j+1) <= k (ops.address searches only those)."""
-    g = torch.Generator().manual_seed(k)
-    top1 = torch.randn(500, k, generator=g, dtype=torch.float64).sort(-1, descending=True).values
-    top2 = torch.randn(500, k, generator=g, dtype=torch.float64).sort(-1, descending=True).values
-    top2[:7] = top2[:7].round(decimals=1)  # some ties among the sums
-    full = (top1.unsqueeze(-1) + top2.unsqueeze(-2)).flatten(-2).topk(k, -1).values
-    first, second = ops.cartesian_candidates(k, "cpu")
-    assert len(first) == sum(k // i for i in range(1, k + 1)) < k * k or k == 1
-    assert torch.equal((top1[:, first] + top2[:, second]).topk(k, -1).values, full)
-
-
 def test_scatter_rows_small_and_csr_paths_agree(monkeypatch):
     """torch_ops.scatter_rows materialises the reads below DENSE_SCATTER_ELEMENTS (one index_add),
     else multiplies by a CSR matrix: the same function either way."""
