@@ -188,6 +188,20 @@ def worker_train(a: dict) -> dict:
     }
 
 
+def add_timer(owner, name: str, label: str, acc: dict) -> None:
+    """Replace ``owner.name`` by a wrapper that adds its wall-clock seconds into ``acc[label]``."""
+    fn = getattr(owner, name)
+
+    def timed(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            acc[label] = acc.get(label, 0.0) + time.perf_counter() - t0
+
+    setattr(owner, name, timed)
+
+
 def _timed_parts(forward, backward, acc: dict):
     """A training step (``backward(forward())``) with wall-clock timers adding seconds into
     ``acc``: the sub-key selection and the commit (wrapped where the memory calls them), the
@@ -195,20 +209,8 @@ def _timed_parts(forward, backward, acc: dict):
     from fwpkm import memory
     from kernels import ops
 
-    def timed(owner, name, label):
-        fn = getattr(owner, name)
-
-        def wrapper(*args, **kwargs):
-            t0 = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                acc[label] = acc.get(label, 0.0) + time.perf_counter() - t0
-
-        setattr(owner, name, wrapper)
-
-    timed(ops, "select_subkeys", "selection")
-    timed(memory.SparseValues, "commit", "commit")
+    add_timer(ops, "select_subkeys", "selection", acc)
+    add_timer(memory.SparseValues, "commit", "commit", acc)
 
     def timed_step():
         t0 = time.perf_counter()

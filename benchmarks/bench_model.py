@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_memory import MiB, peak_bytes, reset_peak, rss_bytes, write  # noqa: E402
+from benchmarks.bench_memory import MiB, add_timer, peak_bytes, reset_peak, rss_bytes, write  # noqa: E402
 
 DEFAULT_MODELS = ["recall:swa_only", "recall:fwpkm", "recall:fwmlp", "preset:tiny",
                   "mqar:no_memory", "mqar:base", "mqar:fwmlp"]
@@ -92,14 +92,13 @@ def build(name: str, device: str = "cpu"):
     """(model, optimizer, grad_clip, batch size, seq_len, vocab size) of a model name."""
     import torch
 
+    from fwpkm import HybridLM
     from lit.config import OptimConfig, resolve_model
     from lit.module import parameter_groups
     from lit.tokenizer import load_tokenizer
 
     setup = model_setup(name)
     vocab = load_tokenizer(setup["tokenizer"]).vocab_size
-    from fwpkm import HybridLM
-
     model = HybridLM(resolve_model(setup["model"], vocab_size=vocab)[1]).train().to(device)
     optim = OptimConfig(**{k: v for k, v in setup["optim"].items() if k in OptimConfig.__dataclass_fields__})
     optimizer = torch.optim.AdamW(parameter_groups(model, optim.weight_decay), lr=optim.lr, betas=optim.betas,
@@ -124,11 +123,10 @@ def worker(a: dict) -> dict:
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=a["precision"] == "bf16-mixed")
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     parts: dict = {}
-    timers = _install_timers(parts) if a["parts"] else None
+    if a["parts"]:
+        _install_timers(parts)
 
     def timed(label, fn):
-        if timers is None:
-            return fn()
         t0 = time.perf_counter()
         try:
             return fn()
@@ -179,30 +177,14 @@ def worker(a: dict) -> dict:
             "parts_ms": {k: 1e3 * v / len(times) for k, v in parts.items()}}
 
 
-def _install_timers(acc: dict):
+def _install_timers(acc: dict) -> None:
     """Wall-clock timers around the fast-weight memories' read, write and commit steps."""
-    from fwpkm import fastweights
-
-    def wrap(cls, name, label):
-        fn = getattr(cls, name)
-
-        def timed(*args, **kwargs):
-            t0 = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                acc[label] = acc.get(label, 0.0) + time.perf_counter() - t0
-
-        setattr(cls, name, timed)
-
     from fwpkm.fwmlp import FwMLPMemory
     from fwpkm.memory import FwPKMMemory
 
     for cls in (FwPKMMemory, FwMLPMemory):
-        wrap(cls, "_read", "memory_read")
-        wrap(cls, "_write", "memory_write")
-        wrap(cls, "_commit", "memory_commit")
-    return fastweights
+        for step in ("read", "write", "commit"):
+            add_timer(cls, f"_{step}", f"memory_{step}", acc)
 
 
 # -- driver ----------------------------------------------------------------------------------
@@ -239,10 +221,11 @@ def measure(models: list[str], ns, parts: bool = False) -> dict:
                       + (res["error"] if "error" in res else
                          f"{res['tokens_per_step'] / statistics.median(res['step_s']):,.0f} tokens/s"), flush=True)
                 key = (model, threads)
-                if key not in results or "error" in res:
-                    results[key] = res if key not in results or "error" not in results[key] else results[key]
-                    if "error" not in res:
-                        results[key] = dict(res, rounds_peak_mib=[res["peak_mib"]])
+                if "error" in res:
+                    results.setdefault(key, res)
+                    continue
+                if key not in results or "error" in results[key]:
+                    results[key] = dict(res, rounds_peak_mib=[res["peak_mib"]])
                     continue
                 merged = results[key]
                 merged["step_s"] += res["step_s"]
@@ -370,10 +353,9 @@ def main(argv=None):
     print(f"\nload average (1 min) before / after: {meta['load_average_before']:.2f} / {meta['load_average_after']:.2f}")
     print(table)
     if ns.out:
-        flat = [{k: v for k, v in r.items()} for r in rows]
-        keys = list(dict.fromkeys(k for r in flat for k in r))
+        keys = list(dict.fromkeys(k for r in rows for k in r))
         write(ns.out, f"model_{ns.mode}{ns.tag}", {"meta": meta, "args": {k: str(v) for k, v in vars(ns).items()},
-                                                   "table": rows}, [{k: r.get(k, "") for k in keys} for r in flat])
+                                                   "table": rows}, [{k: r.get(k, "") for k in keys} for r in rows])
         (ns.out / f"model_{ns.mode}{ns.tag}.md").write_text(f"    {meta['command']}\n\n{table}\n")
 
 

@@ -66,8 +66,8 @@ def mode_env(ns) -> dict:
     info = {"torch": torch.__version__, "cuda_available": torch.cuda.is_available(), "python": sys.version.split()[0]}
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        info |= {"device": props.name, "memory_gib": props.total_memory / GiB, "capability": list(props.major_minor)
-                 if hasattr(props, "major_minor") else [props.major, props.minor], "cuda": torch.version.cuda}
+        info |= {"device": props.name, "memory_gib": props.total_memory / GiB, "capability": [props.major, props.minor],
+                 "cuda": torch.version.cuda}
     for name in ("triton", "fla"):
         try:
             info[name] = getattr(__import__(name), "__version__", "installed")
