@@ -198,11 +198,27 @@ def load_grid(name_or_path: str, _seen: tuple = ()) -> Grid:
     unknown_eval = sorted(set(ev or {}) - set(EVALUATIONS))
     if unknown_eval:
         raise GridError(f"grid {name!r}: unknown eval(s) {unknown_eval}; known: {list(EVALUATIONS)}")
+    if "niah" in ev:
+        _check_niah(name, ev["niah"])
     experiment = str(data.get("experiment") or (parent.experiment if parent else DEFAULT_EXPERIMENT))
     grid = Grid(name=name, path=path, base=base, variants=variants, aliases=aliases, seeds=seeds, eval=ev or {},
                 tune=tune or {}, experiment=experiment, description=str(data.get("description") or ""))
     grid._order = order
     return grid
+
+
+def _check_niah(grid: str, options) -> None:
+    """eval.niah is checked when the grid loads, not after its first run has trained."""
+    from lit.evaluation.niah import NIAHConfig
+
+    if not isinstance(options, dict):
+        raise GridError(f"grid {grid!r}: eval.niah must be a mapping of NIAH options, got {options!r}")
+    try:
+        NIAHConfig(**{k: v for k, v in options.items() if k != "haystack"})
+    except TypeError as err:
+        raise GridError(f"grid {grid!r}: eval.niah: {err}; allowed: the fields of lit.evaluation.niah.NIAHConfig") from None
+    except ValueError as err:
+        raise GridError(f"grid {grid!r}: eval.{err}") from None
 
 
 def _check_name(grid: str, variant: str) -> None:

@@ -91,6 +91,7 @@ def run_row(client, run) -> dict:
         **{f"niah_{k[len('niah/exact/'):]}": v for k, v in m.items()
            if k.startswith("niah/exact/") and k.count("/") == 2},
         "cells": _niah_cells(m),
+        "family_cells": _niah_family_cells(m),
         "mqar": _mqar_points(m),
         "flops_per_token": m.get("model/flops_per_token", NAN),
         "state_size": m.get("model/state_size", NAN),
@@ -106,6 +107,26 @@ def _niah_cells(metrics: dict) -> dict:
         if len(parts) == 4 and parts[0] == "niah" and parts[2][:1] == "L" and parts[3][:1] == "n":
             cells[(parts[1], int(parts[2][1:]), int(parts[3][1:]))] = value
     return cells
+
+
+def _niah_family_cells(metrics: dict) -> dict:
+    """{family: {(measure, context length, passes): value}} from ``niah/<measure>/F<family>/L<len>/n<passes>``."""
+    families: dict = {}
+    for key, value in metrics.items():
+        parts = key.split("/")
+        if len(parts) == 5 and parts[0] == "niah" and parts[2][:1] == "F" and parts[3][:1] == "L" and parts[4][:1] == "n":
+            families.setdefault(parts[2][1:], {})[(parts[1], int(parts[3][1:]), int(parts[4][1:]))] = value
+    return families
+
+
+def by_family(rows: list[dict]) -> dict[str, list[dict]]:
+    """{family: rows whose ``cells`` are that family's}, pooled held-out families first, the spec's last;
+    empty when no run was evaluated on more than one family."""
+    names = {f for r in rows for f in r.get("family_cells", {})}
+    if len(names) < 2:
+        return {}
+    ordered = sorted(names, key=lambda f: (f != "held-out", f == "spec", f))
+    return {f: [r | {"cells": r["family_cells"][f]} for r in rows if f in r.get("family_cells", {})] for f in ordered}
 
 
 def _mqar_points(metrics: dict) -> dict:
@@ -252,6 +273,16 @@ def niah_exact(group: list[dict], L: int, n: int) -> Optional[tuple[float, float
 
 
 def niah_markdown(rows: list[dict], order: Optional[list] = None) -> str:
+    """NIAH per needle family when runs were asked more than one (:func:`by_family`), else over all
+    questions (:func:`niah_table`)."""
+    families = by_family(rows)
+    if not families:
+        return niah_table(rows, order)
+    return "\n\n".join(f"### NIAH, needle family {family}\n\n" + niah_table(family_rows, order)
+                        for family, family_rows in families.items())
+
+
+def niah_table(rows: list[dict], order: Optional[list] = None) -> str:
     """NIAH per (variant, passes) and context length: exact match with its 95% Wilson interval and the
     number of questions (all seeds' questions pooled), then digit accuracy; then every seed's own
     figures. Runs without question counts show mean ± std over seeds. Empty when no run has per-cell
@@ -431,6 +462,10 @@ def grid_report(store: Store, grid: str, out_dir: Optional[Path] = None, log: bo
         niah_png = plot_niah(rows, out / "summary_niah.png", order, title)
         if niah_png:
             files["niah_png"] = niah_png
+        for family, family_rows in by_family(rows).items():
+            family_png = plot_niah(family_rows, out / f"summary_niah_{family}.png", order, f"{title}, needles: {family}")
+            if family_png:
+                files[f"niah_{family}_png"] = family_png
         gates_png = plot_gates(rows, out / "summary_gates.png", order, title)
         if gates_png:
             files["gates_png"] = gates_png

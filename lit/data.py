@@ -59,6 +59,7 @@ import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
 
 from fwpkm.config import ConfigError, check_positive, from_mapping
+from lit.facts import fact_sequence
 from lit.synthetic import (associative_recall_sequence, hash_seed, mqar_sequence, niah_training_sequence,
                            repeated_span_sequence)
 from lit.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
@@ -199,6 +200,8 @@ class DataConfig:
     # repeated spans: rows in which a span of the training text comes back later in the row
     repeat_fraction: float = 0.0  # share of training rows that are repeated-span rows (text sources)
     repeat_min_span: int = 64  # shortest repeated span, in tokens (the longest is seq_len // 2)
+    # fact rows (lit.facts): statements about keys in the text, recalled later in other words; no NIAH template
+    facts_fraction: float = 0.0  # share of training rows that are fact rows (text sources)
     # synthetic sources (`niah`, `recall`)
     synthetic_train_size: int = 8192  # rows per epoch
     synthetic_val_size: int = 256
@@ -219,11 +222,13 @@ class DataConfig:
             raise ConfigError(f"data.val_fraction={self.val_fraction!r} must be in [0, 1)")
         if not 0.0 <= self.niah_fraction < 1.0:
             raise ConfigError(f"data.niah_fraction={self.niah_fraction!r} must be in [0, 1)")
-        if not 0.0 <= self.repeat_fraction < 1.0:
-            raise ConfigError(f"data.repeat_fraction={self.repeat_fraction!r} must be in [0, 1)")
-        if self.niah_fraction + self.repeat_fraction >= 1.0:
+        for name in ("repeat_fraction", "facts_fraction"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"data.{name}={getattr(self, name)!r} must be in [0, 1)")
+        generated = self.niah_fraction + self.repeat_fraction + self.facts_fraction
+        if generated >= 1.0:
             raise ConfigError(
-                f"data.niah_fraction + data.repeat_fraction = {self.niah_fraction + self.repeat_fraction!r} must be < 1: "
+                f"data.niah_fraction + data.repeat_fraction + data.facts_fraction = {generated!r} must be < 1: "
                 "some rows must be plain text"
             )
         if self.repeat_fraction > 0 and 2 * self.repeat_min_span > self.seq_len + 1:
@@ -468,6 +473,11 @@ def repeat_row(haystack_ids: np.ndarray, seq_len: int, min_span: int, seed: int)
     return {"input_ids": tokens[:-1], "labels": tokens[1:]}
 
 
+def fact_row(haystack_ids: np.ndarray, tokenizer: Tokenizer, seq_len: int, seed: int) -> dict:
+    tokens, _ = fact_sequence(haystack_ids, tokenizer, seq_len + 1, seed)
+    return {"input_ids": tokens[:-1], "labels": tokens[1:]}
+
+
 # --------------------------------------------------------------------------- resumable order
 
 
@@ -659,7 +669,7 @@ class FwPKMDataModule(L.LightningDataModule):
         return join_tokens(tokenize(documents, self.tokenizer), self.tokenizer.encode(HAYSTACK_SEPARATOR))
 
     def _synthetic_set(self, kind: str, size: int, stream: str, haystack: Optional[np.ndarray] = None) -> GeneratedDataset:
-        """Generated rows of ``kind`` (recall, niah or repeat); niah and repeat rows draw on ``haystack``
+        """Generated rows of ``kind`` (recall, mqar, niah, repeat or facts); the last three draw on ``haystack``
         (the token ids of :meth:`_haystack`)."""
         cfg = self.config
         if kind == "recall":
@@ -668,6 +678,8 @@ class FwPKMDataModule(L.LightningDataModule):
             make_row = functools.partial(mqar_sequence, cfg.seq_len, cfg.mqar_pairs, cfg.mqar_vocab, cfg.mqar_power_a)
         elif kind == "repeat":
             make_row = functools.partial(repeat_row, haystack, cfg.seq_len, cfg.repeat_min_span)
+        elif kind == "facts":
+            make_row = functools.partial(fact_row, haystack, self.tokenizer, cfg.seq_len)
         else:
             make_row = functools.partial(niah_row, haystack, self.tokenizer, cfg.seq_len, cfg.niah_needles,
                                          cfg.niah_max_fraction)
@@ -693,14 +705,14 @@ class FwPKMDataModule(L.LightningDataModule):
             return self._synthetic_set("niah", cfg.synthetic_train_size, "train", self._haystack(self._niah_haystack_split()[0]))
         train_docs, _ = self._text_split(spec, "data.source")
         packed = self._packed(train_docs, "data.source", spec)
-        total = len(packed) / (1 - cfg.niah_fraction - cfg.repeat_fraction)  # rows of all kinds together
-        n_niah, n_repeat = round(total * cfg.niah_fraction), round(total * cfg.repeat_fraction)
+        total = len(packed) / (1 - cfg.niah_fraction - cfg.repeat_fraction - cfg.facts_fraction)  # rows of all kinds
+        counts = {kind: round(total * fraction) for kind, fraction in
+                  (("niah", cfg.niah_fraction), ("repeat", cfg.repeat_fraction), ("facts", cfg.facts_fraction))}
         parts = [packed]
-        haystack = self._haystack(train_docs) if n_niah or n_repeat else None  # tokenised once for both kinds
-        if n_niah:
-            parts.append(self._synthetic_set("niah", n_niah, "train", haystack))
-        if n_repeat:
-            parts.append(self._synthetic_set("repeat", n_repeat, "train-repeat", haystack))
+        haystack = self._haystack(train_docs) if any(counts.values()) else None  # tokenised once for all kinds
+        for kind, stream in (("niah", "train"), ("repeat", "train-repeat"), ("facts", "train-facts")):
+            if counts[kind]:
+                parts.append(self._synthetic_set(kind, counts[kind], stream, haystack))
         return packed if len(parts) == 1 else ConcatDataset(parts)
 
     def _held_out_set(self, spec: SourceSpec, option: str) -> Dataset:

@@ -21,10 +21,12 @@ from typing import Sequence, Union
 
 import torch
 
+from lit.needles import NeedleFamily
 from lit.tokenizer import Tokenizer
 
 NEEDLE_TEMPLATE = " The secret number for {key} is {value}."
 QUESTION_TEMPLATE = "The secret number for {key} is "
+SPEC_FAMILY = NeedleFamily("spec", NEEDLE_TEMPLATE, QUESTION_TEMPLATE, key="ID-[0-9A-F]{4}", value="[0-9]{6}")
 SEPARATOR = "\n"  # ends the context, before the question
 ANSWER_DIGITS = 6
 IGNORE_INDEX = -100  # label of positions that carry no loss (torch cross_entropy default)
@@ -139,7 +141,7 @@ class NIAHSample:
 
     context_ids: list[int]  # haystack with the needles, ending with the separator
     question_ids: list[int]
-    answer: str  # the 6 digits asked for
+    answer: str  # the value asked for (the spec's: 6 digits)
     answer_ids: list[int]
     keys: list[str]
     values: list[str]
@@ -171,8 +173,10 @@ def make_niah_sample(
     target_index: int | None = None,
     haystack_start: int | None = 0,
     snap_window: int = 64,
+    family: NeedleFamily | None = None,
 ) -> NIAHSample:
-    """A haystack of ``context_len`` tokens (question included) with ``n_needles`` needles.
+    """A haystack of ``context_len`` tokens (question included) with ``n_needles`` needles of
+    ``family`` (default: the spec's, :data:`NEEDLE_TEMPLATE`; see :mod:`lit.needles`).
 
     ``haystack`` is text or token ids; it is read from ``haystack_start`` (random when None)
     and wraps around when too short. ``depths`` (in [0, 1], one per needle) default to
@@ -181,16 +185,21 @@ def make_niah_sample(
     ``len(context_ids) + len(question_ids) == context_len``.
     """
     rng = random.Random(seed)
-    keys, values = random_needles(rng, n_needles)
+    if family is None or family.same_needles(SPEC_FAMILY):  # drawn as before families existed
+        keys, values = random_needles(rng, n_needles)
+        needle, question = needle_text, question_text
+    else:
+        keys, values = family.draw(rng, n_needles)
+        needle, question = family.needle_text, family.question_text
     depths = [rng.random() for _ in keys] if depths is None else _check_depths(depths, n_needles)
     if target_index is None:
         target_index = rng.randrange(n_needles)
     if not 0 <= target_index < n_needles:
         raise ValueError(f"target_index={target_index} must be in [0, {n_needles})")
 
-    needles_ids = [tokenizer.encode(needle_text(k, v)) for k, v in zip(keys, values)]
+    needles_ids = [tokenizer.encode(needle(k, v)) for k, v in zip(keys, values)]
     separator_ids = tokenizer.encode(SEPARATOR)
-    question_ids = tokenizer.encode(question_text(keys[target_index]))
+    question_ids = tokenizer.encode(question(keys[target_index]))
     fixed = sum(map(len, needles_ids)) + len(separator_ids) + len(question_ids)
     if context_len <= fixed:
         raise ValueError(f"context_len={context_len} leaves no room for a haystack: needles and question take {fixed} tokens")
@@ -233,7 +242,7 @@ def niah_eval_set(
 
 
 def score_answer(predicted_text: str, answer: str) -> tuple[bool, float]:
-    """(exact match, fraction of digit positions right) of a decoded answer.
+    """(exact match, fraction of the answer's characters right: "digit accuracy") of a decoded answer.
 
     Only the first ``len(answer)`` characters after leading whitespace count, so trailing
     text is ignored and a short prediction loses the missing positions.

@@ -9,6 +9,7 @@ import itertools
 import json
 import re
 import warnings
+from pathlib import Path
 
 import lightning as L
 import pandas as pd
@@ -28,6 +29,7 @@ from lit.synthetic import (
 from lit.tokenizer import ByteTokenizer, load_tokenizer
 
 TOK = ByteTokenizer()
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -429,3 +431,88 @@ def test_missing_text_field_and_unloadable_hf_dataset(tmp_path):
     dm = module(tmp_path, source="hf:surely-not-a-local/dataset")
     with pytest.raises(ValueError, match="data.source='hf:surely-not-a-local/dataset'.*network"):
         dm.setup()
+
+
+# --------------------------------------------------------------------------- needle families and fact rows
+
+
+def test_patterns_make_what_they_say_and_bad_ones_are_named():
+    import random
+
+    from lit.needles import parse_pattern
+
+    rng = random.Random(0)
+    for text, example in [("ID-[0-9A-F]{4}", "ID-3F9A"), ("(Dr.|Ms.) (Okafor|Novak)", "Ms. Novak"),
+                          ("[a-z]{2,4}\\[[0-9]\\]", "ab[7]"), ("x[ab]{0,2}", "x")]:
+        pattern = parse_pattern(text)
+        assert re.fullmatch(pattern.regex, example)
+        draws = {pattern.draw(rng) for _ in range(300)}
+        assert all(re.fullmatch(pattern.regex, d) for d in draws) and len(draws) > 2
+    assert parse_pattern("[0-9]{6}").size == 10**6 and parse_pattern("(a|b)[xy]{1,2}").size == 2 * (2 + 4)
+    for bad, message in [("[a-z", "never closed"), ("(a|b", "never closed"), ("a{x}", "{n} or {m,n}"), ("[z-a]", "backwards"),
+                         ("|a", "nothing to apply to"), ("", "empty")]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            parse_pattern(bad)
+
+
+def test_shipped_families_load_and_the_spec_family_is_the_spec(tmp_path):
+    from lit.needles import NeedleFamily, load_families, resolve_families, shipped_families
+    from lit.synthetic import SPEC_FAMILY
+
+    families = shipped_families()
+    assert families["spec"].same_needles(SPEC_FAMILY) and len(families) >= 5
+    assert len({f.question for f in families.values()}) == len(families)  # every family asks its own way
+    assert [f.name for f in resolve_families(None)] == ["spec"]
+    assert [f.name for f in resolve_families(["all"])] == list(families)
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("- {name: mine, needle: ' Box {key} holds {value}.', question: 'Box {key} holds ', key: 'B[0-9]{3}', "
+                    "value: '[a-z]{4}'}\n")
+    assert [f.name for f in resolve_families(["vault", str(mine)])] == ["vault", "mine"]
+    assert load_families(mine)["mine"].needle_text("B123", "abcd") == " Box B123 holds abcd."
+    for bad, message in [(dict(needle=" {key} only."), "must hold {value} once"),
+                         (dict(question="{key} {value}"), "must not hold the answer"),
+                         (dict(needle="No space {key} {value}."), "must start with a space"),
+                         (dict(key="[ab]"), "fewer than 16 keys"), (dict(value="[0-9"), "value: pattern")]:
+        fields = dict(name="x", needle=" The {key} is {value}.", question="The {key} is ", key="K[0-9]{3}", value="[0-9]{4}")
+        with pytest.raises(ValueError, match=re.escape(message)):
+            NeedleFamily(**(fields | bad))
+    with pytest.raises(ValueError, match="choose a shipped family"):
+        resolve_families(["nope"])
+    (tmp_path / "twice.yaml").write_text(mine.read_text() * 2)
+    with pytest.raises(ValueError, match="twice"):
+        load_families(tmp_path / "twice.yaml")
+
+
+def test_fact_rows_recall_their_facts_and_never_hold_an_evaluation_template():
+    """The training mixture of the recall grid (text, repeated spans, fact rows) against every shipped needle
+    family: none of their sentences, questions or the spec's key format appears in a training row; and a
+    fact row states each fact and recalls it later (its value occurs at least twice), rows are a function
+    of the seed."""
+    import yaml
+
+    from lit.facts import fact_sequence
+    from lit.needles import parse_pattern, shipped_families
+
+    data = yaml.safe_load((ROOT / "ablations" / "grids" / "recall.yaml").read_text())["base"]["data"]
+    assert data["niah_fraction"] == 0 and data["facts_fraction"] > 0
+    dm = FwPKMDataModule(**{k: v for k, v in data.items() if k in DataConfig.__dataclass_fields__} | {"seed": 3})
+    dm.setup()
+    facts = dm.train_set.datasets[-1]
+    phrases = sorted({p for f in shipped_families().values() for p in f.fixed_phrases()})
+    assert "The secret number for" in phrases and "passcode of vault" in " ".join(phrases)
+    spec_key = re.compile(parse_pattern("ID-[0-9A-F]{4}").regex)
+    rows = [dm.train_set[i] for i in range(0, len(dm.train_set), max(1, len(dm.train_set) // 1500))]
+    rows += [facts[i] for i in range(1500)]
+    for row in rows:
+        text = TOK.decode(row["input_ids"].tolist() + row["labels"][-1:].tolist())
+        assert not any(p in text for p in phrases), [p for p in phrases if p in text]
+        assert not spec_key.search(text)
+    haystack = TOK.encode(embedded_text()[:50_000])
+    for seed in range(200):
+        tokens, stated = fact_sequence(haystack, TOK, 257, seed)
+        text = TOK.decode(tokens).lower()  # a key opening a sentence is capitalised
+        assert len(tokens) == 257 and (tokens, stated) == fact_sequence(haystack, TOK, 257, seed) and 1 <= len(stated) <= 3
+        for key, attribute, value in stated:
+            first, last, value = text.find(key.lower()), text.rfind(key.lower()), value.lower()
+            assert 0 <= first < last and text.count(value) >= 2 and text.rfind(value) > last  # recalled after it
+    assert fact_sequence(haystack, TOK, 257, 0) != fact_sequence(haystack, TOK, 257, 1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -99,7 +100,7 @@ def test_niah_config_errors():
 @pytest.mark.parametrize("needles", [1, 2, 5])
 def test_niah_samples_hold_the_configured_needles_and_ask_for_the_one_at_the_depth(tok, needles):
     cfg = NIAHConfig(context_lens=[400], depths=[0.5], samples_per_cell=2, n_needles=needles)
-    for length, depth, sample in make_samples(tok.encode(TEXT), tok, cfg):
+    for family, length, depth, sample in make_samples(tok.encode(TEXT), tok, cfg):
         text = tok.decode(sample.context_ids)
         assert len(sample.keys) == needles and all(k in text for k in sample.keys)
         assert sample.keys[0] in tok.decode(sample.question_ids) and sample.answer == sample.values[0]
@@ -143,6 +144,37 @@ def test_needle_inspection_reports_written_and_read_slots(model, tok):
     for r in report:
         assert r["written_slots"] and len(r["read_slots"]) == 8 * 1  # heads * topk of the micro model
         assert set(r["overlap"]) <= set(r["written_slots"])
+
+
+def test_niah_families_each_reported_and_the_held_out_ones_pooled(model, tok, tmp_path):
+    """Every family's needles and questions are its own; the spec's family draws the samples it drew before
+    families existed; rows, cells and metrics are per family, with ``held-out`` pooling the non-spec ones."""
+    from lit.evaluation.niah import FAMILY_CELL, niah_metrics, with_held_out
+    from lit.needles import parse_pattern, shipped_families
+
+    families = shipped_families()
+    cfg = NIAHConfig(context_lens=[400], depths=[0.3, 0.7], samples_per_cell=2, n_needles=2, families=["all"])
+    samples = make_samples(tok.encode(TEXT), tok, cfg)
+    assert [f for f, *_ in samples] == [f for f in families for _ in range(4)]
+    for name, _, _, sample in samples:
+        family = families[name]
+        value = re.compile(parse_pattern(family.value).regex)
+        assert family.needle_text(sample.keys[0], sample.values[0]) in tok.decode(sample.context_ids)
+        assert tok.decode(sample.question_ids) == family.question_text(sample.keys[0])
+        assert value.fullmatch(sample.answer) and sample.answer == sample.values[0]
+    before = make_samples(tok.encode(TEXT), tok, NIAHConfig(context_lens=[400], depths=[0.3, 0.7], samples_per_cell=2,
+                                                            n_needles=2))
+    assert [s.input_ids for *_, s in before] == [s.input_ids for f, *_, s in samples if f == "spec"]
+
+    rows = [{"family": f, "context_len": L, "depth": d, "iterations": 0, "answer": s.answer, "predicted": s.answer,
+             "exact": float(f == "vault"), "digit_acc": 1.0} for f, L, d, s in samples]
+    cells = {c["family"]: c for c in summarise(with_held_out(rows), by=FAMILY_CELL)}
+    assert set(cells) == set(families) | {"held-out"}
+    assert cells["held-out"]["questions"] == 4 * (len(families) - 1) and cells["held-out"]["exact"] == 1 / (len(families) - 1)
+    metrics = niah_metrics(rows)
+    assert metrics["niah/questions/Fheld-out/L400/n0"] == 16 and metrics["niah/exact/Fvault/L400/n0"] == 1.0
+    assert metrics["niah/exact/Fspec/L400/n0"] == 0.0 and metrics["niah/exact/L400/n0"] == 4 / 20
+    assert len(heatmaps(rows, str(tmp_path / "h"))) == len(families)  # one per family and number of passes
 
 
 def test_eval_cli_on_a_trained_checkpoint_logs_into_its_run(micro_training, tmp_path):
@@ -208,3 +240,13 @@ def test_eval_cli_errors_are_clear(tmp_path, capsys):
     assert main(["eval", "niah", "--chunk-policy", "sometimes"]) == 2
     err = capsys.readouterr().err
     assert "--chunk-policy" in err and "sometimes" in err and len(err.strip().splitlines()) == 1
+    assert main(["eval", "niah", "--preset", "tiny", "--families", "spec", "nope", "--no-mlflow"]) == 2
+    err = capsys.readouterr().err
+    assert "--families='nope'" in err and "vault" in err and len(err.strip().splitlines()) == 1
+    assert main(["eval", "niah", "--preset", "tiny", "--key-format", "K[0-9]{3}", "--no-mlflow"]) == 2
+    err = capsys.readouterr().err
+    assert "missing: --needle-text, --question-text, --value-format" in err and len(err.strip().splitlines()) == 1
+    assert main(["eval", "niah", "--preset", "tiny", "--needle-text", "no placeholders", "--question-text", "{key}",
+                 "--key-format", "K[0-9]{3}", "--value-format", "[0-9]{4}", "--no-mlflow"]) == 2
+    err = capsys.readouterr().err
+    assert "needle family 'custom'" in err and "{key}" in err and len(err.strip().splitlines()) == 1

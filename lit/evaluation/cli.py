@@ -211,21 +211,42 @@ def _plot_position_loss(results, path: Path, bins: int) -> None:
 
 
 def cmd_niah(args) -> None:
-    from lit.evaluation.niah import NIAHConfig, heatmaps, niah_metrics, run_niah, summarise
+    from lit.evaluation.niah import FAMILY_CELL, NIAHConfig, heatmaps, niah_metrics, run_niah, summarise, with_held_out
 
-    model, tokenizer, out = load_with_outputs(args, "niah")
     cfg = NIAHConfig(context_lens=args.context_lens, depths=args.depths, iterations=args.iterations,
                      samples_per_cell=args.samples, n_needles=args.needles, chunk_policy=args.chunk_policy,
-                     segment_len=args.segment_len, seed=args.seed)
+                     segment_len=args.segment_len, seed=args.seed, families=_niah_families(args))
+    model, tokenizer, out = load_with_outputs(args, "niah")
     haystack = corpus_tokens(args.haystack, tokenizer, max(args.context_lens) * 2 + 4096).tolist()
     rows = run_niah(model, tokenizer, haystack, cfg)
-    summary = summarise(rows)
+    summary = summarise(with_held_out(rows), by=FAMILY_CELL)
     out.table("samples", rows)
     out.table("summary", summary, show=True)
-    print("exact: share of questions answered exactly, [exact_low, exact_high] its 95% Wilson interval")
+    print("exact: share of questions answered exactly, [exact_low, exact_high] its 95% Wilson interval; "
+          "digit_acc: share of the answer's characters right; held-out: every family but the spec's, pooled")
     heatmaps(rows, str(out.dir / "heatmap"))
     metrics = {f"niah/exact_{s['context_len']}_n{s['iterations']}": s["exact"] for s in summary}
     out.finish({**metrics, **{k: v for k, v in niah_metrics(rows).items() if v == v}})
+
+
+def _niah_families(args) -> list:
+    """--families, plus the family of --needle-text/--question-text/--key-format/--value-format."""
+    from lit.needles import resolve_families
+
+    own = {"needle-text": args.needle_text, "question-text": args.question_text, "key-format": args.key_format,
+           "value-format": args.value_format}
+    families = list(args.families)
+    if any(v is not None for v in own.values()):
+        missing = [f"--{option}" for option, value in own.items() if value is None]
+        if missing:
+            raise UsageError(f"a needle family of your own needs all four options; missing: {', '.join(missing)}")
+        mine = {"name": args.family_name, "needle": args.needle_text, "question": args.question_text,
+                "key": args.key_format, "value": args.value_format}
+        families = ([] if families == [SPEC_NAME] else families) + [mine]  # the default gives way to your own
+    return resolve_families(families, "--families")
+
+
+SPEC_NAME = "spec"
 
 
 def cmd_mqar(args) -> None:
@@ -379,6 +400,16 @@ def parser() -> argparse.ArgumentParser:
                       help="input: chunk size = input length, one write per pass (the paper); model: trained chunk")
     niah.add_argument("--segment-len", type=positive, default=2048, help="tokens fed per call")
     niah.add_argument("--haystack", default="embedded", help="data source of the haystack text")
+    niah.add_argument("--families", nargs="+", default=[SPEC_NAME], metavar="FAMILY",
+                      help="needle families: shipped names (spec, vault, agent, locker, ledger), 'all', or .yaml files "
+                           "of families (lit/assets/needle_families.yaml shows the format); each reported on its own")
+    own = niah.add_argument_group("a needle family of your own (all four; patterns: [a-z0-9] classes, (a|b) choices, {n})")
+    own.add_argument("--needle-text", help="needle sentence with {key} and {value}, starting with a space, "
+                                           "e.g. ' The code of {key} is {value}.'")
+    own.add_argument("--question-text", help="question with {key}; the answer follows it, e.g. 'The code of {key} is '")
+    own.add_argument("--key-format", help="pattern of the keys, e.g. 'K-[0-9]{4}'")
+    own.add_argument("--value-format", help="pattern of the values, e.g. '[A-Z]{5}'")
+    own.add_argument("--family-name", default="custom", help="name of that family in the tables")
     niah.set_defaults(fn=cmd_niah)
 
     mqar = sub.add_parser("mqar", parents=[common], help="multi-query associative recall by number of pairs (capacity)")

@@ -3,7 +3,9 @@
 For each sample and each n in ``iterations``: start from the model's fast-weight
 state, read the haystack n extra times (each pass one write, with chunk size =
 input length under the paper's chunk policy), then read haystack + question and
-greedily decode the 6 digits. Everything is streamed, so long contexts fit in memory.
+greedily decode the answer. Everything is streamed, so long contexts fit in memory.
+Needles come from one or more families (``families``: the spec's and the held-out ones
+of :mod:`lit.needles`), each reported on its own and, pooled, as ``held-out``.
 """
 
 from __future__ import annotations
@@ -18,12 +20,16 @@ from typing import Optional, Sequence
 import torch
 
 from fwpkm import HybridLM
+from lit.needles import SPEC_FAMILY, resolve_families
 from lit.synthetic import NIAHSample, hash_seed, make_niah_sample, score_answer
 
 from .common import device_of, preserved_fast_weights, run_device, stream
 from .stats import wilson_interval
 
 CHUNK_POLICIES = ("input", "model")
+CELL_MEASURES = ("exact", "exact_low", "exact_high", "digit_acc", "questions")
+FAMILY_CELL = ("family", "context_len", "iterations")
+HELD_OUT = "held-out"  # the pseudo-family pooling every family but the spec's
 
 
 @dataclass
@@ -36,8 +42,10 @@ class NIAHConfig:
     chunk_policy: str = "input"  # input: one write per pass (the paper) | model: the model's chunk size
     segment_len: int = 2048
     seed: int = 0
+    families: list = field(default_factory=lambda: [SPEC_FAMILY])  # names, 'all', .yaml files or mappings
 
     def __post_init__(self):
+        self.families = resolve_families(self.families, "niah.families")
         if self.chunk_policy not in CHUNK_POLICIES:
             raise ValueError(f"niah.chunk_policy={self.chunk_policy!r}; choose one of {list(CHUNK_POLICIES)}")
         if any(n < 0 for n in self.iterations):
@@ -48,18 +56,20 @@ class NIAHConfig:
             raise ValueError(f"niah.n_needles={self.n_needles} must be >= 1 (one of them is asked for)")
 
 
-def make_samples(haystack_ids: Sequence[int], tokenizer, cfg: NIAHConfig) -> list[tuple[int, float, NIAHSample]]:
-    """(context_len, depth, sample) for every cell: the asked needle at ``depth``, the others random."""
+def make_samples(haystack_ids: Sequence[int], tokenizer, cfg: NIAHConfig) -> list[tuple[str, int, float, NIAHSample]]:
+    """(family, context_len, depth, sample) for every cell: the asked needle at ``depth``, the others random."""
     samples = []
-    for length in cfg.context_lens:
-        for depth in cfg.depths:
-            for i in range(cfg.samples_per_cell):
-                seed = hash_seed(cfg.seed, f"niah/{length}/{depth}", i)
-                rng = random.Random(seed)
-                depths = [depth] + [rng.random() for _ in range(cfg.n_needles - 1)]
-                sample = make_niah_sample(haystack_ids, tokenizer, cfg.n_needles, depths, seed=seed,
-                                          context_len=length, target_index=0, haystack_start=None)
-                samples.append((length, depth, sample))
+    for family in cfg.families:
+        stream = "niah" if family.name == SPEC_FAMILY else f"niah/{family.name}"  # the spec's: as before families
+        for length in cfg.context_lens:
+            for depth in cfg.depths:
+                for i in range(cfg.samples_per_cell):
+                    seed = hash_seed(cfg.seed, f"{stream}/{length}/{depth}", i)
+                    rng = random.Random(seed)
+                    depths = [depth] + [rng.random() for _ in range(cfg.n_needles - 1)]
+                    sample = make_niah_sample(haystack_ids, tokenizer, cfg.n_needles, depths, seed=seed, context_len=length,
+                                              target_index=0, haystack_start=None, family=family)
+                    samples.append((family.name, length, depth, sample))
     return samples
 
 
@@ -95,13 +105,22 @@ def run_niah(model: HybridLM, tokenizer, haystack_ids: Sequence[int], cfg: NIAHC
     samples = make_samples(haystack_ids, tokenizer, cfg)
     rows = []
     jobs = [(s, n) for s in samples for n in cfg.iterations]
-    for (length, depth, sample), n in _progress(jobs, progress, "needle in a haystack"):
+    for (family, length, depth, sample), n in _progress(jobs, progress, "needle in a haystack"):
         with preserved_fast_weights(model):
             predicted = answer_sample(model, tokenizer, sample, n, cfg)
         exact, digits = score_answer(predicted, sample.answer)
-        rows.append({"context_len": length, "depth": depth, "iterations": n, "answer": sample.answer,
+        rows.append({"family": family, "context_len": length, "depth": depth, "iterations": n, "answer": sample.answer,
                      "predicted": predicted, "exact": float(exact), "digit_acc": digits})
     return rows
+
+
+def with_held_out(rows: list[dict]) -> list[dict]:
+    """``rows`` plus, when more than one family other than the spec's was asked, a copy of those rows
+    as family ``held-out``: the zero-shot figure, pooled over the held-out families."""
+    held_out = [r for r in rows if r.get("family", SPEC_FAMILY) != SPEC_FAMILY]
+    if len({r["family"] for r in held_out}) < 2:
+        return rows
+    return rows + [r | {"family": HELD_OUT} for r in held_out]
 
 
 def summarise(rows: list[dict], by: tuple = ("context_len", "iterations")) -> list[dict]:
@@ -119,7 +138,11 @@ def summarise(rows: list[dict], by: tuple = ("context_len", "iterations")) -> li
 
 
 def heatmaps(rows: list[dict], path_prefix: str) -> list[str]:
-    """One heat map (context length x depth, exact match) per number of passes; returns the files."""
+    """One heat map (context length x depth, exact match) per family and number of passes; returns the files."""
+    families = list(dict.fromkeys(r.get("family", SPEC_FAMILY) for r in rows))
+    if len(families) > 1:
+        return [path for family in families
+                for path in heatmaps([r for r in rows if r.get("family", SPEC_FAMILY) == family], f"{path_prefix}_{family}")]
     import matplotlib
 
     matplotlib.use("Agg")
@@ -139,7 +162,8 @@ def heatmaps(rows: list[dict], path_prefix: str) -> list[str]:
         ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
         ax.set_xlabel("context length")
         ax.set_ylabel("needle depth")
-        ax.set_title(f"NIAH exact match, {n} extra pass{'es' if n != 1 else ''}")
+        family = rows[0].get("family", SPEC_FAMILY)
+        ax.set_title(f"NIAH exact match ({family}), {n} extra pass{'es' if n != 1 else ''}", fontsize=9)
         fig.colorbar(im, ax=ax)
         fig.tight_layout()
         path = f"{path_prefix}_n{n}.png"
@@ -167,7 +191,8 @@ def _progress(items, enabled: bool, desc: str):
 def niah_metrics(rows: list[dict]) -> dict:
     """``niah/<exact|digit_acc>`` over all samples, per number of passes (``.../n<passes>``) and per
     (context length, passes) (``.../L<len>/n<passes>``); with the number of questions (``niah/questions/...``)
-    and exact match's Wilson interval (``niah/exact_low/...``, ``niah/exact_high/...``)."""
+    and exact match's Wilson interval (``niah/exact_low/...``, ``niah/exact_high/...``). The same per
+    family as ``niah/<measure>/F<family>/...``, with ``Fheld-out`` pooling the held-out families."""
     metrics = {"niah/exact": sum(r["exact"] for r in rows) / max(1, len(rows)),
                "niah/digit_acc": sum(r["digit_acc"] for r in rows) / max(1, len(rows)), "niah/questions": len(rows)}
     for cell in summarise(rows):
@@ -176,10 +201,11 @@ def niah_metrics(rows: list[dict]) -> dict:
     for cell in summarise(rows, by=("iterations",)):
         for name in CELL_MEASURES:
             metrics[f"niah/{name}/n{cell['iterations']}"] = cell[name]
+    for cell in summarise(with_held_out(rows), by=FAMILY_CELL):
+        for name in CELL_MEASURES:
+            metrics[f"niah/{name}/F{cell['family']}/L{cell['context_len']}/n{cell['iterations']}"] = cell[name]
     return metrics
 
-
-CELL_MEASURES = ("exact", "exact_low", "exact_high", "digit_acc", "questions")
 
 
 def evaluate_run(run_dir: Path, niah: dict, config: dict, gpu: Optional[str] = None) -> tuple[dict, Path]:

@@ -30,4 +30,4 @@ def wilson_interval(successes: float, n: int, z: float = Z_95) -> tuple[float, f
     p = successes / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return p, max(0.0, centre - half), min(1.0, centre + half)
+    return p, max(0.0, round(centre - half, 12)), min(1.0, round(centre + half, 12))  # no 1e-17 for 0

@@ -1,0 +1,103 @@
+"""Fact rows: text in which associative statements are made and later recalled, in varied words.
+
+A row is haystack text with 1-3 facts inserted in its first part and, later in the row, each fact
+recalled: restated in its own words or in others, or asked and answered (``"Q: What is the shelf of
+Tavo Merin? A: 417."``). Keys (people, codes, compound words, things), attributes and values (numbers
+of 2-8 digits, capital or lowercase strings, words) are drawn anew for every fact, and statements and
+recalls each come in many forms, so that the one thing a model can learn from them is to look up what
+was said about a key, not a template. None of the needle-in-a-haystack families (lit/needles.py) is
+used: no sentence, question or key format of theirs appears (``tests/test_data.py`` checks rows).
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Sequence
+
+from lit.needles import parse_pattern
+from lit.synthetic import haystack_window, insert_needles
+from lit.tokenizer import Tokenizer
+
+ATTRIBUTES = ("room", "seat", "code", "tag", "port", "batch", "score", "pin", "channel", "lot", "gate", "track", "serial",
+              "quota", "level", "shelf", "slot", "frequency", "balance", "grade", "order", "ticket", "platform", "index",
+              "weight", "budget", "license", "account", "route", "phone", "desk", "bin", "table", "cabin", "box")
+SYLLABLES = ("ta", "vo", "mer", "in", "ka", "lu", "ri", "sen", "do", "pa", "ne", "gor", "ul", "fa", "bi", "zan", "te",
+             "mo", "ra", "kel", "si", "nu", "har", "el", "vi", "to", "ber", "an", "qui", "lo", "dem", "yo")
+THINGS = ("north tower", "red kettle", "old mill", "blue van", "west wing", "night train", "small boat", "main hall",
+          "green door", "east dock", "lower deck", "glass house", "back office", "third bridge", "iron gate")
+KEY_FORMATS = ("[A-HJ-Z][A-Z]?[0-9]{2,4}", "[A-HJ-Z]{1,3}/[0-9]{2,3}", "[a-z]{3,5}[0-9]{1,3}", "#[0-9]{3,5}",
+               "[A-HJ-Z]{2}\\.[0-9]{3}", "no\\. [0-9]{2,4}", "[A-HJ-Z][0-9][a-z]{2}", "unit [0-9]{2,4}")
+VALUE_FORMATS = ("[0-9]{2}", "[0-9]{3}", "[0-9]{4}", "[0-9]{5}", "[0-9]{6}", "[0-9]{7}", "[0-9]{8}", "[A-Z]{3,8}",
+                 "[a-z]{3,7}", "[a-z0-9]{4,6}", "[A-Z][0-9]{2,4}", "[0-9]{1,3}\\.[0-9]{1,2}")
+# {K}: the key (capitalised where it opens a sentence), {a}: the attribute, {v}: the value
+STATEMENTS = (" {K}'s {a} is {v}.", " The {a} of {k} is {v}.", " {K} has {a} {v}.", " For {k}, the {a} is {v}.",
+              " {K} was assigned {a} {v}.", " Note: {k} {a} = {v}.", " We set the {a} for {k} to {v}.",
+              " {K} ({a}): {v}.", " In the records, {k} is listed with {a} {v}.", " {K} -- {a} {v}.",
+              " Everyone knew that the {a} of {k} was {v}.", " {K} got {a} {v} this year.")
+RECALLS = (" {K}'s {a} is {v}.", " The {a} of {k} is {v}.", " Q: What is the {a} of {k}? A: {v}.",
+           " Asked for the {a} of {k}, they said {v}.", " {K}, {a}: {v}.", " Looking up {k}, the {a} was {v}.",
+           " Which {a} does {k} have? It has {v}.", " Again, {k} has {a} {v}.", " So the {a} for {k} is {v}.",
+           " As noted, {k} ({a}) is {v}.", " Check: {k} / {a} -> {v}.", " {K} still has {a} {v}.")
+MIN_FACTS, MAX_FACTS = 1, 3
+
+
+def random_key(rng: random.Random) -> str:
+    kind = rng.randrange(4)
+    if kind == 0:  # a person
+        return " ".join(_word(rng, 2, 3).capitalize() for _ in range(2))
+    if kind == 1:  # a code
+        return parse_pattern(rng.choice(KEY_FORMATS)).draw(rng)
+    if kind == 2:  # a compound word
+        return f"{_word(rng, 1, 2)}{rng.choice('- ')}{_word(rng, 2, 3)}"
+    return f"the {rng.choice(THINGS)}"
+
+
+def random_value(rng: random.Random) -> str:
+    if rng.random() < 0.15:
+        return _word(rng, 2, 3)
+    return parse_pattern(rng.choice(VALUE_FORMATS)).draw(rng)
+
+
+def _word(rng: random.Random, fewest: int, most: int) -> str:
+    return "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(fewest, most)))
+
+
+def render(template: str, key: str, attribute: str, value: str) -> str:
+    capitalised = key[:1].upper() + key[1:]
+    return template.format(K=capitalised, k=key, a=attribute, v=value)
+
+
+def fact_sequence(haystack_ids: Sequence[int], tokenizer: Tokenizer, length: int, seed: int,
+                  max_fraction: float = 0.7, same_words: float = 0.3) -> tuple[list[int], list[tuple[str, str, str]]]:
+    """``length`` tokens: haystack text with 1-3 facts in its first 55% and each one recalled after it;
+    and the facts, (key, attribute, value).
+
+    A recall repeats the fact's own sentence with probability ``same_words``, else uses another form.
+    Facts and recalls take at most ``max_fraction`` of the row (fewer facts when they would not fit).
+    """
+    rng = random.Random(seed)
+    n_facts = rng.randint(MIN_FACTS, MAX_FACTS)
+    keys: list[str] = []
+    while len(keys) < n_facts:
+        key = random_key(rng)
+        if key not in keys:
+            keys.append(key)
+    pieces, facts = [], []
+    for key in keys:
+        attribute, value, statement = rng.choice(ATTRIBUTES), random_value(rng), rng.choice(STATEMENTS)
+        recall = statement if rng.random() < same_words else rng.choice(RECALLS)
+        pieces.append((tokenizer.encode(render(statement, key, attribute, value)),
+                       tokenizer.encode(render(recall, key, attribute, value))))
+        facts.append((key, attribute, value))
+    while len(pieces) > 1 and sum(len(s) + len(r) for s, r in pieces) > int(length * max_fraction):
+        pieces.pop()
+        facts.pop()
+    used = sum(len(s) + len(r) for s, r in pieces)
+    if used >= length:
+        raise ValueError(f"length={length} is too short for a fact and its recall ({used} tokens)")
+    statement_depths = [rng.uniform(0.0, 0.45) for _ in pieces]
+    recall_depths = [rng.uniform(max(0.55, d + 0.2), 1.0) for d in statement_depths]
+    window = haystack_window(haystack_ids, rng.randrange(len(haystack_ids)), length - used)
+    inserted = [s for s, _ in pieces] + [r for _, r in pieces]
+    sequence, _ = insert_needles(window, inserted, statement_depths + recall_depths, tokenizer)
+    return sequence, facts
