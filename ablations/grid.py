@@ -49,7 +49,7 @@ from lit.config import RunConfig, leaves, merge
 GRID_KEYS = ("name", "description", "extends", "experiment", "seeds", "base", "variants", "eval", "tune")
 DEFAULT_EXPERIMENT = "fwpkm-ablations"
 ALIAS_KEY = "same_as"
-EVALUATIONS = ("niah", "mqar")  # a grid's eval sections (the runner evaluates each finished run)
+EVALUATIONS = ("niah", "mqar", "ppl")  # a grid's eval sections (the runner evaluates each finished run)
 
 
 class GridError(ValueError):

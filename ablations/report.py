@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from ablations import capacity
-from lit.evaluation.stats import wilson_interval
+from lit.evaluation.stats import mean_interval, wilson_interval
 from lit.plots import save_figure
 from lit.tracking import Store, browse_hint, child_runs, find_parent, resolve_tracking_uri, store_lock
 
@@ -92,6 +92,7 @@ def run_row(client, run) -> dict:
            if k.startswith("niah/exact/") and k.count("/") == 2},
         "cells": _niah_cells(m),
         "family_cells": _niah_family_cells(m),
+        "positions": {int(k[len("ppl/loss/P"):]): v for k, v in m.items() if k.startswith("ppl/loss/P")},
         "mqar": _mqar_points(m),
         "flops_per_token": m.get("model/flops_per_token", NAN),
         "state_size": m.get("model/state_size", NAN),
@@ -127,6 +128,61 @@ def by_family(rows: list[dict]) -> dict[str, list[dict]]:
         return {}
     ordered = sorted(names, key=lambda f: (f != "held-out", f == "spec", f))
     return {f: [r | {"cells": r["family_cells"][f]} for r in rows if f in r.get("family_cells", {})] for f in ordered}
+
+
+def position_markdown(rows: list[dict], order: Optional[list] = None) -> str:
+    """Streamed loss by token position (eval.ppl): per variant and bucket of positions, the mean over seeds
+    with its 95% Student's t interval, then each seed's; empty when no run has it."""
+    rows = [r for r in rows if r.get("positions") and r["status"] == "FINISHED"]
+    if not rows:
+        return ""
+    starts = sorted({p for r in rows for p in r["positions"]})
+    ends = starts[1:] + [None]
+    header = "| variant | seeds | " + " | ".join(f"{a}-{b or ''}" for a, b in zip(starts, ends)) + " |"
+    lines = ["Streamed loss (nats/token) by token position on held-out text: mean over seeds [95% t interval] "
+             "(each seed below):", "", header, "|---|---|" + "---|" * len(starts)]
+    for variant in _variant_order(rows, order):
+        group = sorted((r for r in rows if r["variant"] == variant), key=lambda r: r["seed"])
+        cells = []
+        for p in starts:
+            values = [r["positions"][p] for r in group if p in r["positions"]]
+            mean, low, high = mean_interval(values, clip=False) if values else (NAN, NAN, NAN)
+            cells.append(f"{mean:.3f}" + (f" [{low:.3f}, {high:.3f}]" if not math.isnan(low) else ""))
+        lines.append(f"| {variant} | {len(group)} | " + " | ".join(cells) + " |")
+        for r in group:
+            lines.append(f"| {variant} | seed {r['seed']} | " +
+                         " | ".join(f"{r['positions'][p]:.3f}" if p in r["positions"] else "" for p in starts) + " |")
+    return "\n".join(lines)
+
+
+def plot_positions(rows: list[dict], path: Path, order: Optional[list] = None, title: str = "") -> Optional[Path]:
+    """Streamed loss against token position (bucket midpoints), a line per variant with its seeds' 95% interval."""
+    rows = [r for r in rows if r.get("positions") and r["status"] == "FINISHED"]
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    starts = sorted({p for r in rows for p in r["positions"]})
+    mids = [(a + b) / 2 for a, b in zip(starts, starts[1:] + [2 * starts[-1]])]
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for variant in _variant_order(rows, order):
+        stats = [mean_interval([r["positions"][p] for r in rows if r["variant"] == variant and p in r["positions"]], clip=False)
+                 for p in starts]
+        y = [s[0] for s in stats]
+        ax.plot(mids, y, marker="o", label=variant)
+        if all(not math.isnan(s[1]) for s in stats):
+            ax.fill_between(mids, [s[1] for s in stats], [s[2] for s in stats], alpha=0.2)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("token position (bucket midpoint)")
+    ax.set_ylabel("loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=9)
+    return save_figure(fig, path)
 
 
 def _mqar_points(metrics: dict) -> dict:
@@ -448,6 +504,9 @@ def grid_report(store: Store, grid: str, out_dir: Optional[Path] = None, log: bo
     niah_md = niah_markdown(rows, order)
     if niah_md:
         md += "\n\n" + niah_md
+    positions_md = position_markdown(rows, order)
+    if positions_md:
+        md += "\n\n" + positions_md
     capacity_md = capacity.capacity_markdown(rows, order, aliases)
     if capacity_md:
         md += "\n\n" + capacity_md
@@ -466,6 +525,9 @@ def grid_report(store: Store, grid: str, out_dir: Optional[Path] = None, log: bo
             family_png = plot_niah(family_rows, out / f"summary_niah_{family}.png", order, f"{title}, needles: {family}")
             if family_png:
                 files[f"niah_{family}_png"] = family_png
+        positions_png = plot_positions(rows, out / "summary_positions.png", order, title)
+        if positions_png:
+            files["positions_png"] = positions_png
         gates_png = plot_gates(rows, out / "summary_gates.png", order, title)
         if gates_png:
             files["gates_png"] = gates_png

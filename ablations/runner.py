@@ -42,7 +42,7 @@ from ablations.grid import Grid, GridError, RunSpec, describe, grid_dir, load_gr
 from ablations.storage import public_url
 from ablations.launch import CONFIG_FILE, LOG_FILE, ProcessGroup, child_env, error_line, failure_text, run_training
 from lit.config import dump_yaml
-from lit.evaluation import mqar, niah
+from lit.evaluation import mqar, niah, ppl
 from lit.module import model_costs
 from lit.tracking import (PARENT_TAG, FolderLockedError, Store, browse_hint, ensure_parent, exclusive_lock,
                           open_store, read_run_id, search_runs, set_running, set_shared_tag, tag_filter)
@@ -51,7 +51,8 @@ STATE_FILE = "ablation.json"
 ROLE_GRID, ROLE_RUN = "grid", "grid-run"
 MAX_TAG = 5000
 EVALUATED_WITH = "fwpkm.evaluated_with"  # tag: the eval config a finished run was evaluated with
-EVALUATORS = {"niah": niah.evaluate_run, "mqar": mqar.evaluate_run}  # a grid's eval.<name>: (run_dir, options, config, gpu)
+# a grid's eval.<name>: (run_dir, options, config, gpu) -> (metrics, csv path)
+EVALUATORS = {"niah": niah.evaluate_run, "mqar": mqar.evaluate_run, "ppl": ppl.evaluate_run}
 
 
 # --------------------------------------------------------------------------- the grid runner

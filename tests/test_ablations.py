@@ -243,6 +243,11 @@ def test_smoke_grid_end_to_end_with_failures_then_skips_finished_runs(tmp_path):
     assert "NIAH exact match [95% Wilson interval] n=questions / digit accuracy of each seed" in out
     assert " n=" in out and (folder / "summary_niah.png").is_file()  # each cell with its number of questions
     assert (folder / "summary_gates.png").is_file()  # gate trajectories of the memory runs
+    # eval.niah.families: a table and a plot per family, the spec's last; eval.ppl: loss by position
+    assert out.index("### NIAH, needle family ledger") < out.index("### NIAH, needle family spec")
+    assert (folder / "summary_niah_ledger.png").is_file() and (folder / "summary_niah_spec.png").is_file()
+    assert "Streamed loss (nats/token) by token position" in out and "| 0-32 | 32-64 |" in out
+    assert (folder / "summary_positions.png").is_file()
 
     # MLflow: one parent run for the grid, every run nested under it with its tags
     parents = runs_of(tmp_path, "tags.`fwpkm.role` = 'grid' and tags.`fwpkm.grid` = 'smoke-e2e'")
@@ -258,6 +263,9 @@ def test_smoke_grid_end_to_end_with_failures_then_skips_finished_runs(tmp_path):
         assert len(r.data.tags["fwpkm.config_hash"]) == 12 and r.data.tags["variant"] == name
         assert "val/ppl" in r.data.metrics and "niah/exact" in r.data.metrics and "model/params" in r.data.metrics
         assert {"niah/digit_acc/L128/n0", "niah/digit_acc/L128/n1", "niah/exact/L128/n1"} <= set(r.data.metrics)
+        assert r.data.metrics["niah/questions/Fledger/L128/n1"] == 1 and "niah/exact/Fspec/L128/n0" in r.data.metrics
+        assert {"ppl/loss/P0", "ppl/loss/P32", "ppl/loss/P128"} <= set(r.data.metrics)
+        assert r.data.metrics["ppl/tokens/P128"] == 128 * r.data.metrics["ppl/streams"]  # positions 128-255
     assert by_variant["bad_config"].info.status == "FAILED"
     assert "topk=1000" in by_variant["bad_config"].data.tags["fwpkm.error"]
     assert by_variant["bad_runtime"].info.status == "FAILED"
@@ -281,7 +289,7 @@ def test_smoke_grid_end_to_end_with_failures_then_skips_finished_runs(tmp_path):
     for name in smoke_variants:
         assert f"re-evaluate smoke-e2e/{name}/seed0" in proc.stdout
         assert (folder / name / "seed0" / "train.log").read_text().count("=====") == 1
-        assert len(pd.read_csv(folder / name / "seed0" / "niah.csv")) == 2 * 2  # 2 passes x 2 samples
+        assert len(pd.read_csv(folder / name / "seed0" / "niah.csv")) == 2 * 2 * 2  # 2 families x 2 passes x 2 samples
     assert len(runs_of(tmp_path, f"tags.`fwpkm.parent_run` = '{parent.info.run_id}'")) == len(variants)
 
     # the report rebuilds the same table from the MLflow store alone

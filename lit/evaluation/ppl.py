@@ -91,3 +91,82 @@ def _windows(tokens: Tensor, size: int) -> Tensor:
 
 def _result(mode: str, loss_sum: Tensor, count: Tensor) -> PerplexityResult:
     return PerplexityResult(mode, int(count.sum()), float(loss_sum.sum() / count.sum()), loss_sum / count, count)
+
+
+# --------------------------------------------------------------------------- a finished run
+
+
+@dataclass
+class PositionConfig:
+    """Streamed loss by token position over a text source's held-out documents (a grid's ``eval.ppl``)."""
+
+    source: str = "embedded"  # a text source; its documents held out by the run's data.val_fraction and seed
+    stream_len: int = 8192  # tokens per stream
+    streams: int = 0  # parallel streams (0: as many as the held-out text fills)
+    segment_len: int = 1024  # tokens fed per call
+    first_bucket: int = 32  # positions [0, first_bucket), then buckets doubling in length
+
+    def __post_init__(self):
+        for name in ("stream_len", "segment_len", "first_bucket"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"ppl.{name}={getattr(self, name)!r} must be >= 1")
+        if int(self.streams) < 0:
+            raise ValueError(f"ppl.streams={self.streams!r} must be >= 0 (0: as many as fit)")
+
+
+def position_buckets(result: PerplexityResult, first: int) -> list[dict]:
+    """Loss in buckets of position [0, first), [first, 2 first), [2 first, 4 first), ...: the attention
+    window's positions apart from the ones only a memory can reach."""
+    edges, n = [0, first], len(result.position_loss)
+    while edges[-1] < n:
+        edges.append(min(2 * edges[-1], n))
+    rows = []
+    for a, b in zip(edges, edges[1:]):
+        count = result.position_count[a:b].sum()
+        if b > a and count > 0:
+            loss = (result.position_loss[a:b] * result.position_count[a:b]).sum() / count
+            rows.append({"start": a, "end": b, "loss": float(loss), "tokens": int(count)})
+    return rows
+
+
+def evaluate_run(run_dir, options: dict, config: dict, gpu=None) -> tuple[dict, "Path"]:
+    """Streamed loss by position of a run's final checkpoint on held-out plain text: (metrics
+    ``ppl/loss/P<start>`` and ``ppl/tokens/P<start>`` per bucket and ``ppl/streamed_loss``, ``ppl.csv``)."""
+    import csv
+    from pathlib import Path
+
+    from lit.data import DataConfig, load_documents, parse_source, split_documents
+    from lit.module import load_model
+    from lit.tokenizer import load_tokenizer
+
+    from .common import run_device
+
+    cfg = PositionConfig(**options)
+    data = DataConfig.from_dict({k: v for k, v in (config.get("data") or {}).items() if k in DataConfig.__dataclass_fields__})
+    spec = parse_source(cfg.source, "eval.ppl.source")
+    if not spec.is_text:
+        raise ValueError(f"eval.ppl.source={cfg.source!r} must be a text source, e.g. 'embedded'")
+    documents = load_documents(spec, data, "eval.ppl.source")
+    held_out = split_documents(documents, data.val_fraction, data.seed)[1] if data.val_fraction > 0 else documents
+    tokenizer = load_tokenizer(data.tokenizer)
+    ids: list[int] = []
+    for doc in held_out:
+        ids += tokenizer.encode(doc) + [tokenizer.eos_id]
+    streams = cfg.streams or len(ids) // (cfg.stream_len + 1)
+    if streams < 1 or len(ids) < streams * (cfg.stream_len + 1):
+        raise ValueError(f"eval.ppl: the held-out text of {cfg.source!r} has {len(ids)} tokens, fewer than "
+                         f"{max(streams, 1)} stream(s) of ppl.stream_len={cfg.stream_len}")
+    device = run_device(config, gpu)
+    model, _ = load_model(str(Path(run_dir) / "checkpoints" / "last.ckpt"), map_location=device)
+    tokens = torch.tensor(ids[: streams * (cfg.stream_len + 1)])
+    result = streamed_perplexity(model.to(device), tokens, cfg.segment_len, n_streams=streams)
+    rows = position_buckets(result, cfg.first_bucket)
+    metrics = {"ppl/streamed_loss": result.loss, "ppl/streams": float(streams)}
+    for row in rows:
+        metrics[f"ppl/loss/P{row['start']}"], metrics[f"ppl/tokens/P{row['start']}"] = row["loss"], float(row["tokens"])
+    path = Path(run_dir) / "ppl.csv"
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return metrics, path

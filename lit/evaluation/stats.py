@@ -11,15 +11,16 @@ T_95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8
 Z_95 = 1.959964
 
 
-def mean_interval(values: list[float]) -> tuple[float, float, float]:
-    """(mean, low, high): the mean and its two-sided 95% Student's t interval (clipped to [0, 1])."""
+def mean_interval(values: list[float], clip: bool = True) -> tuple[float, float, float]:
+    """(mean, low, high): the mean and its two-sided 95% Student's t interval (clipped to [0, 1] unless
+    ``clip`` is False, e.g. for losses)."""
     mean = sum(values) / len(values)
     if len(values) < 2:
         return mean, float("nan"), float("nan")
     dof = len(values) - 1
     t = T_95[max(k for k in T_95 if k <= dof)]
     half = t * statistics.stdev(values) / math.sqrt(len(values))
-    return mean, max(0.0, mean - half), min(1.0, mean + half)
+    return (mean, max(0.0, mean - half), min(1.0, mean + half)) if clip else (mean, mean - half, mean + half)
 
 
 def wilson_interval(successes: float, n: int, z: float = Z_95) -> tuple[float, float, float]:
