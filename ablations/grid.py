@@ -17,6 +17,7 @@ A grid file (``ablations/grids/<name>.yaml``, or any path) holds::
       dot: {model.block.memory.score: dot}
       fwmlp: {model.preset: tiny-swa_interleave-pkm-fwmlp}
       h1k8: {same_as: base}       # an alias: no run, its row repeats the named variant
+      fwmlp_2: {seeds: [0, 1], model.block.kind: fwmlp}   # this variant's own seeds (default: the grid's)
     eval:
       niah: {context_lens: [256], iterations: [0, 2]}   # lit.evaluation.niah.NIAHConfig
     tune: {...}                   # the Optuna study of `fwpkm tune` (see ablations.tune)
@@ -49,6 +50,7 @@ from lit.config import RunConfig, leaves, merge
 GRID_KEYS = ("name", "description", "extends", "experiment", "seeds", "base", "variants", "eval", "tune")
 DEFAULT_EXPERIMENT = "fwpkm-ablations"
 ALIAS_KEY = "same_as"
+SEEDS_KEY = "seeds"  # a variant's own seeds
 EVALUATIONS = ("niah", "mqar", "ppl")  # a grid's eval sections (the runner evaluates each finished run)
 
 
@@ -93,6 +95,7 @@ class Grid:
     variants: dict  # name -> overrides (insertion order = table order)
     aliases: dict = field(default_factory=dict)  # name -> variant it repeats
     seeds: list = field(default_factory=lambda: [0])
+    variant_seeds: dict = field(default_factory=dict)  # name -> its own seeds, where not the grid's
     eval: dict = field(default_factory=dict)
     tune: dict = field(default_factory=dict)
     experiment: str = DEFAULT_EXPERIMENT
@@ -109,6 +112,8 @@ class Grid:
         variants = {}
         for name in self._order:
             variants[name] = {ALIAS_KEY: self.aliases[name]} if name in self.aliases else self.variants[name]
+            if name in self.variant_seeds:
+                variants[name] = {SEEDS_KEY: list(self.variant_seeds[name]), **variants[name]}
         return {"name": self.name, "description": self.description, "experiment": self.experiment,
                 "seeds": list(self.seeds), "base": self.base, "variants": variants, "eval": self.eval,
                 "tune": self.tune}
@@ -155,10 +160,12 @@ def load_grid(name_or_path: str, _seen: tuple = ()) -> Grid:
     base = apply(parent.base if parent else {}, data.get("base") or {})
     variants: dict = {}
     aliases: dict = {}
+    variant_seeds: dict = {}
     order: list = []
     if parent:
         variants.update(copy.deepcopy(parent.variants))
         aliases.update(parent.aliases)
+        variant_seeds.update(parent.variant_seeds)
         order.extend(parent.order)
     raw_variants = data.get("variants")
     if raw_variants is None and parent is None:
@@ -172,6 +179,7 @@ def load_grid(name_or_path: str, _seen: tuple = ()) -> Grid:
             order.remove(vname)
         variants.pop(vname, None)
         aliases.pop(vname, None)
+        variant_seeds.pop(vname, None)
         if overrides is False:  # `name: false` in a child grid drops an inherited variant
             continue
         order.append(vname)
@@ -182,6 +190,9 @@ def load_grid(name_or_path: str, _seen: tuple = ()) -> Grid:
             continue
         if overrides is not None and not isinstance(overrides, dict):
             raise GridError(f"grid {name!r}, variant {vname!r}: overrides must be a mapping, got {overrides!r}")
+        overrides = dict(overrides or {})
+        if SEEDS_KEY in overrides:
+            variant_seeds[vname] = _seeds(f"{name}, variant {vname}", overrides.pop(SEEDS_KEY))
         variants[vname] = apply({}, overrides)  # syntax check now
     for alias, target in aliases.items():
         if target not in variants:
@@ -201,7 +212,8 @@ def load_grid(name_or_path: str, _seen: tuple = ()) -> Grid:
     if "niah" in ev:
         _check_niah(name, ev["niah"])
     experiment = str(data.get("experiment") or (parent.experiment if parent else DEFAULT_EXPERIMENT))
-    grid = Grid(name=name, path=path, base=base, variants=variants, aliases=aliases, seeds=seeds, eval=ev or {},
+    grid = Grid(name=name, path=path, base=base, variants=variants, aliases=aliases, seeds=seeds,
+                variant_seeds=variant_seeds, eval=ev or {},
                 tune=tune or {}, experiment=experiment, description=str(data.get("description") or ""))
     grid._order = order
     return grid
@@ -274,12 +286,12 @@ def resolve_runs(grid: Grid, runs_dir: Path, only: Optional[Iterable[str]] = Non
         raise GridError(f"grid {grid.name!r} has no variant(s) {unknown}; variants: {grid.order}")
     wanted = [v for v in grid.order if v in grid.variants and (not only or v in only)]
     wanted += [grid.aliases[a] for a in only if a in grid.aliases and grid.aliases[a] not in wanted]
-    seeds = _seeds(grid.name, list(seeds)) if seeds else list(grid.seeds)
+    seeds = _seeds(grid.name, list(seeds)) if seeds else None  # --seeds: the same for every variant
     base = apply(grid.base, sets or {})
     base.pop("run_dir", None)
     specs = []
     for variant in wanted:
-        for seed in seeds:
+        for seed in seeds or grid.variant_seeds.get(variant, grid.seeds):
             config = apply(base, grid.variants[variant])
             config["seed_everything"] = int(seed)
             config.pop("run_dir", None)

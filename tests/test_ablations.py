@@ -6,6 +6,7 @@ folder and a tmp SQLite MLflow store (``MLFLOW_TRACKING_URI``)."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -208,6 +209,27 @@ def test_gate_histories_are_read_per_memory_layer_and_plotted(tmp_path):
     rows = [{"variant": "fwpkm", "seed": 0, "gates": gates}, {"variant": "swa", "seed": 0, "gates": {}}]
     assert plot_gates(rows, tmp_path / "g.png").is_file()
     assert plot_gates(rows[1:], tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()
+
+
+def test_variants_may_have_their_own_seeds_and_grids_check_their_niah_options(tmp_path):
+    path = tmp_path / "g.yaml"
+    path.write_text(yaml.safe_dump({"extends": "smoke", "name": "g", "seeds": [0, 1, 2],
+                                    "variants": {"dot": {"seeds": [5], "model.block.memory.topk": 2}}}))
+    grid = load_grid(str(path))
+    seeds = {}
+    for spec in resolve_runs(grid, tmp_path / "runs"):
+        seeds.setdefault(spec.variant, []).append(spec.seed)
+    assert seeds == {"base": [0, 1, 2], "lookahead0": [0, 1, 2], "no_memory": [0, 1, 2], "dot": [5]}
+    assert {s.seed for s in resolve_runs(grid, tmp_path / "runs", seeds=[7])} == {7}  # --seeds: every variant
+    assert grid.to_dict()["variants"]["dot"] == {"seeds": [5], "model": {"block": {"memory": {"topk": 2}}}}
+    recall = load_grid("recall")
+    assert recall.seeds == [0, 1, 2] and all(recall.variant_seeds[v] == [0, 1] for v in recall.variants
+                                             if v not in ("fwpkm", "swa_only"))
+    for niah, message in [({"families": ["nope"]}, "eval.niah.families='nope'"), ({"sample": 3}, "unexpected keyword"),
+                          ({"iterations": [-1]}, "eval.niah.iterations")]:
+        path.write_text(yaml.safe_dump({"extends": "smoke", "name": "g", "eval": {"niah": niah}}))
+        with pytest.raises(GridError, match=re.escape(message)):
+            load_grid(str(path))
 
 
 def test_smoke_grid_end_to_end_with_failures_then_skips_finished_runs(tmp_path):
