@@ -202,6 +202,8 @@ class DataConfig:
     repeat_min_span: int = 64  # shortest repeated span, in tokens (the longest is seq_len // 2)
     # fact rows (lit.facts): statements about keys in the text, recalled later in other words; no NIAH template
     facts_fraction: float = 0.0  # share of training rows that are fact rows (text sources)
+    facts_per_row: int = 3  # most facts in a fact row (1 to this many; fewer when they do not fit)
+    facts_same_words: float = 0.3  # share of recalls that restate the fact in its own words
     # synthetic sources (`niah`, `recall`)
     synthetic_train_size: int = 8192  # rows per epoch
     synthetic_val_size: int = 256
@@ -216,7 +218,7 @@ class DataConfig:
     def __post_init__(self):
         self.val_sources = self._as_list(self.val_sources)
         for name in ("seq_len", "batch_size", "niah_needles", "synthetic_train_size", "synthetic_val_size", "recall_pairs",
-                     "repeat_min_span"):
+                     "repeat_min_span", "facts_per_row"):
             check_positive(f"data.{name}", getattr(self, name))
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction={self.val_fraction!r} must be in [0, 1)")
@@ -225,6 +227,8 @@ class DataConfig:
         for name in ("repeat_fraction", "facts_fraction"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"data.{name}={getattr(self, name)!r} must be in [0, 1)")
+        if not 0.0 <= self.facts_same_words <= 1.0:
+            raise ConfigError(f"data.facts_same_words={self.facts_same_words!r} must be in [0, 1]")
         generated = self.niah_fraction + self.repeat_fraction + self.facts_fraction
         if generated >= 1.0:
             raise ConfigError(
@@ -473,8 +477,9 @@ def repeat_row(haystack_ids: np.ndarray, seq_len: int, min_span: int, seed: int)
     return {"input_ids": tokens[:-1], "labels": tokens[1:]}
 
 
-def fact_row(haystack_ids: np.ndarray, tokenizer: Tokenizer, seq_len: int, seed: int) -> dict:
-    tokens, _ = fact_sequence(haystack_ids, tokenizer, seq_len + 1, seed)
+def fact_row(haystack_ids: np.ndarray, tokenizer: Tokenizer, seq_len: int, max_facts: int, same_words: float,
+             seed: int) -> dict:
+    tokens, _ = fact_sequence(haystack_ids, tokenizer, seq_len + 1, seed, max_facts, same_words)
     return {"input_ids": tokens[:-1], "labels": tokens[1:]}
 
 
@@ -679,7 +684,8 @@ class FwPKMDataModule(L.LightningDataModule):
         elif kind == "repeat":
             make_row = functools.partial(repeat_row, haystack, cfg.seq_len, cfg.repeat_min_span)
         elif kind == "facts":
-            make_row = functools.partial(fact_row, haystack, self.tokenizer, cfg.seq_len)
+            make_row = functools.partial(fact_row, haystack, self.tokenizer, cfg.seq_len, cfg.facts_per_row,
+                                         cfg.facts_same_words)
         else:
             make_row = functools.partial(niah_row, haystack, self.tokenizer, cfg.seq_len, cfg.niah_needles,
                                          cfg.niah_max_fraction)

@@ -38,7 +38,6 @@ RECALLS = (" {K}'s {a} is {v}.", " The {a} of {k} is {v}.", " Q: What is the {a}
            " Asked for the {a} of {k}, they said {v}.", " {K}, {a}: {v}.", " Looking up {k}, the {a} was {v}.",
            " Which {a} does {k} have? It has {v}.", " Again, {k} has {a} {v}.", " So the {a} for {k} is {v}.",
            " As noted, {k} ({a}) is {v}.", " Check: {k} / {a} -> {v}.", " {K} still has {a} {v}.")
-MIN_FACTS, MAX_FACTS = 1, 3
 
 
 def random_key(rng: random.Random) -> str:
@@ -67,16 +66,16 @@ def render(template: str, key: str, attribute: str, value: str) -> str:
     return template.format(K=capitalised, k=key, a=attribute, v=value)
 
 
-def fact_sequence(haystack_ids: Sequence[int], tokenizer: Tokenizer, length: int, seed: int,
-                  max_fraction: float = 0.7, same_words: float = 0.3) -> tuple[list[int], list[tuple[str, str, str]]]:
-    """``length`` tokens: haystack text with 1-3 facts in its first 55% and each one recalled after it;
-    and the facts, (key, attribute, value).
+def fact_sequence(haystack_ids: Sequence[int], tokenizer: Tokenizer, length: int, seed: int, max_facts: int = 3,
+                  same_words: float = 0.3, max_fraction: float = 0.7) -> tuple[list[int], list[tuple[str, str, str]]]:
+    """``length`` tokens: haystack text with 1 to ``max_facts`` facts in its first 45% and each one
+    recalled after it; and the facts, (key, attribute, value).
 
     A recall repeats the fact's own sentence with probability ``same_words``, else uses another form.
     Facts and recalls take at most ``max_fraction`` of the row (fewer facts when they would not fit).
     """
     rng = random.Random(seed)
-    n_facts = rng.randint(MIN_FACTS, MAX_FACTS)
+    n_facts = rng.randint(1, max_facts)
     keys: list[str] = []
     while len(keys) < n_facts:
         key = random_key(rng)

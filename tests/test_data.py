@@ -516,3 +516,15 @@ def test_fact_rows_recall_their_facts_and_never_hold_an_evaluation_template():
             first, last, value = text.find(key.lower()), text.rfind(key.lower()), value.lower()
             assert 0 <= first < last and text.count(value) >= 2 and text.rfind(value) > last  # recalled after it
     assert fact_sequence(haystack, TOK, 257, 0) != fact_sequence(haystack, TOK, 257, 1)
+    # data.facts_same_words=1: every recall restates its fact word for word; data.facts_per_row bounds the facts
+    for seed in range(50):
+        tokens, stated = fact_sequence(haystack, TOK, 1025, seed, max_facts=6, same_words=1.0)
+        text = TOK.decode(tokens)
+        assert len(stated) <= 6 and len(fact_sequence(haystack, TOK, 1025, seed, max_facts=1)[1]) == 1
+        lower = text.lower()
+        for key, attribute, value in stated:
+            start = lower.find(key.lower())
+            statement = text[start : text.find(value, start) + len(value)]  # key ... value, as first said
+            assert value in statement and text.count(statement) >= 2
+    with pytest.raises(Exception, match="facts_same_words"):
+        DataConfig(facts_same_words=1.5)

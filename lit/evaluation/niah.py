@@ -207,7 +207,6 @@ def niah_metrics(rows: list[dict]) -> dict:
     return metrics
 
 
-
 def evaluate_run(run_dir: Path, niah: dict, config: dict, gpu: Optional[str] = None) -> tuple[dict, Path]:
     """NIAH accuracy of the run's final checkpoint (:func:`niah_metrics`); the rows as ``niah.csv``."""
     import csv

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -129,11 +130,10 @@ def position_buckets(result: PerplexityResult, first: int) -> list[dict]:
     return rows
 
 
-def evaluate_run(run_dir, options: dict, config: dict, gpu=None) -> tuple[dict, "Path"]:
+def evaluate_run(run_dir, options: dict, config: dict, gpu=None) -> tuple[dict, Path]:
     """Streamed loss by position of a run's final checkpoint on held-out plain text: (metrics
     ``ppl/loss/P<start>`` and ``ppl/tokens/P<start>`` per bucket and ``ppl/streamed_loss``, ``ppl.csv``)."""
     import csv
-    from pathlib import Path
 
     from lit.data import DataConfig, load_documents, parse_source, split_documents
     from lit.module import load_model
