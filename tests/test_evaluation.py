@@ -175,6 +175,9 @@ def test_niah_families_each_reported_and_the_held_out_ones_pooled(model, tok, tm
     assert metrics["niah/questions/Fheld-out/L400/n0"] == 16 and metrics["niah/exact/Fvault/L400/n0"] == 1.0
     assert metrics["niah/exact/Fspec/L400/n0"] == 0.0 and metrics["niah/exact/L400/n0"] == 4 / 20
     assert len(heatmaps(rows, str(tmp_path / "h"))) == len(families)  # one per family and number of passes
+    mine = [r | {"family": "mine"} for r in rows if r["family"] == "vault"]  # your own family is not pooled in
+    pooled = {c["family"]: c for c in summarise(with_held_out(rows + mine), by=FAMILY_CELL)}["held-out"]
+    assert pooled["questions"] == 16
 
 
 def test_eval_cli_on_a_trained_checkpoint_logs_into_its_run(micro_training, tmp_path):

@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 import torch
 
 from fwpkm import HybridLM
-from lit.needles import SPEC_FAMILY, resolve_families
+from lit.needles import SPEC_FAMILY, held_out_family_names, resolve_families
 from lit.synthetic import NIAHSample, hash_seed, make_niah_sample, score_answer
 
 from .common import device_of, preserved_fast_weights, run_device, stream
@@ -29,7 +29,7 @@ from .stats import wilson_interval
 CHUNK_POLICIES = ("input", "model")
 CELL_MEASURES = ("exact", "exact_low", "exact_high", "digit_acc", "questions")
 FAMILY_CELL = ("family", "context_len", "iterations")
-HELD_OUT = "held-out"  # the pseudo-family pooling every family but the spec's
+HELD_OUT = "held-out"  # the pseudo-family pooling the shipped families other than the spec's
 
 
 @dataclass
@@ -115,9 +115,11 @@ def run_niah(model: HybridLM, tokenizer, haystack_ids: Sequence[int], cfg: NIAHC
 
 
 def with_held_out(rows: list[dict]) -> list[dict]:
-    """``rows`` plus, when more than one family other than the spec's was asked, a copy of those rows
-    as family ``held-out``: the zero-shot figure, pooled over the held-out families."""
-    held_out = [r for r in rows if r.get("family", SPEC_FAMILY) != SPEC_FAMILY]
+    """``rows`` plus, when more than one of the shipped held-out families was asked, a copy of their rows
+    as family ``held-out``: the zero-shot figure, pooled. Families of your own are never pooled in
+    (nothing here knows whether training saw them)."""
+    shipped = set(held_out_family_names())
+    held_out = [r for r in rows if r.get("family") in shipped]
     if len({r["family"] for r in held_out}) < 2:
         return rows
     return rows + [r | {"family": HELD_OUT} for r in held_out]
