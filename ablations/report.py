@@ -72,6 +72,7 @@ def gate_histories(client, run_id: str, metrics: dict) -> dict:
 def run_row(client, run) -> dict:
     """The numbers of one grid run, from its MLflow run."""
     m, tags = run.data.metrics, run.data.tags
+    cells = _niah_cells(m)
     ppl = m.get("val/ppl", NAN)
     return {
         "variant": tags.get("fwpkm.variant", tags.get("variant", "?")),
@@ -90,8 +91,8 @@ def run_row(client, run) -> dict:
         "error": _first_line(tags.get("fwpkm.error", "")),
         **{f"niah_{k[len('niah/exact/'):]}": v for k, v in m.items()
            if k.startswith("niah/exact/") and k.count("/") == 2},
-        "cells": _niah_cells(m),
-        "family_cells": _niah_family_cells(m),
+        "cells": cells.pop(None, {}),
+        "family_cells": cells,  # the rest: one per needle family
         "positions": {int(k[len("ppl/loss/P"):]): v for k, v in m.items() if k.startswith("ppl/loss/P")},
         "mqar": _mqar_points(m),
         "flops_per_token": m.get("model/flops_per_token", NAN),
@@ -101,23 +102,15 @@ def run_row(client, run) -> dict:
 
 
 def _niah_cells(metrics: dict) -> dict:
-    """{(measure, context length, passes): value} from ``niah/<measure>/L<len>/n<passes>``."""
-    cells = {}
+    """{family: {(measure, context length, passes): value}} from ``niah/<measure>[/F<family>]/L<len>/n<passes>``;
+    family None holds the cells over all families."""
+    cells: dict = {}
     for key, value in metrics.items():
         parts = key.split("/")
+        family = parts.pop(2)[1:] if len(parts) == 5 and parts[2][:1] == "F" else None
         if len(parts) == 4 and parts[0] == "niah" and parts[2][:1] == "L" and parts[3][:1] == "n":
-            cells[(parts[1], int(parts[2][1:]), int(parts[3][1:]))] = value
+            cells.setdefault(family, {})[(parts[1], int(parts[2][1:]), int(parts[3][1:]))] = value
     return cells
-
-
-def _niah_family_cells(metrics: dict) -> dict:
-    """{family: {(measure, context length, passes): value}} from ``niah/<measure>/F<family>/L<len>/n<passes>``."""
-    families: dict = {}
-    for key, value in metrics.items():
-        parts = key.split("/")
-        if len(parts) == 5 and parts[0] == "niah" and parts[2][:1] == "F" and parts[3][:1] == "L" and parts[4][:1] == "n":
-            families.setdefault(parts[2][1:], {})[(parts[1], int(parts[3][1:]), int(parts[4][1:]))] = value
-    return families
 
 
 def by_family(rows: list[dict]) -> dict[str, list[dict]]:
@@ -133,10 +126,9 @@ def by_family(rows: list[dict]) -> dict[str, list[dict]]:
 def position_markdown(rows: list[dict], order: Optional[list] = None) -> str:
     """Streamed loss by token position (eval.ppl): per variant and bucket of positions, the mean over seeds
     with its 95% Student's t interval, then each seed's; empty when no run has it."""
-    rows = [r for r in rows if r.get("positions") and r["status"] == "FINISHED"]
+    rows, starts = _position_rows(rows)
     if not rows:
         return ""
-    starts = sorted({p for r in rows for p in r["positions"]})
     ends = starts[1:] + [None]
     header = "| variant | seeds | " + " | ".join(f"{a}-{b or ''}" for a, b in zip(starts, ends)) + " |"
     lines = ["Streamed loss (nats/token) by token position on held-out text: mean over seeds [95% t interval] "
@@ -155,9 +147,15 @@ def position_markdown(rows: list[dict], order: Optional[list] = None) -> str:
     return "\n".join(lines)
 
 
+def _position_rows(rows: list[dict]) -> tuple[list[dict], list[int]]:
+    """(finished rows with loss by position, the buckets' first positions)."""
+    rows = [r for r in rows if r.get("positions") and r["status"] == "FINISHED"]
+    return rows, sorted({p for r in rows for p in r["positions"]})
+
+
 def plot_positions(rows: list[dict], path: Path, order: Optional[list] = None, title: str = "") -> Optional[Path]:
     """Streamed loss against token position (bucket midpoints), a line per variant with its seeds' 95% interval."""
-    rows = [r for r in rows if r.get("positions") and r["status"] == "FINISHED"]
+    rows, starts = _position_rows(rows)
     if not rows:
         return None
     import matplotlib
@@ -165,7 +163,6 @@ def plot_positions(rows: list[dict], path: Path, order: Optional[list] = None, t
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    starts = sorted({p for r in rows for p in r["positions"]})
     mids = [(a + b) / 2 for a, b in zip(starts, starts[1:] + [2 * starts[-1]])]
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for variant in _variant_order(rows, order):

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 SHIPPED_FAMILIES = Path(__file__).parent / "assets" / "needle_families.yaml"
-SPEC_FAMILY = "spec"
+SPEC_NAME = "spec"
 SPECIAL = "[](){}|\\"
 
 
@@ -204,7 +204,7 @@ def shipped_families() -> dict[str, NeedleFamily]:
 
 def held_out_family_names() -> list[str]:
     """The shipped families other than the spec's: the ones reported as zero-shot."""
-    return [name for name in shipped_families() if name != SPEC_FAMILY]
+    return [name for name in shipped_families() if name != SPEC_NAME]
 
 
 def resolve_families(names: Iterable | None, option: str = "niah.families") -> list[NeedleFamily]:
@@ -212,7 +212,7 @@ def resolve_families(names: Iterable | None, option: str = "niah.families") -> l
     inline mapping or a :class:`NeedleFamily`; None means the spec's family only."""
     shipped = shipped_families()
     if names is None:
-        return [shipped[SPEC_FAMILY]]
+        return [shipped[SPEC_NAME]]
     if isinstance(names, (str, dict, NeedleFamily)):
         names = [names]
     chosen: list[NeedleFamily] = []

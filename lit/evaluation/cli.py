@@ -19,6 +19,7 @@ from typing import Optional
 
 import torch
 
+from lit.needles import SPEC_NAME
 from lit.usage import OneLineParser, UsageError, float_in, int_at_least, option_value, report
 
 positive = int_at_least(1)
@@ -225,7 +226,7 @@ def cmd_niah(args) -> None:
     print("exact: share of questions answered exactly, [exact_low, exact_high] its 95% Wilson interval; "
           "digit_acc: share of the answer's characters right; held-out: the shipped families but the spec's, pooled")
     heatmaps(rows, str(out.dir / "heatmap"))
-    metrics = {f"niah/exact_{s['context_len']}_n{s['iterations']}": s["exact"] for s in summary}
+    metrics = {f"niah/exact_{s['context_len']}_n{s['iterations']}": s["exact"] for s in summarise(rows)}
     out.finish({**metrics, **{k: v for k, v in niah_metrics(rows).items() if v == v}})
 
 
@@ -244,9 +245,6 @@ def _niah_families(args) -> list:
                 "key": args.key_format, "value": args.value_format}
         families = ([] if families == [SPEC_NAME] else families) + [mine]  # the default gives way to your own
     return resolve_families(families, "--families")
-
-
-SPEC_NAME = "spec"
 
 
 def cmd_mqar(args) -> None:

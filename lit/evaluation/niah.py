@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 import torch
 
 from fwpkm import HybridLM
-from lit.needles import SPEC_FAMILY, held_out_family_names, resolve_families
+from lit.needles import SPEC_NAME, held_out_family_names, resolve_families
 from lit.synthetic import NIAHSample, hash_seed, make_niah_sample, score_answer
 
 from .common import device_of, preserved_fast_weights, run_device, stream
@@ -42,7 +42,7 @@ class NIAHConfig:
     chunk_policy: str = "input"  # input: one write per pass (the paper) | model: the model's chunk size
     segment_len: int = 2048
     seed: int = 0
-    families: list = field(default_factory=lambda: [SPEC_FAMILY])  # names, 'all', .yaml files or mappings
+    families: list = field(default_factory=lambda: [SPEC_NAME])  # names, 'all', .yaml files or mappings
 
     def __post_init__(self):
         self.families = resolve_families(self.families, "niah.families")
@@ -60,7 +60,7 @@ def make_samples(haystack_ids: Sequence[int], tokenizer, cfg: NIAHConfig) -> lis
     """(family, context_len, depth, sample) for every cell: the asked needle at ``depth``, the others random."""
     samples = []
     for family in cfg.families:
-        stream = "niah" if family.name == SPEC_FAMILY else f"niah/{family.name}"  # the spec's: as before families
+        stream = "niah" if family.name == SPEC_NAME else f"niah/{family.name}"  # the spec's: as before families
         for length in cfg.context_lens:
             for depth in cfg.depths:
                 for i in range(cfg.samples_per_cell):
@@ -141,10 +141,10 @@ def summarise(rows: list[dict], by: tuple = ("context_len", "iterations")) -> li
 
 def heatmaps(rows: list[dict], path_prefix: str) -> list[str]:
     """One heat map (context length x depth, exact match) per family and number of passes; returns the files."""
-    families = list(dict.fromkeys(r.get("family", SPEC_FAMILY) for r in rows))
+    families = list(dict.fromkeys(r.get("family", SPEC_NAME) for r in rows))
     if len(families) > 1:
         return [path for family in families
-                for path in heatmaps([r for r in rows if r.get("family", SPEC_FAMILY) == family], f"{path_prefix}_{family}")]
+                for path in heatmaps([r for r in rows if r.get("family", SPEC_NAME) == family], f"{path_prefix}_{family}")]
     import matplotlib
 
     matplotlib.use("Agg")
@@ -164,7 +164,7 @@ def heatmaps(rows: list[dict], path_prefix: str) -> list[str]:
         ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
         ax.set_xlabel("context length")
         ax.set_ylabel("needle depth")
-        family = rows[0].get("family", SPEC_FAMILY)
+        family = rows[0].get("family", SPEC_NAME)
         ax.set_title(f"NIAH exact match ({family}), {n} extra pass{'es' if n != 1 else ''}", fontsize=9)
         fig.colorbar(im, ax=ax)
         fig.tight_layout()

@@ -30,7 +30,10 @@ class PerplexityResult:
     def position_table(self, n_bins: int = 64) -> list[dict]:
         """Loss by position in up to ``n_bins`` equal bins (rows: start, end, loss, tokens)."""
         n = len(self.position_loss)
-        edges = torch.linspace(0, n, min(n_bins, n) + 1).long().tolist()
+        return self.bins(torch.linspace(0, n, min(n_bins, n) + 1).long().tolist())
+
+    def bins(self, edges: list[int]) -> list[dict]:
+        """Loss of the positions between consecutive ``edges`` (rows: start, end, loss, tokens; empty bins left out)."""
         rows = []
         for a, b in zip(edges, edges[1:]):
             count = self.position_count[a:b].sum()
@@ -118,16 +121,10 @@ class PositionConfig:
 def position_buckets(result: PerplexityResult, first: int) -> list[dict]:
     """Loss in buckets of position [0, first), [first, 2 first), [2 first, 4 first), ...: the attention
     window's positions apart from the ones only a memory can reach."""
-    edges, n = [0, first], len(result.position_loss)
+    edges, n = [0, min(first, len(result.position_loss))], len(result.position_loss)
     while edges[-1] < n:
         edges.append(min(2 * edges[-1], n))
-    rows = []
-    for a, b in zip(edges, edges[1:]):
-        count = result.position_count[a:b].sum()
-        if b > a and count > 0:
-            loss = (result.position_loss[a:b] * result.position_count[a:b]).sum() / count
-            rows.append({"start": a, "end": b, "loss": float(loss), "tokens": int(count)})
-    return rows
+    return result.bins(edges)
 
 
 def evaluate_run(run_dir, options: dict, config: dict, gpu=None) -> tuple[dict, Path]:
@@ -135,7 +132,7 @@ def evaluate_run(run_dir, options: dict, config: dict, gpu=None) -> tuple[dict, 
     ``ppl/loss/P<start>`` and ``ppl/tokens/P<start>`` per bucket and ``ppl/streamed_loss``, ``ppl.csv``)."""
     import csv
 
-    from lit.data import DataConfig, load_documents, parse_source, split_documents
+    from lit.data import DataConfig, join_tokens, load_documents, parse_source, split_documents, tokenize
     from lit.module import load_model
     from lit.tokenizer import load_tokenizer
 
@@ -149,16 +146,14 @@ def evaluate_run(run_dir, options: dict, config: dict, gpu=None) -> tuple[dict, 
     documents = load_documents(spec, data, "eval.ppl.source")
     held_out = split_documents(documents, data.val_fraction, data.seed)[1] if data.val_fraction > 0 else documents
     tokenizer = load_tokenizer(data.tokenizer)
-    ids: list[int] = []
-    for doc in held_out:
-        ids += tokenizer.encode(doc) + [tokenizer.eos_id]
+    ids = join_tokens(tokenize(held_out, tokenizer), [tokenizer.eos_id])
     streams = cfg.streams or len(ids) // (cfg.stream_len + 1)
     if streams < 1 or len(ids) < streams * (cfg.stream_len + 1):
         raise ValueError(f"eval.ppl: the held-out text of {cfg.source!r} has {len(ids)} tokens, fewer than "
                          f"{max(streams, 1)} stream(s) of ppl.stream_len={cfg.stream_len}")
     device = run_device(config, gpu)
     model, _ = load_model(str(Path(run_dir) / "checkpoints" / "last.ckpt"), map_location=device)
-    tokens = torch.tensor(ids[: streams * (cfg.stream_len + 1)])
+    tokens = torch.as_tensor(ids[: streams * (cfg.stream_len + 1)])
     result = streamed_perplexity(model.to(device), tokens, cfg.segment_len, n_streams=streams)
     rows = position_buckets(result, cfg.first_bucket)
     metrics = {"ppl/streamed_loss": result.loss, "ppl/streams": float(streams)}
