@@ -11,6 +11,7 @@ import torch
 from fwpkm import HybridLM
 from lit.evaluation.inspect import MemoryInspector, addressing_stats, collect_gates, gate_summary
 from lit.plots import gate_histograms
+from lit.evaluation.common import preserved_fast_weights, stream
 from lit.evaluation.niah import NIAHConfig, answer_sample, heatmaps, make_samples, run_niah, summarise
 from lit.evaluation.ppl import streamed_perplexity, windowed_perplexity
 from lit.synthetic import make_niah_sample
@@ -67,7 +68,7 @@ def test_niah_protocol_writes_exactly_once_per_pass(model, tok, monkeypatch, pas
     states = []
     original_flush = model.flush
     monkeypatch.setattr(model, "flush", lambda cache: (original_flush(cache), states.append(model.fast_weight_state())))
-    answer = answer_sample(model, tok, sample, passes, cfg)
+    answer, _ = answer_sample(model, tok, sample, passes, cfg)
     n_layers = len(model.fast_weight_memories())
     assert writes["n"] == passes * n_layers  # no write at all while reading the question and decoding
     assert len(states) == passes
@@ -76,12 +77,44 @@ def test_niah_protocol_writes_exactly_once_per_pass(model, tok, monkeypatch, pas
     assert len(answer) >= 1
 
 
+@pytest.mark.parametrize("passes", [0, 2])
+def test_niah_answer_nll_is_the_one_shot_likelihood_and_leaves_the_decoded_answer_alone(model, tok, passes):
+    """The teacher-forced answer likelihood, fed through a copy of the streamed prompt's cache, equals one
+    forward of prompt + answer in a single chunk from the same fast weights; decoding is unchanged by it."""
+    sample = make_niah_sample(TEXT, tok, context_len=300, seed=3)
+    cfg = NIAHConfig(segment_len=64)
+    with preserved_fast_weights(model):
+        predicted, nll = answer_sample(model, tok, sample, passes, cfg)
+    with preserved_fast_weights(model), torch.no_grad():
+        context = torch.tensor([sample.context_ids])
+        for _ in range(passes):
+            cache, _ = stream(model, context, 64, keep_logits=False, chunk_size=context.shape[1])
+            model.flush(cache)
+        ids = torch.tensor([sample.input_ids + sample.answer_ids[:-1]])
+        logits = model(ids, cache=model.new_cache(ids.shape[1] + 1)).logits[0, len(sample.input_ids) - 1:]
+        decoded = None if passes else tok.decode(_greedy(model, sample))
+    expected = -torch.log_softmax(logits, -1)[torch.arange(len(sample.answer_ids)), sample.answer_ids].mean()
+    assert nll == pytest.approx(float(expected), rel=1e-4)
+    if decoded is not None:
+        assert predicted == decoded
+
+
+def _greedy(model, sample) -> list[int]:
+    cache = model.new_cache(len(sample.input_ids) + len(sample.answer_ids))
+    token = model(torch.tensor([sample.input_ids]), cache=cache).logits[:, -1].argmax(-1, keepdim=True)
+    out = [int(token)]
+    for _ in range(len(sample.answer_ids) - 1):
+        token = model(token, cache=cache).logits[:, -1].argmax(-1, keepdim=True)
+        out.append(int(token))
+    return out
+
+
 def test_niah_end_to_end_table_and_heatmaps(model, tok, tmp_path):
     cfg = NIAHConfig(context_lens=[300, 500], depths=[0.25, 0.75], iterations=[0, 2], samples_per_cell=1,
                      segment_len=128)
     rows = run_niah(model, tok, tok.encode(TEXT), cfg, progress=False)
     assert len(rows) == 2 * 2 * 2
-    assert all(0 <= r["digit_acc"] <= 1 and r["exact"] in (0.0, 1.0) for r in rows)
+    assert all(0 <= r["digit_acc"] <= 1 and r["exact"] in (0.0, 1.0) and r["answer_nll"] > 0 for r in rows)
     summary = summarise(rows)
     assert {(s["context_len"], s["iterations"]) for s in summary} == {(300, 0), (300, 2), (500, 0), (500, 2)}
     files = heatmaps(rows, str(tmp_path / "niah"))

@@ -224,7 +224,7 @@ def cmd_niah(args) -> None:
     out.table("samples", rows)
     out.table("summary", summary, show=True)
     print("exact: share of questions answered exactly, [exact_low, exact_high] its 95% Wilson interval; "
-          "digit_acc: share of the answer's characters right; held-out: the shipped families but the spec's, pooled")
+          "digit_acc: share of the answer's characters right; answer_nll: the true answer's nats per token, teacher-forced; held-out: the shipped families but the spec's, pooled")
     heatmaps(rows, str(out.dir / "heatmap"))
     metrics = {f"niah/exact_{s['context_len']}_n{s['iterations']}": s["exact"] for s in summarise(rows)}
     out.finish({**metrics, **{k: v for k, v in niah_metrics(rows).items() if v == v}})

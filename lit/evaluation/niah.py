@@ -10,6 +10,8 @@ of :mod:`lit.needles`), each reported on its own and, pooled, as ``held-out``.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import math
 import random
 from collections import defaultdict
@@ -27,7 +29,7 @@ from .common import device_of, preserved_fast_weights, run_device, stream
 from .stats import wilson_interval
 
 CHUNK_POLICIES = ("input", "model")
-CELL_MEASURES = ("exact", "exact_low", "exact_high", "digit_acc", "questions")
+CELL_MEASURES = ("exact", "exact_low", "exact_high", "digit_acc", "answer_nll", "questions")
 FAMILY_CELL = ("family", "context_len", "iterations")
 HELD_OUT = "held-out"  # the pseudo-family pooling the shipped families other than the spec's
 
@@ -74,8 +76,9 @@ def make_samples(haystack_ids: Sequence[int], tokenizer, cfg: NIAHConfig) -> lis
 
 
 @torch.no_grad()
-def answer_sample(model: HybridLM, tokenizer, sample: NIAHSample, n_passes: int, cfg: NIAHConfig) -> str:
-    """Run the iteration protocol on one sample; return the decoded answer text."""
+def answer_sample(model: HybridLM, tokenizer, sample: NIAHSample, n_passes: int, cfg: NIAHConfig) -> tuple[str, float]:
+    """Run the iteration protocol on one sample; return the decoded answer text and the true answer's
+    mean negative log-likelihood (nats per token, teacher-forced from the same state)."""
     device = device_of(model)
     context = torch.tensor([sample.context_ids], device=device)
     prompt = torch.tensor([sample.input_ids], device=device)
@@ -86,12 +89,29 @@ def answer_sample(model: HybridLM, tokenizer, sample: NIAHSample, n_passes: int,
     # The final read: no write may happen before the answer is decoded under the input policy.
     final_chunk = None if cfg.chunk_policy == "model" else prompt.shape[1] + n_new
     cache, run = stream(model, prompt, cfg.segment_len, chunk_size=final_chunk)
-    token = run.logits[-1][:, -1].argmax(-1, keepdim=True)
+    first = run.logits[-1][:, -1]
+    # Under the model policy a chunk may complete (and write) while the answer is fed: keep the state.
+    keep = preserved_fast_weights(model) if cfg.chunk_policy == "model" else contextlib.nullcontext()
+    with keep:
+        nll = answer_nll(model, copy.deepcopy(cache), first, sample.answer_ids)
+    token = first.argmax(-1, keepdim=True)
     generated = [int(token)]
     for _ in range(n_new - 1):
         token = model(token, cache=cache).logits[:, -1].argmax(-1, keepdim=True)
         generated.append(int(token))
-    return tokenizer.decode(generated)
+    return tokenizer.decode(generated), nll
+
+
+def answer_nll(model: HybridLM, cache, first_logits: torch.Tensor, answer_ids: Sequence[int]) -> float:
+    """Mean -log p of ``answer_ids`` fed after the prompt (whose last logits are ``first_logits`` [1, V]):
+    how much the model believes the right value, whatever it decodes. Advances ``cache``."""
+    logits = [first_logits.float()]
+    if len(answer_ids) > 1:
+        fed = torch.tensor([list(answer_ids[:-1])], device=first_logits.device)
+        logits.append(model(fed, cache=cache).logits[0].float())
+    log_probs = torch.log_softmax(torch.cat(logits), -1)
+    target = torch.as_tensor(list(answer_ids), device=log_probs.device)
+    return float(-log_probs[torch.arange(len(target), device=log_probs.device), target].mean())
 
 
 def _chunk(cfg: NIAHConfig, ids: torch.Tensor) -> Optional[int]:
@@ -107,10 +127,10 @@ def run_niah(model: HybridLM, tokenizer, haystack_ids: Sequence[int], cfg: NIAHC
     jobs = [(s, n) for s in samples for n in cfg.iterations]
     for (family, length, depth, sample), n in _progress(jobs, progress, "needle in a haystack"):
         with preserved_fast_weights(model):
-            predicted = answer_sample(model, tokenizer, sample, n, cfg)
+            predicted, nll = answer_sample(model, tokenizer, sample, n, cfg)
         exact, digits = score_answer(predicted, sample.answer)
         rows.append({"family": family, "context_len": length, "depth": depth, "iterations": n, "answer": sample.answer,
-                     "predicted": predicted, "exact": float(exact), "digit_acc": digits})
+                     "predicted": predicted, "exact": float(exact), "digit_acc": digits, "answer_nll": nll})
     return rows
 
 
@@ -127,7 +147,7 @@ def with_held_out(rows: list[dict]) -> list[dict]:
 
 def summarise(rows: list[dict], by: tuple = ("context_len", "iterations")) -> list[dict]:
     """Per group: exact match with its 95% Wilson interval over the group's questions, digit accuracy,
-    and the number of questions."""
+    the true answer's mean negative log-likelihood (nats per token) and the number of questions."""
     groups = defaultdict(list)
     for r in rows:
         groups[tuple(r[k] for k in by)].append(r)
@@ -135,8 +155,13 @@ def summarise(rows: list[dict], by: tuple = ("context_len", "iterations")) -> li
     for key, g in sorted(groups.items()):
         exact, low, high = wilson_interval(sum(r["exact"] for r in g), len(g))
         out.append(dict(zip(by, key)) | {"exact": exact, "exact_low": low, "exact_high": high,
-                                         "digit_acc": sum(r["digit_acc"] for r in g) / len(g), "questions": len(g)})
+                                         "digit_acc": sum(r["digit_acc"] for r in g) / len(g),
+                                         "answer_nll": _mean([r.get("answer_nll", math.nan) for r in g]), "questions": len(g)})
     return out
+
+
+def _mean(values: list) -> float:
+    return sum(values) / len(values) if values else math.nan
 
 
 def heatmaps(rows: list[dict], path_prefix: str) -> list[str]:
