@@ -12,7 +12,7 @@ from fwpkm import HybridLM
 from lit.evaluation.inspect import MemoryInspector, addressing_stats, collect_gates, gate_summary
 from lit.plots import gate_histograms
 from lit.evaluation.common import preserved_fast_weights, stream
-from lit.evaluation.niah import NIAHConfig, answer_sample, heatmaps, make_samples, run_niah, summarise
+from lit.evaluation.niah import NIAHConfig, answer_sample, heatmaps, make_samples, memory_gain, run_niah, summarise
 from lit.evaluation.ppl import streamed_perplexity, windowed_perplexity
 from lit.synthetic import make_niah_sample
 from lit.tokenizer import ByteTokenizer
@@ -109,6 +109,16 @@ def _greedy(model, sample) -> list[int]:
     return out
 
 
+def test_niah_memory_gain_pairs_each_question_with_its_zero_pass_likelihood():
+    rows = [{"family": "spec", "question": q, "context_len": 256, "iterations": n, "answer_nll": nll}
+            for q, by_passes in enumerate([{0: 2.0, 2: 1.0}, {0: 3.0, 2: 1.5}, {0: 1.0, 2: 1.25}]) for n, nll in by_passes.items()]
+    rows.append({"family": "spec", "question": 7, "context_len": 256, "iterations": 2, "answer_nll": 0.0})  # no partner
+    (gain,) = memory_gain(rows)
+    assert (gain["iterations"], gain["questions"]) == (2, 3)
+    assert gain["nll_gain"] == pytest.approx((1.0 + 1.5 - 0.25) / 3)
+    assert gain["nll_gain_low"] < gain["nll_gain"] < gain["nll_gain_high"]
+
+
 def test_niah_end_to_end_table_and_heatmaps(model, tok, tmp_path):
     cfg = NIAHConfig(context_lens=[300, 500], depths=[0.25, 0.75], iterations=[0, 2], samples_per_cell=1,
                      segment_len=128)
@@ -117,6 +127,8 @@ def test_niah_end_to_end_table_and_heatmaps(model, tok, tmp_path):
     assert all(0 <= r["digit_acc"] <= 1 and r["exact"] in (0.0, 1.0) and r["answer_nll"] > 0 for r in rows)
     summary = summarise(rows)
     assert {(s["context_len"], s["iterations"]) for s in summary} == {(300, 0), (300, 2), (500, 0), (500, 2)}
+    gains = memory_gain(rows)
+    assert {(g["context_len"], g["iterations"], g["questions"]) for g in gains} == {(300, 2, 2), (500, 2, 2)}
     files = heatmaps(rows, str(tmp_path / "niah"))
     assert [p.endswith(f"_n{n}.png") for p, n in zip(files, [0, 2])] == [True, True]
 

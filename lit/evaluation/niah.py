@@ -26,7 +26,7 @@ from lit.needles import SPEC_NAME, held_out_family_names, resolve_families
 from lit.synthetic import NIAHSample, hash_seed, make_niah_sample, score_answer
 
 from .common import device_of, preserved_fast_weights, run_device, stream
-from .stats import wilson_interval
+from .stats import mean_interval, wilson_interval
 
 CHUNK_POLICIES = ("input", "model")
 CELL_MEASURES = ("exact", "exact_low", "exact_high", "digit_acc", "answer_nll", "questions")
@@ -124,12 +124,13 @@ def run_niah(model: HybridLM, tokenizer, haystack_ids: Sequence[int], cfg: NIAHC
     model.eval()
     samples = make_samples(haystack_ids, tokenizer, cfg)
     rows = []
-    jobs = [(s, n) for s in samples for n in cfg.iterations]
-    for (family, length, depth, sample), n in _progress(jobs, progress, "needle in a haystack"):
+    jobs = [(q, s, n) for q, s in enumerate(samples) for n in cfg.iterations]
+    for question, (family, length, depth, sample), n in _progress(jobs, progress, "needle in a haystack"):
         with preserved_fast_weights(model):
             predicted, nll = answer_sample(model, tokenizer, sample, n, cfg)
         exact, digits = score_answer(predicted, sample.answer)
-        rows.append({"family": family, "context_len": length, "depth": depth, "iterations": n, "answer": sample.answer,
+        rows.append({"family": family, "question": question, "context_len": length, "depth": depth, "iterations": n,
+                     "answer": sample.answer,
                      "predicted": predicted, "exact": float(exact), "digit_acc": digits, "answer_nll": nll})
     return rows
 
@@ -157,6 +158,23 @@ def summarise(rows: list[dict], by: tuple = ("context_len", "iterations")) -> li
         out.append(dict(zip(by, key)) | {"exact": exact, "exact_low": low, "exact_high": high,
                                          "digit_acc": sum(r["digit_acc"] for r in g) / len(g),
                                          "answer_nll": _mean([r.get("answer_nll", math.nan) for r in g]), "questions": len(g)})
+    return out
+
+
+def memory_gain(rows: list[dict], by: tuple = FAMILY_CELL) -> list[dict]:
+    """Per group and number of passes n > 0: how much n passes lowered the true answer's negative
+    log-likelihood against 0 passes on the same questions (nats per token; the paired mean and its 95%
+    t interval). Above 0: the memory carries something of the answer, whether or not it is decoded."""
+    rows = [r for r in rows if "answer_nll" in r and "question" in r]  # rows of a table written before both
+    at_zero = {(r.get("family"), r["question"]): r["answer_nll"] for r in rows if r["iterations"] == 0}
+    groups = defaultdict(list)
+    for r in rows:
+        if r["iterations"] > 0 and (r.get("family"), r["question"]) in at_zero:
+            groups[tuple(r[k] for k in by)].append(at_zero[(r.get("family"), r["question"])] - r["answer_nll"])
+    out = []
+    for key, gains in sorted(groups.items()):
+        mean, low, high = mean_interval(gains, clip=False)
+        out.append(dict(zip(by, key)) | {"nll_gain": mean, "nll_gain_low": low, "nll_gain_high": high, "questions": len(gains)})
     return out
 
 
@@ -219,7 +237,8 @@ def niah_metrics(rows: list[dict]) -> dict:
     """``niah/<exact|digit_acc>`` over all samples, per number of passes (``.../n<passes>``) and per
     (context length, passes) (``.../L<len>/n<passes>``); with the number of questions (``niah/questions/...``)
     and exact match's Wilson interval (``niah/exact_low/...``, ``niah/exact_high/...``). The same per
-    family as ``niah/<measure>/F<family>/...``, with ``Fheld-out`` pooling the held-out families."""
+    family as ``niah/<measure>/F<family>/...``, with ``Fheld-out`` pooling the held-out families, and there
+    the passes' lowering of the answer's likelihood (:func:`memory_gain`, ``niah/nll_gain/F<family>/...``)."""
     metrics = {"niah/exact": sum(r["exact"] for r in rows) / max(1, len(rows)),
                "niah/digit_acc": sum(r["digit_acc"] for r in rows) / max(1, len(rows)), "niah/questions": len(rows)}
     for cell in summarise(rows):
@@ -230,6 +249,9 @@ def niah_metrics(rows: list[dict]) -> dict:
             metrics[f"niah/{name}/n{cell['iterations']}"] = cell[name]
     for cell in summarise(with_held_out(rows), by=FAMILY_CELL):
         for name in CELL_MEASURES:
+            metrics[f"niah/{name}/F{cell['family']}/L{cell['context_len']}/n{cell['iterations']}"] = cell[name]
+    for cell in memory_gain(with_held_out(rows)):
+        for name in ("nll_gain", "nll_gain_low", "nll_gain_high"):
             metrics[f"niah/{name}/F{cell['family']}/L{cell['context_len']}/n{cell['iterations']}"] = cell[name]
     return metrics
 
