@@ -12,7 +12,7 @@ from fwpkm import HybridLM
 from lit.evaluation.inspect import MemoryInspector, addressing_stats, collect_gates, gate_summary
 from lit.plots import gate_histograms
 from lit.evaluation.common import preserved_fast_weights, stream
-from lit.evaluation.niah import NIAHConfig, answer_sample, heatmaps, make_samples, memory_gain, run_niah, summarise
+from lit.evaluation.niah import NIAHConfig, answer_sample, heatmaps, likelihood_margins, make_samples, run_niah, summarise
 from lit.evaluation.ppl import streamed_perplexity, windowed_perplexity
 from lit.synthetic import make_niah_sample
 from lit.tokenizer import ByteTokenizer
@@ -83,20 +83,25 @@ def test_niah_answer_nll_is_the_one_shot_likelihood_and_leaves_the_decoded_answe
     forward of prompt + answer in a single chunk from the same fast weights; decoding is unchanged by it."""
     sample = make_niah_sample(TEXT, tok, context_len=300, seed=3)
     cfg = NIAHConfig(segment_len=64)
+    decoy = tok.encode("0123")
     with preserved_fast_weights(model):
-        predicted, nll = answer_sample(model, tok, sample, passes, cfg)
+        predicted, (nll, decoy_nll) = answer_sample(model, tok, sample, passes, cfg, [decoy])
     with preserved_fast_weights(model), torch.no_grad():
         context = torch.tensor([sample.context_ids])
         for _ in range(passes):
             cache, _ = stream(model, context, 64, keep_logits=False, chunk_size=context.shape[1])
             model.flush(cache)
-        ids = torch.tensor([sample.input_ids + sample.answer_ids[:-1]])
-        logits = model(ids, cache=model.new_cache(ids.shape[1] + 1)).logits[0, len(sample.input_ids) - 1:]
+        expected = [_one_shot_nll(model, sample.input_ids, answer) for answer in (sample.answer_ids, decoy)]
         decoded = None if passes else tok.decode(_greedy(model, sample))
-    expected = -torch.log_softmax(logits, -1)[torch.arange(len(sample.answer_ids)), sample.answer_ids].mean()
-    assert nll == pytest.approx(float(expected), rel=1e-4)
+    assert [nll, decoy_nll] == pytest.approx(expected, rel=1e-4)
     if decoded is not None:
         assert predicted == decoded
+
+
+def _one_shot_nll(model, prompt: list[int], answer: list[int]) -> float:
+    ids = torch.tensor([prompt + answer[:-1]])
+    logits = model(ids, cache=model.new_cache(ids.shape[1] + 1)).logits[0, len(prompt) - 1:]
+    return float(-torch.log_softmax(logits, -1)[torch.arange(len(answer)), answer].mean())
 
 
 def _greedy(model, sample) -> list[int]:
@@ -109,14 +114,21 @@ def _greedy(model, sample) -> list[int]:
     return out
 
 
-def test_niah_memory_gain_pairs_each_question_with_its_zero_pass_likelihood():
-    rows = [{"family": "spec", "question": q, "context_len": 256, "iterations": n, "answer_nll": nll}
-            for q, by_passes in enumerate([{0: 2.0, 2: 1.0}, {0: 3.0, 2: 1.5}, {0: 1.0, 2: 1.25}]) for n, nll in by_passes.items()]
-    rows.append({"family": "spec", "question": 7, "context_len": 256, "iterations": 2, "answer_nll": 0.0})  # no partner
-    (gain,) = memory_gain(rows)
-    assert (gain["iterations"], gain["questions"]) == (2, 3)
-    assert gain["nll_gain"] == pytest.approx((1.0 + 1.5 - 0.25) / 3)
-    assert gain["nll_gain_low"] < gain["nll_gain"] < gain["nll_gain_high"]
+def test_niah_likelihood_margins_pair_each_question_with_its_zero_pass_and_decoy_likelihoods():
+    nlls = [{0: (2.0, 2.1, 2.0), 2: (1.0, 2.0, 1.5)}, {0: (3.0, 3.0, 2.9), 2: (1.5, 3.5, 1.0)},
+            {0: (1.0, 1.0, 1.1), 2: (1.25, 1.0, math.nan)}]
+    rows = [{"family": "spec", "question": q, "context_len": 256, "iterations": n, "answer_nll": true,
+             "random_value_nll": random_value, "other_needle_nll": other}
+            for q, by_passes in enumerate(nlls) for n, (true, random_value, other) in by_passes.items()]
+    rows.append({"family": "spec", "question": 7, "context_len": 256, "iterations": 2, "answer_nll": 0.0,
+                 "random_value_nll": 0.0})  # no zero-pass partner
+    zero, two = likelihood_margins(rows)
+    assert (zero["iterations"], two["iterations"]) == (0, 2) and math.isnan(zero["nll_gain"])
+    assert two["nll_gain"] == pytest.approx((1.0 + 1.5 - 0.25) / 3)
+    assert two["nll_gain_low"] < two["nll_gain"] < two["nll_gain_high"]
+    assert two["over_random"] == pytest.approx((1.0 + 2.0 - 0.25 + 0.0) / 4) and two["questions"] == 4
+    assert two["over_other"] == pytest.approx((0.5 - 0.5) / 2)
+    assert zero["over_random"] == pytest.approx(0.1 / 3) and zero["over_other"] == pytest.approx(-0.1 / 3 + 0.1 / 3)
 
 
 def test_niah_end_to_end_table_and_heatmaps(model, tok, tmp_path):
@@ -127,8 +139,10 @@ def test_niah_end_to_end_table_and_heatmaps(model, tok, tmp_path):
     assert all(0 <= r["digit_acc"] <= 1 and r["exact"] in (0.0, 1.0) and r["answer_nll"] > 0 for r in rows)
     summary = summarise(rows)
     assert {(s["context_len"], s["iterations"]) for s in summary} == {(300, 0), (300, 2), (500, 0), (500, 2)}
-    gains = memory_gain(rows)
-    assert {(g["context_len"], g["iterations"], g["questions"]) for g in gains} == {(300, 2, 2), (500, 2, 2)}
+    margins = likelihood_margins(rows)
+    assert {(m["context_len"], m["iterations"], m["questions"]) for m in margins} == {(c, n, 2) for c in (300, 500) for n in (0, 2)}
+    assert all(r["random_value_nll"] > 0 and r["other_needle_nll"] > 0 and r["random_value_nll"] != r["answer_nll"]
+               for r in rows)
     files = heatmaps(rows, str(tmp_path / "niah"))
     assert [p.endswith(f"_n{n}.png") for p, n in zip(files, [0, 2])] == [True, True]
 

@@ -212,7 +212,7 @@ def _plot_position_loss(results, path: Path, bins: int) -> None:
 
 
 def cmd_niah(args) -> None:
-    from lit.evaluation.niah import (FAMILY_CELL, NIAHConfig, heatmaps, memory_gain, niah_metrics, run_niah, summarise,
+    from lit.evaluation.niah import (FAMILY_CELL, NIAHConfig, heatmaps, likelihood_margins, niah_metrics, run_niah, summarise,
                                      with_held_out)
 
     cfg = NIAHConfig(context_lens=args.context_lens, depths=args.depths, iterations=args.iterations,
@@ -227,10 +227,10 @@ def cmd_niah(args) -> None:
     print("exact: share of questions answered exactly, [exact_low, exact_high] its 95% Wilson interval; "
           "digit_acc: share of the answer's characters right; answer_nll: the true answer's nats per token, "
           "teacher-forced; held-out: the shipped families but the spec's, pooled")
-    if 0 in cfg.iterations and len(cfg.iterations) > 1:
-        out.table("memory_gain", memory_gain(with_held_out(rows)), show=True)
-        print("nll_gain: how much the passes lowered answer_nll against 0 passes on the same questions, "
-              "[nll_gain_low, nll_gain_high] its 95% t interval (nats per answer token)")
+    out.table("likelihood", likelihood_margins(with_held_out(rows)), show=True)
+    print("nats per answer token, paired over the same questions, [_low, _high] 95% t intervals: nll_gain: how much "
+          "the passes lowered answer_nll against 0 passes; over_random: the true value's margin over a random value of "
+          "its format; over_other: over the haystack's other needle's value (0: nothing recalled / not bound to the key)")
     heatmaps(rows, str(out.dir / "heatmap"))
     metrics = {f"niah/exact_{s['context_len']}_n{s['iterations']}": s["exact"] for s in summarise(rows)}
     out.finish({**metrics, **{k: v for k, v in niah_metrics(rows).items() if v == v}})

@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 import torch
 
 from fwpkm import HybridLM
-from lit.needles import SPEC_NAME, held_out_family_names, resolve_families
+from lit.needles import SPEC_NAME, held_out_family_names, parse_pattern, resolve_families
 from lit.synthetic import NIAHSample, hash_seed, make_niah_sample, score_answer
 
 from .common import device_of, preserved_fast_weights, run_device, stream
@@ -31,6 +31,7 @@ from .stats import mean_interval, wilson_interval
 CHUNK_POLICIES = ("input", "model")
 CELL_MEASURES = ("exact", "exact_low", "exact_high", "digit_acc", "answer_nll", "questions")
 FAMILY_CELL = ("family", "context_len", "iterations")
+LIKELIHOOD_MARGINS = ("nll_gain", "over_random", "over_other")  # likelihood_margins' measures
 HELD_OUT = "held-out"  # the pseudo-family pooling the shipped families other than the spec's
 
 
@@ -76,9 +77,11 @@ def make_samples(haystack_ids: Sequence[int], tokenizer, cfg: NIAHConfig) -> lis
 
 
 @torch.no_grad()
-def answer_sample(model: HybridLM, tokenizer, sample: NIAHSample, n_passes: int, cfg: NIAHConfig) -> tuple[str, float]:
-    """Run the iteration protocol on one sample; return the decoded answer text and the true answer's
-    mean negative log-likelihood (nats per token, teacher-forced from the same state)."""
+def answer_sample(model: HybridLM, tokenizer, sample: NIAHSample, n_passes: int, cfg: NIAHConfig,
+                  decoys: Sequence[Sequence[int]] = ()) -> tuple[str, list[float]]:
+    """Run the iteration protocol on one sample; return the decoded answer text and the mean negative
+    log-likelihood (nats per token, teacher-forced from the state the answer is decoded in) of the true
+    answer, then of each of ``decoys`` (other answers' token ids)."""
     device = device_of(model)
     context = torch.tensor([sample.context_ids], device=device)
     prompt = torch.tensor([sample.input_ids], device=device)
@@ -87,19 +90,20 @@ def answer_sample(model: HybridLM, tokenizer, sample: NIAHSample, n_passes: int,
         cache, _ = stream(model, context, cfg.segment_len, keep_logits=False, chunk_size=_chunk(cfg, context))
         model.flush(cache)  # the pass's single write (or its last one under the model policy)
     # The final read: no write may happen before the answer is decoded under the input policy.
-    final_chunk = None if cfg.chunk_policy == "model" else prompt.shape[1] + n_new
+    final_chunk = None if cfg.chunk_policy == "model" else prompt.shape[1] + max(n_new, *map(len, decoys or [[]]))
     cache, run = stream(model, prompt, cfg.segment_len, chunk_size=final_chunk)
     first = run.logits[-1][:, -1]
-    # Under the model policy a chunk may complete (and write) while the answer is fed: keep the state.
-    keep = preserved_fast_weights(model) if cfg.chunk_policy == "model" else contextlib.nullcontext()
-    with keep:
-        nll = answer_nll(model, copy.deepcopy(cache), first, sample.answer_ids)
+    nlls = []
+    for answer in [sample.answer_ids, *decoys]:
+        # Under the model policy a chunk may complete (and write) while an answer is fed: keep the state.
+        with preserved_fast_weights(model) if cfg.chunk_policy == "model" else contextlib.nullcontext():
+            nlls.append(answer_nll(model, copy.deepcopy(cache), first, answer))
     token = first.argmax(-1, keepdim=True)
     generated = [int(token)]
     for _ in range(n_new - 1):
         token = model(token, cache=cache).logits[:, -1].argmax(-1, keepdim=True)
         generated.append(int(token))
-    return tokenizer.decode(generated), nll
+    return tokenizer.decode(generated), nlls
 
 
 def answer_nll(model: HybridLM, cache, first_logits: torch.Tensor, answer_ids: Sequence[int]) -> float:
@@ -123,16 +127,31 @@ def run_niah(model: HybridLM, tokenizer, haystack_ids: Sequence[int], cfg: NIAHC
     """Every (context length, depth, sample, n) -> a row with the exact match and digit accuracy."""
     model.eval()
     samples = make_samples(haystack_ids, tokenizer, cfg)
+    families = {f.name: f for f in cfg.families}
     rows = []
     jobs = [(q, s, n) for q, s in enumerate(samples) for n in cfg.iterations]
     for question, (family, length, depth, sample), n in _progress(jobs, progress, "needle in a haystack"):
+        random_value = decoy_value(families[family], sample, hash_seed(cfg.seed, "niah/decoy", question))
+        decoys = [tokenizer.encode(random_value)] + [tokenizer.encode(v) for v in sample.values[1:2]]
         with preserved_fast_weights(model):
-            predicted, nll = answer_sample(model, tokenizer, sample, n, cfg)
+            predicted, nlls = answer_sample(model, tokenizer, sample, n, cfg, decoys)
         exact, digits = score_answer(predicted, sample.answer)
         rows.append({"family": family, "question": question, "context_len": length, "depth": depth, "iterations": n,
-                     "answer": sample.answer,
-                     "predicted": predicted, "exact": float(exact), "digit_acc": digits, "answer_nll": nll})
+                     "answer": sample.answer, "predicted": predicted, "exact": float(exact), "digit_acc": digits,
+                     "answer_nll": nlls[0], "random_value_nll": nlls[1],
+                     "other_needle_nll": nlls[2] if len(nlls) > 2 else math.nan})
     return rows
+
+
+def decoy_value(family, sample: NIAHSample, seed: int) -> str:
+    """A value of the family's format that no needle of ``sample`` holds: what the true answer's
+    likelihood is compared with (a memory that recalls the needle prefers the true one)."""
+    rng, pattern = random.Random(seed), parse_pattern(family.value)
+    for _ in range(100):
+        value = pattern.draw(rng)
+        if value not in sample.values:
+            return value
+    raise ValueError(f"needle family {family.name!r}: value {family.value!r} makes too few values for a decoy")
 
 
 def with_held_out(rows: list[dict]) -> list[dict]:
@@ -161,20 +180,34 @@ def summarise(rows: list[dict], by: tuple = ("context_len", "iterations")) -> li
     return out
 
 
-def memory_gain(rows: list[dict], by: tuple = FAMILY_CELL) -> list[dict]:
-    """Per group and number of passes n > 0: how much n passes lowered the true answer's negative
-    log-likelihood against 0 passes on the same questions (nats per token; the paired mean and its 95%
-    t interval). Above 0: the memory carries something of the answer, whether or not it is decoded."""
-    rows = [r for r in rows if "answer_nll" in r and "question" in r]  # rows of a table written before both
+def likelihood_margins(rows: list[dict], by: tuple = FAMILY_CELL) -> list[dict]:
+    """What the memory holds of the answer, decoded or not (nats per answer token, each a paired mean over
+    the group's questions with its 95% t interval):
+
+    * ``nll_gain``: how much the passes lowered the true answer's negative log-likelihood against 0
+      passes on the same questions (groups with passes > 0);
+    * ``over_random``: how much more likely the true value is than a random value of the same format
+      (0: nothing of the needle is recalled, only its format);
+    * ``over_other``: the same against the value of the haystack's other needle (0: values are
+      recalled but not bound to their keys).
+    """
+    rows = [r for r in rows if "answer_nll" in r and "question" in r]  # rows of a table written before these
     at_zero = {(r.get("family"), r["question"]): r["answer_nll"] for r in rows if r["iterations"] == 0}
-    groups = defaultdict(list)
+    groups = defaultdict(lambda: defaultdict(list))
     for r in rows:
-        if r["iterations"] > 0 and (r.get("family"), r["question"]) in at_zero:
-            groups[tuple(r[k] for k in by)].append(at_zero[(r.get("family"), r["question"])] - r["answer_nll"])
+        cell, question = groups[tuple(r[k] for k in by)], (r.get("family"), r["question"])
+        if r["iterations"] > 0 and question in at_zero:
+            cell["nll_gain"].append(at_zero[question] - r["answer_nll"])
+        for name, decoy in (("over_random", "random_value_nll"), ("over_other", "other_needle_nll")):
+            if not math.isnan(r.get(decoy, math.nan)):
+                cell[name].append(r[decoy] - r["answer_nll"])
     out = []
-    for key, gains in sorted(groups.items()):
-        mean, low, high = mean_interval(gains, clip=False)
-        out.append(dict(zip(by, key)) | {"nll_gain": mean, "nll_gain_low": low, "nll_gain_high": high, "questions": len(gains)})
+    for key, cell in sorted(groups.items()):
+        row = dict(zip(by, key))
+        for name in LIKELIHOOD_MARGINS:
+            mean, low, high = mean_interval(cell[name], clip=False) if cell[name] else (math.nan,) * 3
+            row |= {name: mean, f"{name}_low": low, f"{name}_high": high}
+        out.append(row | {"questions": max(len(v) for v in cell.values())})
     return out
 
 
@@ -238,7 +271,7 @@ def niah_metrics(rows: list[dict]) -> dict:
     (context length, passes) (``.../L<len>/n<passes>``); with the number of questions (``niah/questions/...``)
     and exact match's Wilson interval (``niah/exact_low/...``, ``niah/exact_high/...``). The same per
     family as ``niah/<measure>/F<family>/...``, with ``Fheld-out`` pooling the held-out families, and there
-    the passes' lowering of the answer's likelihood (:func:`memory_gain`, ``niah/nll_gain/F<family>/...``)."""
+    the answer's likelihood margins (:func:`likelihood_margins`, ``niah/<nll_gain|over_random|over_other>/F<family>/...``)."""
     metrics = {"niah/exact": sum(r["exact"] for r in rows) / max(1, len(rows)),
                "niah/digit_acc": sum(r["digit_acc"] for r in rows) / max(1, len(rows)), "niah/questions": len(rows)}
     for cell in summarise(rows):
@@ -250,9 +283,10 @@ def niah_metrics(rows: list[dict]) -> dict:
     for cell in summarise(with_held_out(rows), by=FAMILY_CELL):
         for name in CELL_MEASURES:
             metrics[f"niah/{name}/F{cell['family']}/L{cell['context_len']}/n{cell['iterations']}"] = cell[name]
-    for cell in memory_gain(with_held_out(rows)):
-        for name in ("nll_gain", "nll_gain_low", "nll_gain_high"):
-            metrics[f"niah/{name}/F{cell['family']}/L{cell['context_len']}/n{cell['iterations']}"] = cell[name]
+    for cell in likelihood_margins(with_held_out(rows)):
+        for name in LIKELIHOOD_MARGINS:
+            for measure in (name, f"{name}_low", f"{name}_high"):
+                metrics[f"niah/{measure}/F{cell['family']}/L{cell['context_len']}/n{cell['iterations']}"] = cell[measure]
     return metrics
 
 
