@@ -332,7 +332,41 @@ def niah_markdown(rows: list[dict], order: Optional[list] = None) -> str:
     if not families:
         return niah_table(rows, order)
     return "\n\n".join(f"### NIAH, needle family {family}\n\n" + niah_table(family_rows, order)
+                        + (f"\n\n{margins}" if (margins := margin_table(family_rows, order)) else "")
                         for family, family_rows in families.items())
+
+
+def margin_table(rows: list[dict], order: Optional[list] = None) -> str:
+    """The true answer's likelihood margin over a random value of its format and over the other needle's
+    value (nats per answer token, lit.evaluation.niah.likelihood_margins) per (variant, passes) and
+    context length: one run's mean over its questions with their 95% t interval, or the seeds' mean with
+    the seeds' t interval. Empty when no run recorded them."""
+    rows, lengths, passes = _niah_axes(rows)
+    rows = [r for r in rows if any(k[0] == "over_random" for k in r["cells"])]
+    if not rows:
+        return ""
+
+    def margin(group, name, L, n):
+        values = [r["cells"].get((name, L, n), NAN) for r in group]
+        if len(group) == 1:
+            low, high = (group[0]["cells"].get((f"{name}_{end}", L, n), NAN) for end in ("low", "high"))
+            mean = values[0]
+        else:
+            mean, low, high = mean_interval(values, clip=False)
+        if math.isnan(mean):
+            return "-"
+        return f"{mean:+.2f}" if math.isnan(low) else f"{mean:+.2f} [{low:+.2f}, {high:+.2f}]"
+
+    header = "| variant | passes | " + " | ".join(f"{L} tokens" for L in lengths) + " |"
+    lines = ["Likelihood margin of the true answer (nats per token; 0: not recalled) over a random value of its "
+             "format / over the other needle's value (0: not bound to its key), [95% t interval]:", "", header,
+             "|---|---|" + "---|" * len(lengths)]
+    for variant in _variant_order(rows, order):
+        group = [r for r in rows if r["variant"] == variant]
+        for n in passes:
+            lines.append(f"| {variant} | {n} | " + " | ".join(
+                f"{margin(group, 'over_random', L, n)} / {margin(group, 'over_other', L, n)}" for L in lengths) + " |")
+    return "\n".join(lines)
 
 
 def niah_table(rows: list[dict], order: Optional[list] = None) -> str:
