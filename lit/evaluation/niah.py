@@ -4,6 +4,9 @@ For each sample and each n in ``iterations``: start from the model's fast-weight
 state, read the haystack n extra times (each pass one write, with chunk size =
 input length under the paper's chunk policy), then read haystack + question and
 greedily decode the answer. Everything is streamed, so long contexts fit in memory.
+Beside the decoded answer, the true value's likelihood is compared with a random value's of
+its format and the other needle's (:func:`likelihood_margins`): recall that greedy decoding
+does not show, such as a value the model favours but does not put first.
 Needles come from one or more families (``families``: the spec's and the held-out ones
 of :mod:`lit.needles`), each reported on its own and, pooled, as ``held-out``.
 """
@@ -124,7 +127,8 @@ def _chunk(cfg: NIAHConfig, ids: torch.Tensor) -> Optional[int]:
 
 def run_niah(model: HybridLM, tokenizer, haystack_ids: Sequence[int], cfg: NIAHConfig,
              progress: bool = True) -> list[dict]:
-    """Every (context length, depth, sample, n) -> a row with the exact match and digit accuracy."""
+    """Every (context length, depth, sample, n) -> a row with the exact match, the digit accuracy and the
+    negative log-likelihoods of the true answer, a random value of its format and the other needle's value."""
     model.eval()
     samples = make_samples(haystack_ids, tokenizer, cfg)
     families = {f.name: f for f in cfg.families}
