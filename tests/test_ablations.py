@@ -187,7 +187,7 @@ def test_niah_tables_average_seeds_and_list_each_seed():
 def test_margin_tables_show_one_runs_interval_or_the_seeds_mean_and_t_interval():
     from ablations.report import margin_table
 
-    def row(variant, seed, random_margin, other_margin, low=NAN_, high=NAN_):
+    def row(variant, seed, random_margin, other_margin, low=float("nan"), high=float("nan")):
         return {"variant": variant, "seed": seed, "status": "FINISHED",
                 "cells": {("exact", 256, 2): 0.0, ("over_random", 256, 2): random_margin, ("over_random_low", 256, 2): low,
                           ("over_random_high", 256, 2): high, ("over_other", 256, 2): other_margin}}
@@ -199,9 +199,6 @@ def test_margin_tables_show_one_runs_interval_or_the_seeds_mean_and_t_interval()
     assert f"| fwpkm | 2 | +1.50 [{1.5 - half:+.2f}, {1.5 + half:+.2f}] / +0.60 [{0.6 - 12.706 * 0.1:+.2f}, " \
            f"{0.6 + 12.706 * 0.1:+.2f}] |" in lines
     assert margin_table([{"variant": "x", "seed": 0, "status": "FINISHED", "cells": {("exact", 256, 0): 0.0}}]) == ""
-
-
-NAN_ = float("nan")
 
 
 def test_wilson_interval_matches_the_textbook_values():

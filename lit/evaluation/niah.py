@@ -17,6 +17,7 @@ import contextlib
 import copy
 import math
 import random
+import statistics
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,7 +94,7 @@ def answer_sample(model: HybridLM, tokenizer, sample: NIAHSample, n_passes: int,
         cache, _ = stream(model, context, cfg.segment_len, keep_logits=False, chunk_size=_chunk(cfg, context))
         model.flush(cache)  # the pass's single write (or its last one under the model policy)
     # The final read: no write may happen before the answer is decoded under the input policy.
-    final_chunk = None if cfg.chunk_policy == "model" else prompt.shape[1] + max(n_new, *map(len, decoys or [[]]))
+    final_chunk = None if cfg.chunk_policy == "model" else prompt.shape[1] + max([n_new, *map(len, decoys)])
     cache, run = stream(model, prompt, cfg.segment_len, chunk_size=final_chunk)
     first = run.logits[-1][:, -1]
     nlls = []
@@ -180,7 +181,7 @@ def summarise(rows: list[dict], by: tuple = ("context_len", "iterations")) -> li
         exact, low, high = wilson_interval(sum(r["exact"] for r in g), len(g))
         out.append(dict(zip(by, key)) | {"exact": exact, "exact_low": low, "exact_high": high,
                                          "digit_acc": sum(r["digit_acc"] for r in g) / len(g),
-                                         "answer_nll": _mean([r.get("answer_nll", math.nan) for r in g]), "questions": len(g)})
+                                         "answer_nll": statistics.fmean(r.get("answer_nll", math.nan) for r in g), "questions": len(g)})
     return out
 
 
@@ -213,10 +214,6 @@ def likelihood_margins(rows: list[dict], by: tuple = FAMILY_CELL) -> list[dict]:
             row |= {name: mean, f"{name}_low": low, f"{name}_high": high}
         out.append(row | {"questions": max(len(v) for v in cell.values())})
     return out
-
-
-def _mean(values: list) -> float:
-    return sum(values) / len(values) if values else math.nan
 
 
 def heatmaps(rows: list[dict], path_prefix: str) -> list[str]:
