@@ -26,12 +26,12 @@ def seeds_cell(values: list, signed: bool = False) -> str:
     return f"{f.format(mean)} [{f.format(low)}, {f.format(high)}] (" + ", ".join(map(f.format, values)) + ")"
 
 
-def niah_table() -> None:
+def niah_table(models: dict = MODELS, families: tuple = FAMILIES, prefix: str = "") -> None:
     print("| model | family | tokens | exact, seeds' mean [t 95%] (each seed) | pooled [Wilson] n | over_random (each seed) |"
           " over_other (each seed) |\n|---|---|---|---|---|---|---|")
-    for model, names in MODELS.items():
-        summaries, margins = [cells("niah", n) for n in names], [cells("likelihood", n) for n in names]
-        for family in FAMILIES:
+    for model, names in models.items():
+        summaries, margins = [cells(f"{prefix}niah", n) for n in names], [cells(f"{prefix}likelihood", n) for n in names]
+        for family in families:
             for L in LENGTHS:
                 key = (family, L, "2")
                 exact = [float(s[key]["exact"]) for s in summaries]
@@ -76,3 +76,5 @@ if __name__ == "__main__":
     niah_table()
     lookup_table()
     position_table()
+    print("\nFamilies written after the results (../fresh_families.yaml):\n")
+    niah_table({m: tuple(f"{p}{s}" for s in range(3)) for m, p in SAMPLES.items()}, ("shipment", "oven"), "fresh_")
