@@ -20,6 +20,8 @@ from typing import Optional
 from lit.config import (DEFAULT_PRESET, MISSING, CheckpointConfig, OptimConfig, RunConfig, TrackingConfig,
                         TrainConfig, changed_paths, dump_yaml, leaves)
 
+STOPPED_BY_SIGTERM = 143  # 128 + SIGTERM, as a shell reports a process the signal ended
+
 TRAIN_DESCRIPTION = """\
 Train a hybrid FwPKM language model (Lightning + MLflow).
 
@@ -256,6 +258,7 @@ def train_lock_path(run_dir: Path) -> Path:
 
 def _fit(config, parser, namespace, run_dir: Path, state: dict, is_rank_zero: bool) -> int:
     import lightning as L
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from lit.callbacks import (LastCheckpoint, MemoryPlots, RunSummary, StepProgressBar, best_checkpoint,
                                remove_partial_checkpoints)
@@ -317,7 +320,12 @@ def _fit(config, parser, namespace, run_dir: Path, state: dict, is_rank_zero: bo
     trainer = _build_trainer(trainer_options, callbacks, loggers, run_dir)
     _warn_unsharded_data(trainer, datamodule)
     state["fitting"] = True
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None, weights_only=True)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None, weights_only=True)
+    except SIGTERMException:  # Lightning's is a SystemExit with status 0: a stopped run is not a finished one
+        print(f"[fwpkm] stopped by SIGTERM at step {trainer.global_step}; {state['checkpoint_note']}the same command "
+              "resumes it", file=sys.stderr)
+        return STOPPED_BY_SIGTERM
     if trainer.is_global_zero:
         places = {"run folder": str(run_dir), "checkpoints": str(ckpt_dir),
                   "plots": str(run_dir / "plots") if (run_dir / "plots").is_dir() else None}

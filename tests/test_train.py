@@ -50,6 +50,17 @@ class KillAtStep(Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+class TermAtStep(Callback):
+    """SIGTERM this process (as a scheduler or `fwpkm ablate` stopping would) when optimizer step ``step`` is done."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
 class DumpFastWeights(Callback):
     """At the end of training every rank writes its fast-weight state to ``out_dir/rank<r>.pt`` and
     the training batches it read to ``out_dir/batches<r>.pt``."""
@@ -124,6 +135,21 @@ def test_resume_after_kill_is_exact_and_logs_into_the_same_mlflow_run(micro_trai
     plots = {Path(a.path).name for a in client.list_artifacts(first_id, "plots")}
     assert {"gates_step0000004.png", "slots_step0000004.png", "slots_step0000008.png"} <= plots
     assert (killed / "checkpoints" / "best.ckpt").is_file()
+
+
+def test_a_run_stopped_by_sigterm_exits_143_is_not_finished_and_the_same_command_resumes_it(micro_training, tmp_path):
+    """Lightning stops on SIGTERM with a SystemExit of status 0; a caller (`fwpkm ablate`, a scheduler) must not
+    take the stopped run for a finished one."""
+    run_dir, common = tmp_path / "runs" / "stopped", ("--trainer.max_steps", "8", "--checkpoint.every_n_steps", "1")
+    code, _, err = finish(micro_training.start(run_dir, *common, "--trainer.callbacks+=tests.test_train.TermAtStep",
+                                               "--trainer.callbacks.step=3"), expect_ok=False)
+    assert code == 143 and "stopped by SIGTERM at step" in err
+    assert 3 <= load(run_dir / "checkpoints" / "last.ckpt")["global_step"] < 8
+    status = micro_training.mlflow_client(run_dir).get_run(micro_training.run_id(run_dir)).info.status
+    assert status != "FINISHED", status
+    resumed = micro_training.run(run_dir, *common)
+    assert "Restored all states from the checkpoint" in resumed.stdout + resumed.stderr
+    assert load(run_dir / "checkpoints" / "last.ckpt")["global_step"] == 8
 
 
 def test_resume_in_two_invocations_matches_one(micro_training, tmp_path):
