@@ -40,25 +40,15 @@ def assert_same_state(a: dict, b: dict, atol: float = 1e-6) -> None:
 
 
 class KillAtStep(Callback):
-    """SIGKILL this process when optimizer step ``step`` is done (after its checkpoint was written)."""
+    """Send this process ``sig`` (SIGKILL; SIGTERM as a scheduler or a stopping `fwpkm ablate` would) when
+    optimizer step ``step`` is done (after its checkpoint was written)."""
 
-    def __init__(self, step: int):
-        self.step = step
+    def __init__(self, step: int, sig: str = "SIGKILL"):
+        self.step, self.sig = step, sig
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if trainer.global_step >= self.step:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-
-class TermAtStep(Callback):
-    """SIGTERM this process (as a scheduler or `fwpkm ablate` stopping would) when optimizer step ``step`` is done."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == self.step:
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), getattr(signal, self.sig))
 
 
 class DumpFastWeights(Callback):
@@ -141,8 +131,8 @@ def test_a_run_stopped_by_sigterm_exits_143_is_not_finished_and_the_same_command
     """Lightning stops on SIGTERM with a SystemExit of status 0; a caller (`fwpkm ablate`, a scheduler) must not
     take the stopped run for a finished one."""
     run_dir, common = tmp_path / "runs" / "stopped", ("--trainer.max_steps", "8", "--checkpoint.every_n_steps", "1")
-    code, _, err = finish(micro_training.start(run_dir, *common, "--trainer.callbacks+=tests.test_train.TermAtStep",
-                                               "--trainer.callbacks.step=3"), expect_ok=False)
+    code, _, err = finish(micro_training.start(run_dir, *common, "--trainer.callbacks+=tests.test_train.KillAtStep",
+                                               "--trainer.callbacks.step=3", "--trainer.callbacks.sig=SIGTERM"), expect_ok=False)
     assert code == 143 and "stopped by SIGTERM at step" in err
     assert 3 <= load(run_dir / "checkpoints" / "last.ckpt")["global_step"] < 8
     status = micro_training.mlflow_client(run_dir).get_run(micro_training.run_id(run_dir)).info.status
