@@ -8,8 +8,10 @@ train   One training step -- forward, backward, gradient clipping and the AdamW 
         run: every (model, threads, round) in its own fresh process, rounds interleaved.
         A model is ``GRID:VARIANT`` (the grid's base config with the variant's overrides:
         model, batch size and sequence length) or ``preset:NAME`` (the preset with the
-        ``tiny`` run's data shape). Each model is also compared with its grid's model
-        without memory (``overhead``: its step time over that model's, same threads).
+        ``tiny`` run's data shape), optionally with ``@BACKEND`` (the memory's kernels:
+        auto, torch, cpu or triton; e.g. ``recall:fwpkm@torch``). Each model is also compared
+        with its grid's model without memory (``overhead``: its step time over that model's,
+        same threads).
 parts   The FwPKM model's step split into the memory's reads, writes (the inner
         gradient step, keys and values), commits, the rest of the forward, the backward,
         and the optimizer; beside it the same split of the model without memory, so that
@@ -28,6 +30,7 @@ Examples
 --------
     python benchmarks/bench_model.py train --out benchmarks/results
     python benchmarks/bench_model.py train --models recall:swa_only recall:fwpkm --threads 1 --steps 10
+    python benchmarks/bench_model.py train --models recall:swa_only recall:fwpkm@torch recall:fwpkm@cpu --threads 1
     python benchmarks/bench_model.py parts --model recall:fwpkm --out benchmarks/results
 """
 
@@ -62,9 +65,15 @@ def _bad_input(message: str) -> None:
 
 
 # -- what a model name means -----------------------------------------------------------------
+MEMORY_BACKENDS = ("auto", "torch", "cpu", "triton")
+
+
 def model_setup(name: str) -> dict:
-    """``GRID:VARIANT`` or ``preset:NAME`` -> {model section, optim, seq_len, batch_size, vocab_size,
-    baseline}: the baseline is the grid's variant without memory (None for presets)."""
+    """``GRID:VARIANT`` or ``preset:NAME``, optionally ``@BACKEND`` -> {model section, optim, seq_len,
+    batch_size, vocab_size, baseline}: the baseline is the grid's variant without memory (None for presets)."""
+    name, _, backend = name.partition("@")
+    if backend and backend not in MEMORY_BACKENDS:
+        _bad_input(f"--models: backend {backend!r} of {name}@{backend} is not one of {', '.join(MEMORY_BACKENDS)}")
     kind, _, which = name.partition(":")
     if kind == "preset" and which.split("-")[0] not in PRESET_DATA:
         _bad_input(f"--models: preset {which!r} is not a tiny-... or paper-... preset")
@@ -83,6 +92,8 @@ def model_setup(name: str) -> dict:
         config = apply(grid.base, grid.variants[variant])
         baseline = f"{kind}:{WITHOUT_MEMORY[kind]}" if kind in WITHOUT_MEMORY else None
     data = config.get("data", {})
+    if backend:
+        config["model"] = {**config.get("model", {}), "block.memory.backend": backend}
     return {"model": config.get("model", {}), "optim": config.get("optim", {}),
             "seq_len": int(data.get("seq_len", 256)), "batch_size": int(data.get("batch_size", 8)),
             "tokenizer": str(data.get("tokenizer", "byte")), "baseline": baseline}

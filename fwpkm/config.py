@@ -123,7 +123,7 @@ class MemoryConfig(FastWeightConfig):
     addr_loss_weight: Optional[float] = 1.0  # None or 0 disables the addressing loss
     grad_to_values_only: bool = True
     mse: str = "sum"  # sum | mean
-    backend: str = "auto"  # auto | torch | triton (kernels for the hot paths)
+    backend: str = "auto"  # auto | torch | triton | cpu (kernels for the hot paths)
 
     def __post_init__(self):
         super().__post_init__()
@@ -136,7 +136,7 @@ class MemoryConfig(FastWeightConfig):
         check_choice("memory.score", self.score, ("idw", "dot"))
         check_choice("memory.score_fn", self.score_fn, ("softmax", "silu", "relu"))
         check_choice("memory.mse", self.mse, ("sum", "mean"))
-        check_choice("memory.backend", self.backend, ("auto", "torch", "triton"))
+        check_choice("memory.backend", self.backend, ("auto", "torch", "triton", "cpu"))
         if self.addr_loss_weight is not None and self.addr_loss_weight < 0:
             raise ConfigError(f"memory.addr_loss_weight={self.addr_loss_weight} must be >= 0 or None")
 

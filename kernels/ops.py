@@ -1,8 +1,10 @@
 """Dispatch of the memory's hot paths: Triton on CUDA, PyTorch elsewhere.
 
 Backends: ``"torch"`` (``kernels.torch_ops``), ``"triton"`` (``kernels.triton_ops``: CUDA
-tensors, or CPU tensors under ``TRITON_INTERPRET=1``) and ``"auto"`` (Triton when the tensors
-are on CUDA and triton imports, else PyTorch).
+tensors, or CPU tensors under ``TRITON_INTERPRET=1``), ``"cpu"`` (``kernels.cpu_ops``: C++
+loops for CPU tensors, compiled on first use) and ``"auto"`` (Triton when the tensors are on
+CUDA and triton imports; the C++ kernels for CPU tensors when they build and
+``FWPKM_CPU_KERNELS`` is not 0; else PyTorch).
 
 ``set_backend("torch" | "triton" | "auto")`` forces a path for the whole process; a per-call
 ``backend=`` (a memory passes its ``config.backend``) does the same for one call and wins over
@@ -30,7 +32,7 @@ from torch import Tensor
 
 from . import torch_ops
 
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "triton", "cpu")
 _process_backend = "auto"
 
 
@@ -67,6 +69,19 @@ def _triton():
     return triton_ops
 
 
+def _cpu():
+    from . import cpu_ops  # imported lazily: the first use compiles the extension
+
+    return cpu_ops
+
+
+def cpu_kernels_available() -> bool:
+    try:
+        return _cpu().can_run(torch.device("cpu"))
+    except Exception:
+        return False
+
+
 def triton_available(device: torch.device | str = "cuda") -> bool:
     try:
         return _triton().can_run(torch.device(device))
@@ -75,22 +90,32 @@ def triton_available(device: torch.device | str = "cuda") -> bool:
 
 
 def resolve(backend: Optional[str], *tensors: Tensor) -> str:
-    """The concrete backend ("torch" or "triton") for a call on ``tensors``."""
+    """The concrete backend ("torch", "triton" or "cpu") for a call on ``tensors``."""
     name = backend if backend not in (None, "auto") else _process_backend
     if name not in BACKENDS:
         raise ValueError(f"backend={name!r}: expected one of {BACKENDS}")
     device = next((t.device for t in tensors if t is not None), torch.device("cpu"))
     if name == "auto":
-        return "triton" if device.type == "cuda" and triton_available(device) else "torch"
-    if name == "triton":
-        tops = _triton()
-        if not tops.can_run(device):
-            raise RuntimeError(f"backend='triton': {tops.why_not(device)}")
+        if device.type == "cuda":
+            return "triton" if triton_available(device) else "torch"
+        return "cpu" if device.type == "cpu" and _cpu().enabled_for_auto() and cpu_kernels_available() else "torch"
+    if name in ("triton", "cpu"):
+        impl = _impl(name)
+        if not impl.can_run(device):
+            raise RuntimeError(f"backend={name!r}: {impl.why_not(device)}")
     return name
 
 
 def _impl(name: str):
-    return _triton() if name == "triton" else torch_ops
+    return _triton() if name == "triton" else _cpu() if name == "cpu" else torch_ops
+
+
+def _topk(x: Tensor, k: int, name: str) -> tuple[Tensor, Tensor]:
+    """``x.topk(k, dim=-1)``; with the C++ kernels the same ids, the values gathered (differentiable)."""
+    if name != "cpu":
+        return x.topk(k, dim=-1)
+    ids = _cpu().topk_rows(x, k)[1]
+    return x.gather(-1, ids), ids
 
 
 # -- the three row operations as autograd Functions ---------------------------------
@@ -273,6 +298,6 @@ def address(q: Tensor, keys: Tensor, topk: int, score: str, backend: Optional[st
     top1, top2 = s[..., 0, :], s[..., 1, :]
     ids1, ids2 = ids[..., 0, :], ids[..., 1, :]
     cart = (top1.unsqueeze(-1) + top2.unsqueeze(-2)).flatten(-2)  # [B,T,H,k*k]
-    scores, flat = cart.topk(topk, dim=-1)
+    scores, flat = _topk(cart, topk, name)
     slots = ids1.gather(-1, flat // topk) * n + ids2.gather(-1, flat % topk)
     return ((top1, ids1), (top2, ids2)), scores, slots

@@ -109,14 +109,19 @@ def sub_scores(q_half: Tensor, keys_half: Tensor, score: str) -> Tensor:
 SELECT_TILE_ELEMENTS = 1 << 18  # score entries per tile of tokens: 1 MiB of float32, cache-resident
 
 
-def select_subkeys(q: Tensor, keys: Tensor, topk: int, score: str) -> Tensor:
+def _torch_topk_ids(rank: Tensor, k: int) -> Tensor:
+    return rank.topk(k, dim=-1).indices
+
+
+def select_subkeys(q: Tensor, keys: Tensor, topk: int, score: str, topk_fn=_torch_topk_ids) -> Tensor:
     """Ids of the top-k sub-keys of each half, best first (no gradient).
 
     q [B,T,H,dk], keys [H,2,n,dk/2] -> [B,T,H,2,k] int64. Ranking key: <q, key> for
     ``dot``; for ``idw`` 2<q, key> - |key|^2, which orders sub-keys exactly as
     -log(1e-3 + |q - key|^2) does (|q|^2 is the same for every key of a row and the
     log is monotone) while costing one matrix product. Tokens go in tiles so that each
-    tile's [tokens, n] score matrix stays in cache between the product and the top-k.
+    tile's [tokens, n] score matrix stays in cache between the product and the top-k
+    (``topk_fn(rank, k)``: the ids of ``rank.topk(k, dim=-1)``, or a kernel giving the same).
     """
     B, T, H, dk = q.shape
     n, d = keys.shape[2], dk // 2
@@ -131,7 +136,7 @@ def select_subkeys(q: Tensor, keys: Tensor, topk: int, score: str) -> Tensor:
         for start in range(0, M, tile):
             qt = qh[:, start:start + tile]
             rank = torch.bmm(qt, kt) if bias is None else torch.baddbmm(bias, qt, kt, alpha=2.0)
-            ids[:, start:start + tile] = rank.topk(topk, dim=-1).indices
+            ids[:, start:start + tile] = topk_fn(rank, topk)
     return ids.view(H, 2, B, T, topk).permute(2, 3, 0, 1, 4)
 
 

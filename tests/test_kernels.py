@@ -14,6 +14,7 @@ import itertools
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 try:  # imported before TRITON_INTERPRET is set, as another library may have done: the kernels must cope
     import triton.language  # noqa: F401
@@ -41,6 +42,19 @@ def triton_ops():
         except Exception as exc:  # pragma: no cover
             pytest.skip(f"triton cannot run kernels in interpreter mode here: {exc!r}")
         yield tops
+
+
+@pytest.fixture(scope="module")
+def cpu_ops():
+    """kernels.cpu_ops, compiled (skips where the C++ extension cannot be built)."""
+    from kernels import cpu_ops as cops
+
+    if not ops.cpu_kernels_available():
+        pytest.skip(f"the C++ kernels cannot be built here: {cops.why_not(torch.device('cpu'))}")
+    return cops
+
+
+AVX512 = torch.backends.cpu.get_cpu_capability() == "AVX512"  # where the C++ loops' rounding was matched
 
 
 @pytest.fixture
@@ -115,6 +129,74 @@ def test_row_kernels_against_definitions(dtype):
     torch.testing.assert_close(torch_ops.scatter_rows(w, x, idx, 7, scale), want * scale.unsqueeze(-1))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", CASES)
+def test_cpu_row_kernels_match_torch(cpu_ops, case, dtype):
+    w, table, x, idx, scale = rows_case(*case, dtype)
+    R = table.shape[0]
+    pairs = [
+        (cpu_ops.weighted_gather(w, table, idx), torch_ops.weighted_gather(w, table, idx)),
+        (cpu_ops.weighted_gather(None, table, idx), torch_ops.weighted_gather(None, table, idx)),
+        (cpu_ops.row_dot(x, table, idx), torch_ops.row_dot(x, table, idx)),
+        (cpu_ops.scatter_rows(w, x, idx, R), torch_ops.scatter_rows(w, x, idx, R)),
+        (cpu_ops.scatter_rows(None, x, idx, R + 2), torch_ops.scatter_rows(None, x, idx, R + 2)),
+        (cpu_ops.scatter_rows(w, x, idx, R, scale), torch_ops.scatter_rows(w, x, idx, R, scale)),
+    ]
+    for got, want in pairs:
+        assert got.dtype == want.dtype and got.shape == want.shape
+        torch.testing.assert_close(got, want, **tol(dtype))
+
+
+@pytest.mark.skipif(not AVX512, reason="the rounding of the PyTorch path was matched on an AVX-512 CPU")
+@pytest.mark.parametrize("D", [32, 64, 512])
+def test_cpu_row_kernels_are_bitwise_the_torch_path_at_the_memorys_shapes(cpu_ops, D):
+    """float32 rows of a multiple of 8: the same bits as the PyTorch path (a fixed-seed training run
+    must not move), for distinct reads per reader (the memory's) and for repeated ones."""
+    g = torch.Generator().manual_seed(D)
+    M, P, R = 300, 8, 1000
+    idx = torch.stack([torch.randperm(R, generator=g)[:P] for _ in range(M)])
+    repeated = idx.clone()
+    repeated[::7, -1] = repeated[::7, 0]
+    w, x = torch.randn(M, P, generator=g), torch.randn(M, D, generator=g)
+    table, scale = torch.randn(R, D, generator=g), torch.rand(R, generator=g) + 0.5
+    for ids in (idx, repeated):
+        assert torch.equal(cpu_ops.weighted_gather(w, table, ids), torch_ops.weighted_gather(w, table, ids))
+        assert torch.equal(cpu_ops.row_dot(x, table, ids), torch_ops.row_dot(x, table, ids))
+        assert torch.equal(cpu_ops.scatter_rows(w, x, ids, R, scale), torch_ops.scatter_rows(w, x, ids, R, scale))
+        assert torch.equal(cpu_ops.scatter_rows(None, x, ids, R), torch_ops.scatter_rows(None, x, ids, R))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_topk_rows_is_torch_topk_ties_and_nans_included(cpu_ops, dtype):
+    """Values and ids of torch.topk (largest, sorted) for rows of distinct values, rows whose top k
+    a tie decides (few distinct values), -inf, and NaNs (which torch ranks first)."""
+    g = torch.Generator().manual_seed(1)
+    distinct = torch.randn(64, 512, generator=g, dtype=dtype)
+    tied = torch.randint(0, 6, (64, 40), generator=g).to(dtype)
+    special = torch.randn(6, 20, generator=g, dtype=dtype)
+    special[0, 3] = special[1, :5] = float("nan")
+    special[2, :] = float("-inf")
+    special[3, 7] = float("inf")
+    for x, k in ((distinct, 8), (distinct, 1), (tied, 8), (tied, 40), (special, 4), (distinct[:0], 3)):
+        vals, ids = cpu_ops.topk_rows(x, k)
+        want = x.topk(k, dim=-1)
+        assert torch.equal(ids, want.indices)
+        torch.testing.assert_close(vals, want.values, rtol=0, atol=0, equal_nan=True)
+    vals, ids = cpu_ops.topk_rows(distinct.view(4, 16, 512), 8)  # leading dims kept
+    assert ids.shape == (4, 16, 8) and torch.equal(ids, distinct.view(4, 16, 512).topk(8, -1).indices)
+
+
+def test_cpu_kernels_give_clear_errors_on_bad_input(cpu_ops):
+    ext = cpu_ops._extension()
+    with pytest.raises(RuntimeError, match="k=9"):
+        ext.topk_rows(torch.zeros(2, 8), 9)
+    with pytest.raises(RuntimeError, match="int64"):
+        ext.weighted_gather(None, torch.zeros(4, 3), torch.zeros(2, 2, dtype=torch.int32))
+    with pytest.raises(RuntimeError, match="float32 or float64"):
+        ext.row_dot(torch.zeros(2, 3, dtype=torch.int64), torch.zeros(4, 3, dtype=torch.int64),
+                    torch.zeros(2, 2, dtype=torch.int64))
+
+
 def _row_functions(backend, idx, R, scale):
     return {
         "weighted_gather": (lambda w, t, x: ops.weighted_gather(w, t, idx, backend), ("w", "table")),
@@ -123,11 +205,11 @@ def _row_functions(backend, idx, R, scale):
     }
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "cpu"])
 @pytest.mark.parametrize("op", ["weighted_gather", "row_dot", "scatter_rows"])
 def test_row_ops_gradcheck_to_second_order(op, backend, request):
-    if backend == "triton":
-        request.getfixturevalue("triton_ops")
+    if backend != "torch":
+        request.getfixturevalue(f"{backend}_ops")
     w, table, x, idx, scale = rows_case(3, 2, 4, 3, torch.float64, seed=3)
     fn, wrt = _row_functions(backend, idx, 4, scale)[op]
     args = {"w": w, "table": table, "x": x}
@@ -141,13 +223,13 @@ def test_row_ops_gradcheck_to_second_order(op, backend, request):
     assert torch.autograd.gradgradcheck(f, leaves, eps=1e-6, atol=1e-8)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "cpu"])
 @pytest.mark.parametrize("weighted", [True, False])
 def test_scatter_rows_at_is_rows_of_scatter_rows_to_second_order(backend, weighted, request):
     """scatter_rows_at(w, x, idx, scale, sel, value) == scatter_rows(w, x, idx, R, scale)[sel], with
     the same first and second derivatives w.r.t. w and x (its backward skips the [R, D] gradient)."""
-    if backend == "triton":
-        request.getfixturevalue("triton_ops")
+    if backend != "torch":
+        request.getfixturevalue(f"{backend}_ops")
     w, _, x, idx, scale = rows_case(5, 3, 9, 4, torch.float64, seed=7)
     sel = torch.tensor([6, 0, idx[2, 1].item()])  # some rows read, maybe one nobody read
     w = w if weighted else None
@@ -226,12 +308,23 @@ def test_select_subkeys_kernel_matches_torch(triton_ops, shape, score, dtype):
         assert torch.equal(got[..., half, :], top)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("score", ["dot", "idw"])
+@pytest.mark.parametrize("shape", [(2, 5, 2, 10, 70, 5), (1, 3, 1, 40, 9, 3), (4, 64, 1, 64, 512, 8)])
+def test_cpu_select_subkeys_is_the_torch_selection(cpu_ops, shape, score, dtype):
+    B, T, H, dk, n, k = shape
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(B, T, H, dk, generator=g, dtype=dtype)
+    keys = torch.randn(H, 2, n, dk // 2, generator=g, dtype=dtype)
+    assert torch.equal(cpu_ops.select_subkeys(q, keys, k, score), torch_ops.select_subkeys(q, keys, k, score))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "cpu"])
 @pytest.mark.parametrize("score", ["dot", "idw"])
 def test_address_equals_dense_addressing(score, backend, request):
     """ops.address (sparse gradients) == torch_ops.address (dense sub-score matrices), to 2nd order."""
-    if backend == "triton":
-        request.getfixturevalue("triton_ops")
+    if backend != "torch":
+        request.getfixturevalue(f"{backend}_ops")
     g = torch.Generator().manual_seed(11)
     B, T, H, dk, n, k = 2, 4, 2, 8, 9, 3
     q0 = torch.randn(B, T, H, dk, generator=g, dtype=torch.float64)
@@ -292,6 +385,42 @@ def test_memory_triton_backend_matches_reference(make_memory, memory_inputs, com
     assert set(count_kernels) == {"weighted_gather", "row_dot", "scatter_rows", "select_subkeys"}
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("overrides", TRITON_CONFIGS)
+def test_memory_cpu_backends_match_reference(make_memory, memory_inputs, compare_with_reference, backend, overrides,
+                                             request):
+    if backend == "cpu":
+        request.getfixturevalue("cpu_ops")
+    mem = make_memory(backend=backend, **overrides)
+    compare_with_reference(mem, *memory_inputs(mem, gated=True, masked=True))
+
+
+@pytest.mark.skipif(not AVX512, reason="the rounding of the PyTorch path was matched on an AVX-512 CPU")
+def test_memory_training_step_is_bitwise_the_same_with_cpu_kernels(cpu_ops):
+    """The recall grid's memory shape (dk = dv = 64, 512^2 slots, top-8, chunks of 64), float32: the
+    reads, the gradients to q and v, and the stored fast weights after two training calls are the
+    same bits with the C++ kernels as with the PyTorch path (a fixed-seed run does not move)."""
+    from fwpkm.config import MemoryConfig
+    from fwpkm.memory import FwPKMMemory
+
+    results = []
+    for backend in ("torch", "cpu"):
+        torch.manual_seed(0)
+        mem = FwPKMMemory(MemoryConfig(k_dim=64, v_dim=64, chunk_size=64, n_subkeys=512, topk=8,
+                                       backend=backend)).train()
+        g = torch.Generator().manual_seed(1)
+        got = []
+        for _ in range(2):
+            q = F.normalize(torch.randn(2, 160, 2, 32, generator=g), dim=-1).flatten(-2).requires_grad_()
+            v = torch.randn(2, 160, 64, generator=g).requires_grad_()
+            out = mem(q, v).output
+            (out * torch.randn(out.shape, generator=g)).sum().backward()
+            got += [out.detach(), q.grad, v.grad]
+        results.append(got + [mem.keys.clone(), mem.values.clone()])
+    for got, want in zip(results[1], results[0]):
+        assert torch.equal(got, want)
+
+
 def test_memory_process_wide_triton_backend(make_memory, memory_inputs, compare_with_reference, count_kernels):
     ops.set_backend("triton")  # the memory's config says "auto": the process setting decides
     mem = make_memory()
@@ -316,9 +445,13 @@ def test_memory_streaming_with_triton_equals_torch(make_memory, memory_inputs, t
 # -- backend choice ------------------------------------------------------------------------
 def test_backend_resolution(monkeypatch):
     cpu = torch.zeros(1)
-    assert ops.resolve("auto", cpu) == "torch"  # auto: Triton only for CUDA tensors
-    assert ops.resolve(None, cpu) == "torch"
+    auto_on_cpu = "cpu" if ops.cpu_kernels_available() else "torch"  # auto: Triton only for CUDA tensors
+    assert ops.resolve("auto", cpu) == auto_on_cpu
+    assert ops.resolve(None, cpu) == auto_on_cpu
     assert ops.resolve("torch", cpu) == "torch"
+    monkeypatch.setenv("FWPKM_CPU_KERNELS", "0")
+    assert ops.resolve("auto", cpu) == "torch"  # the opt-out
+    monkeypatch.delenv("FWPKM_CPU_KERNELS")
     with pytest.raises(ValueError, match="backend"):
         ops.set_backend("cuda")
     with pytest.raises(ValueError, match="backend"):
