@@ -11,6 +11,7 @@
 #include <ATen/Parallel.h>
 
 #include <cmath>
+#include <limits>
 #include <vector>
 
 namespace {
@@ -24,20 +25,36 @@ void check_cpu_float(const torch::Tensor& t, const char* name) {
 template <typename scalar_t>
 void topk_rows_impl(const scalar_t* x, int64_t rows, int64_t n, int64_t k, scalar_t* vals, int64_t* ids,
                     bool* redo) {
+  constexpr int64_t G = 8;  // groups j mod 8: their maxima are 8 entries, so the k-th best is >= their
+                            // minimum when k <= 8; only entries at or above it are candidates
   at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> cand(n);
     for (int64_t r = begin; r < end; ++r) {
       const scalar_t* row = x + r * n;
       scalar_t* tv = vals + r * k;
       int64_t* ti = ids + r * k;
-      int64_t filled = 0;
       bool has_nan = false;
+      scalar_t floor_value = -std::numeric_limits<scalar_t>::infinity();
+      if (k <= G && n >= G * k) {
+        scalar_t gmax[G];
+        for (int64_t l = 0; l < G; ++l) gmax[l] = row[l];
+        const int64_t whole = (n / G) * G;
+        for (int64_t j = G; j < whole; j += G)
+          for (int64_t l = 0; l < G; ++l) gmax[l] = row[j + l] > gmax[l] ? row[j + l] : gmax[l];
+        floor_value = gmax[0];
+        for (int64_t l = 1; l < G; ++l) floor_value = gmax[l] < floor_value ? gmax[l] : floor_value;
+      }
+      int64_t n_cand = 0;
       for (int64_t j = 0; j < n; ++j) {
         const scalar_t v = row[j];
-        if (std::isnan(v)) {
-          has_nan = true;
-          break;
-        }
-        if (filled == k && !(v > tv[k - 1])) continue;  // the common case: below the k-th best so far
+        has_nan |= std::isnan(v);
+        cand[n_cand] = j;
+        n_cand += v >= floor_value;  // branch-free: most entries are below the floor
+      }
+      int64_t filled = 0;
+      for (int64_t c = 0; c < n_cand && !has_nan; ++c) {
+        const scalar_t v = row[cand[c]];
+        if (filled == k && !(v > tv[k - 1])) continue;
         int64_t p = filled < k ? filled++ : k - 1;
         while (p > 0 && tv[p - 1] < v) {  // insertion, best first
           tv[p] = tv[p - 1];
@@ -45,14 +62,13 @@ void topk_rows_impl(const scalar_t* x, int64_t rows, int64_t n, int64_t k, scala
           --p;
         }
         tv[p] = v;
-        ti[p] = j;
+        ti[p] = cand[c];
       }
-      bool unique = !has_nan;
+      bool unique = !has_nan && filled == k;
       for (int64_t p = 1; unique && p < k; ++p) unique = tv[p - 1] > tv[p];
       if (unique) {  // exactly k entries at or above the k-th value: no tie decides the result
-        const scalar_t kth = tv[k - 1];
         int64_t at_or_above = 0;
-        for (int64_t j = 0; j < n; ++j) at_or_above += row[j] >= kth;
+        for (int64_t c = 0; c < n_cand; ++c) at_or_above += row[cand[c]] >= tv[k - 1];
         unique = at_or_above == k;
       }
       redo[r] = !unique;
