@@ -542,8 +542,8 @@ def main(argv=None):
     p.add_argument("--tokens", type=int, default=131072, help="stream: tokens per sequence (default 131072)")
     p.add_argument("--piece", type=int, default=512, help="stream: tokens per call (default 512)")
     p.add_argument("--stream-batch", type=int, default=1, help="stream: sequences streamed together (default 1)")
-    p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"],
-                   help="kernels of the sparse core (auto: Triton on CUDA, else PyTorch)")
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton", "cpu"],
+                   help="kernels of the sparse core (auto: Triton on CUDA, the C++ kernels on the CPU, else PyTorch)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: PyTorch's default)")
     p.add_argument("--device", default="cpu", help="train and parts: cpu or cuda (default cpu); on CUDA the peak "
                                                      "is the device memory's (torch.cuda.max_memory_allocated)")

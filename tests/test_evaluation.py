@@ -275,6 +275,41 @@ def test_eval_cli_on_a_trained_checkpoint_logs_into_its_run(micro_training, tmp_
     assert math.isfinite(fresh) and fresh != run.data.metrics["eval/streamed_ppl"]
 
 
+def test_eval_logs_into_the_store_the_run_was_trained_into(micro_training, tmp_path):
+    """An ablation's run folder (runs/ablations/GRID/VARIANT/seedS) sits below its store (runs/mlflow.db):
+    eval logs into the store the run's config.yaml records, not into a database beside the run; a run
+    missing from its store gets one line naming the store, after the results are written."""
+    import subprocess
+    import sys
+
+    from mlflow.tracking import MlflowClient
+
+    store = f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
+    run_dir = tmp_path / "runs" / "ablations" / "grid" / "variant" / "seed0"
+    micro_training.run(run_dir, "--trainer.max_steps", "2", "--tracking.uri", store)
+    run_id = micro_training.run_id(run_dir)
+
+    def eval_ppl():
+        return subprocess.run([sys.executable, "-m", "ablations", "eval", "ppl", "--max-tokens", "1024", "--window",
+                               "64", "--stream-len", "256", "--segment-len", "100", "--ckpt", str(run_dir)],
+                              cwd=micro_training.root, env=micro_training.env(), capture_output=True, text=True,
+                              timeout=300)
+
+    proc = eval_ppl()
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"logged into MLflow run {run_id}" in proc.stdout
+    assert "eval/streamed_ppl" in MlflowClient(store).get_run(run_id).data.metrics
+    assert not (run_dir.parent / "mlflow.db").exists()
+
+    config = run_dir / "config.yaml"
+    other = f"sqlite:///{tmp_path / 'elsewhere.db'}"
+    config.write_text(config.read_text().replace(store, other))
+    proc = eval_ppl()
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert f"not logged into MLflow: run {run_id}" in proc.stderr and other in proc.stderr
+    assert (run_dir / "eval" / "ppl" / "summary.csv").is_file()
+
+
 def test_fresh_memory_is_a_seeded_reinitialisation_of_the_fast_weights_only(model):
     slow = {k: v.clone() for k, v in model.named_parameters()}
     trained = {k: v + 1.0 for k, v in model.fast_weight_state().items()}

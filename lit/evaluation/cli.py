@@ -14,10 +14,12 @@ import argparse
 import csv
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Optional
 
 import torch
+import yaml
 
 from lit.needles import SPEC_NAME
 from lit.usage import OneLineParser, UsageError, float_in, int_at_least, option_value, report
@@ -143,9 +145,17 @@ class Outputs:
         from lit.tracking import browse_hint, default_tracking_uri
 
         runs_folder = self.run_dir.parent if self.run_dir else Path("runs")
-        mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(runs_folder))
+        mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or self._run_tracking_uri()
+                                or default_tracking_uri(runs_folder))
         if self.run_id:
             client = mlflow.MlflowClient()
+            try:
+                client.get_run(self.run_id)
+            except mlflow.exceptions.MlflowException:
+                print(f"not logged into MLflow: run {self.run_id} of {self.run_dir} is not in "
+                      f"{mlflow.get_tracking_uri()} (set MLFLOW_TRACKING_URI to its store); the results are in "
+                      f"{self.dir}", file=sys.stderr)
+                return
             for k, v in self.metrics.items():
                 client.log_metric(self.run_id, k, v)
             client.log_artifacts(self.run_id, str(self.dir), f"eval/{self.dir.name}")
@@ -158,6 +168,16 @@ class Outputs:
                 mlflow.log_artifacts(str(self.dir), f"eval/{self.dir.name}")
                 print(f"logged into MLflow run {run.info.run_id} (experiment fwpkm-eval)")
         print(f"look: {browse_hint(mlflow.get_tracking_uri(), run.info.experiment_id, run.info.run_id)}")
+
+
+    def _run_tracking_uri(self) -> Optional[str]:
+        """The store the run was trained into, as its config.yaml records it (an ablation run's is the
+        grid's runs folder, not the folder above the run)."""
+        path = self.run_dir / "config.yaml" if self.run_dir else None
+        if path is None or not path.is_file():
+            return None
+        tracking = (yaml.safe_load(path.read_text()) or {}).get("tracking") or {}
+        return tracking.get("uri") or None
 
 
 def print_table(rows: list[dict], columns: Optional[list] = None) -> None:
