@@ -121,22 +121,26 @@ void row_dot_impl(const scalar_t* x, const scalar_t* table, const int64_t* idx, 
 template <typename scalar_t>
 void scatter_rows_impl(const scalar_t* w, const scalar_t* x, const int64_t* idx, int64_t M, int64_t P, int64_t D,
                        const scalar_t* row_scale, int64_t n_rows, scalar_t* out) {
-  // sequential over the reads, in index_add_'s order (m * P + p): bitwise the same sums
-  for (int64_t m = 0; m < M; ++m) {
-    const scalar_t* xm = x + m * D;
-    for (int64_t p = 0; p < P; ++p) {
-      const scalar_t wp = w == nullptr ? scalar_t(1) : w[m * P + p];
-      scalar_t* o = out + idx[m * P + p] * D;
-      if (w == nullptr) {
-        for (int64_t d = 0; d < D; ++d) o[d] += xm[d];
-      } else {
-        for (int64_t d = 0; d < D; ++d) {
-          const scalar_t prod = wp * xm[d];
-          o[d] += prod;
+  // each thread owns a block of columns and goes through the reads in index_add_'s order (m * P + p):
+  // no two threads write one element, and every element's sum is bitwise the sequential one
+  const int64_t grain = M * P * D < (1 << 16) ? D : 16;
+  at::parallel_for(0, D, grain, [&](int64_t d0, int64_t d1) {
+    for (int64_t m = 0; m < M; ++m) {
+      const scalar_t* xm = x + m * D;
+      for (int64_t p = 0; p < P; ++p) {
+        scalar_t* o = out + idx[m * P + p] * D;
+        if (w == nullptr) {
+          for (int64_t d = d0; d < d1; ++d) o[d] += xm[d];
+        } else {
+          const scalar_t wp = w[m * P + p];
+          for (int64_t d = d0; d < d1; ++d) {
+            const scalar_t prod = wp * xm[d];
+            o[d] += prod;
+          }
         }
       }
     }
-  }
+  });
   if (row_scale != nullptr) {
     at::parallel_for(0, n_rows, 256, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r)
