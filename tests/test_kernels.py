@@ -98,18 +98,20 @@ def tol(dtype):
 
 
 # -- the three row operations -------------------------------------------------------------
+@pytest.mark.parametrize("kernels", ["triton_ops", "cpu_ops"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("case", CASES)
-def test_row_kernels_match_torch(triton_ops, case, dtype):
+def test_row_kernels_match_torch(kernels, case, dtype, request):
+    kernels = request.getfixturevalue(kernels)
     w, table, x, idx, scale = rows_case(*case, dtype)
     R = table.shape[0]
     pairs = [
-        (triton_ops.weighted_gather(w, table, idx), torch_ops.weighted_gather(w, table, idx)),
-        (triton_ops.weighted_gather(None, table, idx), torch_ops.weighted_gather(None, table, idx)),
-        (triton_ops.row_dot(x, table, idx), torch_ops.row_dot(x, table, idx)),
-        (triton_ops.scatter_rows(w, x, idx, R), torch_ops.scatter_rows(w, x, idx, R)),
-        (triton_ops.scatter_rows(None, x, idx, R + 2), torch_ops.scatter_rows(None, x, idx, R + 2)),
-        (triton_ops.scatter_rows(w, x, idx, R, scale), torch_ops.scatter_rows(w, x, idx, R, scale)),
+        (kernels.weighted_gather(w, table, idx), torch_ops.weighted_gather(w, table, idx)),
+        (kernels.weighted_gather(None, table, idx), torch_ops.weighted_gather(None, table, idx)),
+        (kernels.row_dot(x, table, idx), torch_ops.row_dot(x, table, idx)),
+        (kernels.scatter_rows(w, x, idx, R), torch_ops.scatter_rows(w, x, idx, R)),
+        (kernels.scatter_rows(None, x, idx, R + 2), torch_ops.scatter_rows(None, x, idx, R + 2)),
+        (kernels.scatter_rows(w, x, idx, R, scale), torch_ops.scatter_rows(w, x, idx, R, scale)),
     ]
     for got, want in pairs:
         assert got.dtype == want.dtype and got.shape == want.shape
@@ -127,24 +129,6 @@ def test_row_kernels_against_definitions(dtype):
     for m, p in itertools.product(range(5), range(3)):
         want[idx[m, p]] += w[m, p] * x[m]
     torch.testing.assert_close(torch_ops.scatter_rows(w, x, idx, 7, scale), want * scale.unsqueeze(-1))
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("case", CASES)
-def test_cpu_row_kernels_match_torch(cpu_ops, case, dtype):
-    w, table, x, idx, scale = rows_case(*case, dtype)
-    R = table.shape[0]
-    pairs = [
-        (cpu_ops.weighted_gather(w, table, idx), torch_ops.weighted_gather(w, table, idx)),
-        (cpu_ops.weighted_gather(None, table, idx), torch_ops.weighted_gather(None, table, idx)),
-        (cpu_ops.row_dot(x, table, idx), torch_ops.row_dot(x, table, idx)),
-        (cpu_ops.scatter_rows(w, x, idx, R), torch_ops.scatter_rows(w, x, idx, R)),
-        (cpu_ops.scatter_rows(None, x, idx, R + 2), torch_ops.scatter_rows(None, x, idx, R + 2)),
-        (cpu_ops.scatter_rows(w, x, idx, R, scale), torch_ops.scatter_rows(w, x, idx, R, scale)),
-    ]
-    for got, want in pairs:
-        assert got.dtype == want.dtype and got.shape == want.shape
-        torch.testing.assert_close(got, want, **tol(dtype))
 
 
 @pytest.mark.skipif(not AVX512, reason="the rounding of the PyTorch path was matched on an AVX-512 CPU")
