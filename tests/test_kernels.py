@@ -551,3 +551,24 @@ def test_benchmark_script_smoke(tmp_path):
     assert parts["step_ms"] == pytest.approx(parts["selection_ms"] + parts["commit_ms"] + parts["forward_rest_ms"]
                                              + parts["backward_ms"])
     assert payload["result"]["tokens"] == 100 and payload["result"]["peak_over_state_plus_chunk"] > 0
+
+
+def test_without_a_compiler_auto_keeps_the_pytorch_path_and_cpu_says_why(tmp_path):
+    """Where the C++ extension cannot be built, "auto" runs the PyTorch path and an explicit
+    backend="cpu" fails with the reason (a fresh extensions folder, a compiler that fails)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import torch\nfrom kernels import ops\nfrom fwpkm.config import MemoryConfig\n"
+            "from fwpkm.memory import FwPKMMemory\n"
+            "assert ops.resolve('auto', torch.zeros(1)) == 'torch'\n"
+            "m = FwPKMMemory(MemoryConfig(k_dim=8, v_dim=8, n_subkeys=8, chunk_size=4)).train()\n"
+            "assert m(torch.randn(1, 8, 8), torch.randn(1, 8, 8)).output.shape == (1, 8, 8)\n"
+            "try:\n    ops.resolve('cpu', torch.zeros(1))\nexcept RuntimeError as e:\n    print(e)\n")
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"), CXX="false",
+               PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "backend='cpu': the C++ extension could not be built" in proc.stdout
