@@ -113,7 +113,7 @@ def row_dot(x: Tensor, table: Tensor, idx: Tensor) -> Tensor:
     idx = idx.contiguous()
     if P > 1 and _extension().has_repeated_ids(idx):  # the PyTorch path's own branch (and rounding) for these
         return torch_ops.row_dot(x, table, idx)
-    return _extension().row_dot(x.to(table.dtype).contiguous(), table.contiguous(), idx.contiguous())
+    return _extension().row_dot(x.to(table.dtype).contiguous(), table.contiguous(), idx)
 
 
 def scatter_rows(w: Optional[Tensor], x: Tensor, idx: Tensor, n_rows: int,

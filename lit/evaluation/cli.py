@@ -145,12 +145,14 @@ class Outputs:
         from lit.tracking import browse_hint, default_tracking_uri
 
         runs_folder = self.run_dir.parent if self.run_dir else Path("runs")
-        mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or self._run_tracking_uri()
+        # an ablation's run is in its grid's store, which its config.yaml records, not beside the run
+        mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI")
+                                or _run_config_section(self.run_dir, "tracking").get("uri")
                                 or default_tracking_uri(runs_folder))
         if self.run_id:
             client = mlflow.MlflowClient()
             try:
-                client.get_run(self.run_id)
+                run = client.get_run(self.run_id)
             except mlflow.exceptions.MlflowException:
                 print(f"not logged into MLflow: run {self.run_id} of {self.run_dir} is not in "
                       f"{mlflow.get_tracking_uri()} (set MLFLOW_TRACKING_URI to its store); the results are in "
@@ -159,7 +161,6 @@ class Outputs:
             for k, v in self.metrics.items():
                 client.log_metric(self.run_id, k, v)
             client.log_artifacts(self.run_id, str(self.dir), f"eval/{self.dir.name}")
-            run = client.get_run(self.run_id)
             print(f"logged into MLflow run {self.run_id} (its metrics, and the files under eval/{self.dir.name})")
         else:
             mlflow.set_experiment("fwpkm-eval")
@@ -168,16 +169,6 @@ class Outputs:
                 mlflow.log_artifacts(str(self.dir), f"eval/{self.dir.name}")
                 print(f"logged into MLflow run {run.info.run_id} (experiment fwpkm-eval)")
         print(f"look: {browse_hint(mlflow.get_tracking_uri(), run.info.experiment_id, run.info.run_id)}")
-
-
-    def _run_tracking_uri(self) -> Optional[str]:
-        """The store the run was trained into, as its config.yaml records it (an ablation run's is the
-        grid's runs folder, not the folder above the run)."""
-        path = self.run_dir / "config.yaml" if self.run_dir else None
-        if path is None or not path.is_file():
-            return None
-        tracking = (yaml.safe_load(path.read_text()) or {}).get("tracking") or {}
-        return tracking.get("uri") or None
 
 
 def print_table(rows: list[dict], columns: Optional[list] = None) -> None:
@@ -277,7 +268,7 @@ def cmd_mqar(args) -> None:
     from lit.evaluation.mqar import MQARConfig, mqar_metrics, run_mqar, summarise
 
     model, _, out = load_with_outputs(args, "mqar")
-    data = _run_data_options(out.run_dir)
+    data = _run_config_section(out.run_dir, "data")
     given = {"vocab": args.vocab, "power_a": args.power_a, "min_seq_len": args.min_seq_len}
     defaults = {"vocab": data.get("mqar_vocab", 2100), "power_a": data.get("mqar_power_a", 0.01),
                 "min_seq_len": data.get("seq_len", 256)}
@@ -295,12 +286,10 @@ def cmd_mqar(args) -> None:
     out.finish(mqar_metrics(summary))
 
 
-def _run_data_options(run_dir: Optional[Path]) -> dict:
-    """The ``data`` section of a run folder's config.yaml (empty without one)."""
-    import yaml
-
+def _run_config_section(run_dir: Optional[Path], section: str) -> dict:
+    """A section of a run folder's config.yaml (empty without one)."""
     path = run_dir / "config.yaml" if run_dir else None
-    return (yaml.safe_load(path.read_text()) or {}).get("data") or {} if path and path.is_file() else {}
+    return (yaml.safe_load(path.read_text()) or {}).get(section) or {} if path and path.is_file() else {}
 
 
 def cmd_gates(args) -> None:
