@@ -204,6 +204,7 @@ class DataConfig:
     facts_fraction: float = 0.0  # share of training rows that are fact rows (text sources)
     facts_per_row: int = 3  # most facts in a fact row (1 to this many; fewer when they do not fit)
     facts_same_words: float = 0.3  # share of recalls that restate the fact in its own words
+    facts_shared: float = 0.0  # share of fact rows whose 2+ facts share attribute, value format and sentence forms
     # synthetic sources (`niah`, `recall`)
     synthetic_train_size: int = 8192  # rows per epoch
     synthetic_val_size: int = 256
@@ -227,8 +228,9 @@ class DataConfig:
         for name in ("repeat_fraction", "facts_fraction"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"data.{name}={getattr(self, name)!r} must be in [0, 1)")
-        if not 0.0 <= self.facts_same_words <= 1.0:
-            raise ConfigError(f"data.facts_same_words={self.facts_same_words!r} must be in [0, 1]")
+        for name in ("facts_same_words", "facts_shared"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"data.{name}={getattr(self, name)!r} must be in [0, 1]")
         generated = self.niah_fraction + self.repeat_fraction + self.facts_fraction
         if generated >= 1.0:
             raise ConfigError(
@@ -478,8 +480,8 @@ def repeat_row(haystack_ids: np.ndarray, seq_len: int, min_span: int, seed: int)
 
 
 def fact_row(haystack_ids: np.ndarray, tokenizer: Tokenizer, seq_len: int, max_facts: int, same_words: float,
-             seed: int) -> dict:
-    tokens, _ = fact_sequence(haystack_ids, tokenizer, seq_len + 1, seed, max_facts, same_words)
+             shared: float, seed: int) -> dict:
+    tokens, _ = fact_sequence(haystack_ids, tokenizer, seq_len + 1, seed, max_facts, same_words, shared=shared)
     return {"input_ids": tokens[:-1], "labels": tokens[1:]}
 
 
@@ -685,7 +687,7 @@ class FwPKMDataModule(L.LightningDataModule):
             make_row = functools.partial(repeat_row, haystack, cfg.seq_len, cfg.repeat_min_span)
         elif kind == "facts":
             make_row = functools.partial(fact_row, haystack, self.tokenizer, cfg.seq_len, cfg.facts_per_row,
-                                         cfg.facts_same_words)
+                                         cfg.facts_same_words, cfg.facts_shared)
         else:
             make_row = functools.partial(niah_row, haystack, self.tokenizer, cfg.seq_len, cfg.niah_needles,
                                          cfg.niah_max_fraction)

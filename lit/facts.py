@@ -67,20 +67,44 @@ def render(template: str, key: str, attribute: str, value: str) -> str:
 
 
 def fact_sequence(haystack_ids: Sequence[int], tokenizer: Tokenizer, length: int, seed: int, max_facts: int = 3,
-                  same_words: float = 0.3, max_fraction: float = 0.7) -> tuple[list[int], list[tuple[str, str, str]]]:
+                  same_words: float = 0.3, max_fraction: float = 0.7,
+                  shared: float = 0.0) -> tuple[list[int], list[tuple[str, str, str]]]:
     """``length`` tokens: haystack text with 1 to ``max_facts`` facts in its first 45% and each one
     recalled after it; and the facts, (key, attribute, value).
 
     A recall repeats the fact's own sentence with probability ``same_words``, else uses another form.
     Facts and recalls take at most ``max_fraction`` of the row (fewer facts when they would not fit).
+    With probability ``shared`` the row is a *shared-form* row (:func:`_shared_form_pieces`).
     """
     rng = random.Random(seed)
-    n_facts = rng.randint(1, max_facts)
+    if shared > 0 and rng.random() < shared:
+        pieces, facts = _shared_form_pieces(rng, tokenizer, length, max(2, max_facts), same_words, max_fraction)
+    else:
+        pieces, facts = _mixed_form_pieces(rng, tokenizer, length, max_facts, same_words, max_fraction)
+    used = sum(len(s) + len(r) for s, r in pieces)
+    if used >= length:
+        raise ValueError(f"length={length} is too short for a fact and its recall ({used} tokens)")
+    statement_depths = [rng.uniform(0.0, 0.45) for _ in pieces]
+    recall_depths = [rng.uniform(max(0.55, d + 0.2), 1.0) for d in statement_depths]
+    window = haystack_window(haystack_ids, rng.randrange(len(haystack_ids)), length - used)
+    inserted = [s for s, _ in pieces] + [r for _, r in pieces]
+    sequence, _ = insert_needles(window, inserted, statement_depths + recall_depths, tokenizer)
+    return sequence, facts
+
+
+def _distinct_keys(rng: random.Random, n: int) -> list[str]:
     keys: list[str] = []
-    while len(keys) < n_facts:
+    while len(keys) < n:
         key = random_key(rng)
         if key not in keys:
             keys.append(key)
+    return keys
+
+
+def _mixed_form_pieces(rng: random.Random, tokenizer: Tokenizer, length: int, max_facts: int, same_words: float,
+                       max_fraction: float) -> tuple[list[tuple[list[int], list[int]]], list[tuple[str, str, str]]]:
+    """Each fact with its own attribute, value format and sentence forms."""
+    keys = _distinct_keys(rng, rng.randint(1, max_facts))
     pieces, facts = [], []
     for key in keys:
         attribute, value, statement = rng.choice(ATTRIBUTES), random_value(rng), rng.choice(STATEMENTS)
@@ -91,12 +115,33 @@ def fact_sequence(haystack_ids: Sequence[int], tokenizer: Tokenizer, length: int
     while len(pieces) > 1 and sum(len(s) + len(r) for s, r in pieces) > int(length * max_fraction):
         pieces.pop()
         facts.pop()
-    used = sum(len(s) + len(r) for s, r in pieces)
-    if used >= length:
-        raise ValueError(f"length={length} is too short for a fact and its recall ({used} tokens)")
-    statement_depths = [rng.uniform(0.0, 0.45) for _ in pieces]
-    recall_depths = [rng.uniform(max(0.55, d + 0.2), 1.0) for d in statement_depths]
-    window = haystack_window(haystack_ids, rng.randrange(len(haystack_ids)), length - used)
-    inserted = [s for s, _ in pieces] + [r for _, r in pieces]
-    sequence, _ = insert_needles(window, inserted, statement_depths + recall_depths, tokenizer)
-    return sequence, facts
+    return pieces, facts
+
+
+def _shared_form_pieces(rng: random.Random, tokenizer: Tokenizer, length: int, max_facts: int, same_words: float,
+                        max_fraction: float) -> tuple[list[tuple[list[int], list[int]]], list[tuple[str, str, str]]]:
+    """2 to ``max_facts`` facts that share one attribute, one value format and one statement form, each
+    recalled in one shared form: only its key tells which value a recall asks for (a needle-in-a-haystack
+    question has a distractor of its own form). Fits at least 2 facts or raises ValueError."""
+    attribute, statement = rng.choice(ATTRIBUTES), rng.choice(STATEMENTS)
+    recall = statement if rng.random() < same_words else rng.choice(RECALLS)
+    if rng.random() < 0.15:
+        draw_value = lambda: _word(rng, 2, 3)  # noqa: E731
+    else:
+        pattern = parse_pattern(rng.choice(VALUE_FORMATS))
+        draw_value = lambda: pattern.draw(rng)  # noqa: E731
+    pieces, facts, values = [], [], set()
+    for key in _distinct_keys(rng, rng.randint(2, max_facts)):
+        value = draw_value()
+        for _ in range(20):  # distinct values, else a recall does not say which fact it asks for
+            if value not in values:
+                break
+            value = draw_value()
+        values.add(value)
+        pieces.append((tokenizer.encode(render(statement, key, attribute, value)),
+                       tokenizer.encode(render(recall, key, attribute, value))))
+        facts.append((key, attribute, value))
+    while len(pieces) > 2 and sum(len(s) + len(r) for s, r in pieces) > int(length * max_fraction):
+        pieces.pop()
+        facts.pop()
+    return pieces, facts
