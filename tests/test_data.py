@@ -5,6 +5,7 @@ import os
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import hashlib
 import itertools
 import json
 import re
@@ -528,3 +529,37 @@ def test_fact_rows_recall_their_facts_and_never_hold_an_evaluation_template():
             assert value in statement and text.count(statement) >= 2
     with pytest.raises(Exception, match="facts_same_words"):
         DataConfig(facts_same_words=1.5)
+
+
+def test_shared_form_fact_rows_differ_only_in_their_keys_and_leave_other_rows_as_they_were():
+    """data.facts_shared: a shared-form row holds 2+ facts with one attribute, distinct values of one format
+    and one sentence form, each recalled after it, so that a recall says which value it wants only by its
+    key; facts_shared=0 draws exactly the rows it drew before the option existed."""
+    from lit.facts import VALUE_FORMATS, fact_sequence
+    from lit.needles import parse_pattern
+
+    haystack = TOK.encode(embedded_text()[:50_000])
+    for seed in range(200):
+        tokens, stated = fact_sequence(haystack, TOK, 257, seed, max_facts=3, same_words=0.5, shared=1.0)
+        text = TOK.decode(tokens)
+        assert len(tokens) == 257 and 2 <= len(stated) <= 3
+        assert len({a for _, a, _ in stated}) == 1 and len({v for _, _, v in stated}) == len(stated)
+        assert all(v.isalpha() and v.islower() for _, _, v in stated) or any(  # words, or one value format
+            all(re.fullmatch(parse_pattern(f).regex, v) for _, _, v in stated) for f in VALUE_FORMATS)
+        lower = text.lower()
+        for key, _, value in stated:
+            assert 0 <= lower.find(key.lower()) < lower.rfind(key.lower()) and text.count(value) >= 2
+            assert text.rfind(value) > lower.rfind(key.lower())  # recalled by its key, value after it
+        # one statement form: the text between key and value is the same for every fact
+        between = {lower[lower.find(k.lower()):].split(v.lower())[0][len(k):] for k, _, v in stated}
+        assert len(between) == 1, between
+    mixed = [fact_sequence(haystack, TOK, 257, seed, 3, 0.5, shared=1.0)[1] for seed in range(200)]
+    assert mixed != [fact_sequence(haystack, TOK, 257, seed, 3, 0.5)[1] for seed in range(200)]
+    digest = hashlib.sha1()  # the rows of facts_shared=0, as drawn before the option existed (published pilots)
+    for seed in range(300):
+        digest.update(str(fact_sequence(haystack, TOK, 257, seed, 3, 0.5, shared=0.0)).encode())
+    assert digest.hexdigest() == "4bccf93a02509e760b9def38e35999c77dac7dc5"
+    half = [len({a for _, a, _ in fact_sequence(haystack, TOK, 257, s, 3, 0.5, shared=0.5)[1]}) for s in range(400)]
+    assert 0.3 < sum(n == 1 for n in half) / 400 < 0.8  # about half the rows shared (and a few 1-fact mixed rows)
+    with pytest.raises(Exception, match="facts_shared"):
+        DataConfig(facts_shared=-0.1)
