@@ -12,7 +12,7 @@ used: no sentence, question or key format of theirs appears (``tests/test_data.p
 from __future__ import annotations
 
 import random
-from typing import Sequence
+from typing import Optional, Sequence
 
 from lit.needles import parse_pattern
 from lit.synthetic import haystack_window, insert_needles
@@ -29,6 +29,7 @@ KEY_FORMATS = ("[A-HJ-Z][A-Z]?[0-9]{2,4}", "[A-HJ-Z]{1,3}/[0-9]{2,3}", "[a-z]{3,
                "[A-HJ-Z]{2}\\.[0-9]{3}", "no\\. [0-9]{2,4}", "[A-HJ-Z][0-9][a-z]{2}", "unit [0-9]{2,4}")
 VALUE_FORMATS = ("[0-9]{2}", "[0-9]{3}", "[0-9]{4}", "[0-9]{5}", "[0-9]{6}", "[0-9]{7}", "[0-9]{8}", "[A-Z]{3,8}",
                  "[a-z]{3,7}", "[a-z0-9]{4,6}", "[A-Z][0-9]{2,4}", "[0-9]{1,3}\\.[0-9]{1,2}")
+SHARED_TRIES = 10  # draws of a shared-form row before a row falls back to mixed forms (short rows)
 # {K}: the key (capitalised where it opens a sentence), {a}: the attribute, {v}: the value
 STATEMENTS = (" {K}'s {a} is {v}.", " The {a} of {k} is {v}.", " {K} has {a} {v}.", " For {k}, the {a} is {v}.",
               " {K} was assigned {a} {v}.", " Note: {k} {a} = {v}.", " We set the {a} for {k} to {v}.",
@@ -77,10 +78,13 @@ def fact_sequence(haystack_ids: Sequence[int], tokenizer: Tokenizer, length: int
     With probability ``shared`` the row is a *shared-form* row (:func:`_shared_form_pieces`).
     """
     rng = random.Random(seed)
+    drawn = None
     if shared > 0 and rng.random() < shared:
-        pieces, facts = _shared_form_pieces(rng, tokenizer, length, max(2, max_facts), same_words, max_fraction)
-    else:
-        pieces, facts = _mixed_form_pieces(rng, tokenizer, length, max_facts, same_words, max_fraction)
+        for _ in range(SHARED_TRIES):  # about 1 draw in 5 is too long for the row: draw again
+            drawn = _shared_form_pieces(rng, tokenizer, length, max(2, max_facts), same_words, max_fraction)
+            if drawn:
+                break
+    pieces, facts = drawn or _mixed_form_pieces(rng, tokenizer, length, max_facts, same_words, max_fraction)
     used = sum(len(s) + len(r) for s, r in pieces)
     if used >= length:
         raise ValueError(f"length={length} is too short for a fact and its recall ({used} tokens)")
@@ -119,10 +123,11 @@ def _mixed_form_pieces(rng: random.Random, tokenizer: Tokenizer, length: int, ma
 
 
 def _shared_form_pieces(rng: random.Random, tokenizer: Tokenizer, length: int, max_facts: int, same_words: float,
-                        max_fraction: float) -> tuple[list[tuple[list[int], list[int]]], list[tuple[str, str, str]]]:
+                        max_fraction: float) -> Optional[tuple[list[tuple[list[int], list[int]]], list[tuple[str, str, str]]]]:
     """2 to ``max_facts`` facts that share one attribute, one value format and one statement form, each
     recalled in one shared form: only its key tells which value a recall asks for (a needle-in-a-haystack
-    question has a distractor of its own form). Fits at least 2 facts or raises ValueError."""
+    question has a distractor of its own form). None when two such facts do not fit (long keys and
+    sentences)."""
     attribute, statement = rng.choice(ATTRIBUTES), rng.choice(STATEMENTS)
     recall = statement if rng.random() < same_words else rng.choice(RECALLS)
     if rng.random() < 0.15:
@@ -144,4 +149,6 @@ def _shared_form_pieces(rng: random.Random, tokenizer: Tokenizer, length: int, m
     while len(pieces) > 2 and sum(len(s) + len(r) for s, r in pieces) > int(length * max_fraction):
         pieces.pop()
         facts.pop()
+    if sum(len(s) + len(r) for s, r in pieces) > int(length * max_fraction):
+        return None
     return pieces, facts
