@@ -205,6 +205,34 @@ def test_needle_inspection_reports_written_and_read_slots(model, tok):
         assert set(r["overlap"]) <= set(r["written_slots"])
 
 
+def test_needle_binding_is_the_answer_reads_weight_on_the_slots_each_needles_value_pair_wrote(model, tok):
+    """on_asked / on_other, recomputed from the raw reads: the pair (t, t + lookahead) whose target is a
+    needle's first value token wrote exactly the slots token t read (spec 1.2), and the answer's read is the
+    question's last token's; a needle found at the wrong offset, or the other needle's slots, give other shares."""
+    cfg = NIAHConfig(context_lens=[300], depths=[0.3], samples_per_cell=3, n_needles=2, families=["all"])
+    inspector = MemoryInspector(model, tok)
+    checked = 0
+    for family, _, _, sample in make_samples(tok.encode(TEXT), tok, cfg):
+        report = {r["layer"]: r for r in inspector.needle(sample)}
+        with preserved_fast_weights(model):  # the same write, again
+            reads = inspector.read(sample.context_ids, chunk_size=len(sample.context_ids))
+            _, run = stream(model, torch.tensor([sample.input_ids]), 2048, keep_logits=False,
+                            chunk_size=len(sample.input_ids) + 1, record=True)
+        text = tok.decode(sample.context_ids)
+        for layer, memory in inspector.layers.items():
+            ids, w = run.cat("indices", layer)[0, -1].flatten(), run.cat("weights", layer)[0, -1].flatten().abs()
+            share = []
+            for i, value in enumerate(sample.values):
+                start = len(tok.encode(text[:text.index(value, len(tok.decode(sample.context_ids[:sample.needle_positions[i]])))]))
+                wrote = set(reads[layer][0][start - memory.lookahead].flatten().tolist())
+                share.append(float(w[torch.tensor([int(j) in wrote for j in ids])].sum() / w.sum()))
+            asked, other = share[sample.target_index], share[1 - sample.target_index]
+            assert report[layer]["on_asked"] == pytest.approx(asked, abs=1e-6), family
+            assert report[layer]["on_other"] == pytest.approx(other, abs=1e-6), family
+            checked += asked != other
+    assert checked  # the two needles' shares differ somewhere: the test tells them apart
+
+
 def test_niah_families_each_reported_and_the_held_out_ones_pooled(model, tok, tmp_path):
     """Every family's needles and questions are its own; the spec's family draws the samples it drew before
     families existed; rows, cells and metrics are per family, with ``held-out`` pooling the non-spec ones."""

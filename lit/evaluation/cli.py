@@ -32,6 +32,7 @@ EPILOG = """examples:
   fwpkm eval mqar --ckpt runs/ablations/mqar/base/seed0 --pairs 8 64 512 1024 --samples 32
   fwpkm eval gates --ckpt runs/tiny-1a2b/checkpoints/last.ckpt --data embedded
   fwpkm eval inspect --ckpt runs/tiny-1a2b --text "Some text to write." --slot 1:123
+  fwpkm eval inspect --ckpt runs/tiny-1a2b --needle --families all --context-len 256 --samples 10
   fwpkm eval niah --preset tiny --context-lens 512     # a random model: checks the pipeline
 """
 
@@ -312,19 +313,11 @@ def cmd_gates(args) -> None:
 
 def cmd_inspect(args) -> None:
     from lit.evaluation.inspect import MemoryInspector
-    from lit.synthetic import make_niah_sample
 
     model, tokenizer, out = load_with_outputs(args, "inspect")
     inspector = MemoryInspector(model, tokenizer)
     if args.needle:
-        haystack = corpus_tokens(args.haystack, tokenizer, args.context_len * 2).tolist()
-        sample = make_niah_sample(haystack, tokenizer, context_len=args.context_len, seed=args.seed)
-        report = inspector.needle(sample)
-        print(f"needle {sample.keys[sample.target_index]} = {sample.answer}")
-        rows = [{"layer": r["layer"], "written": len(r["written_slots"]), "read": len(r["read_slots"]),
-                 "overlap": len(r["overlap"]), "overlap_slots": " ".join(map(str, r["overlap"][:16]))} for r in report]
-        print_table(rows)
-        out.table("needle", rows)
+        _inspect_needles(args, model, tokenizer, inspector, out)
     else:
         text = args.text if args.text is not None else Path(args.text_file).read_text()
         inspector.read(tokenizer.encode(text), chunk_size=args.chunk_size)
@@ -339,6 +332,39 @@ def cmd_inspect(args) -> None:
                              "context": w.context})
         out.table("slot_history", rows)
     out.finish()
+
+
+def _inspect_needles(args, model, tokenizer, inspector, out) -> None:
+    """--needle: where the answer's read lands, per family and layer, over the NIAH evaluation's own samples
+    (the same haystack and seeds as ``fwpkm eval niah`` at this length)."""
+    from lit.evaluation.niah import NIAHConfig, make_samples
+    from lit.evaluation.stats import mean_interval
+    from lit.needles import resolve_families
+
+    cfg = NIAHConfig(context_lens=[args.context_len], depths=args.depths, samples_per_cell=args.samples,
+                     n_needles=args.needles, seed=args.seed, families=resolve_families(args.families, "--families"))
+    haystack = corpus_tokens(args.haystack, tokenizer, args.context_len * 2 + 4096).tolist()
+    rows = []
+    for question, (family, length, depth, sample) in enumerate(make_samples(haystack, tokenizer, cfg)):
+        for r in inspector.needle(sample):
+            rows.append({"family": family, "question": question, "context_len": length, "depth": depth,
+                         "layer": r["layer"], "key": sample.keys[sample.target_index], "answer": sample.answer,
+                         "written": len(r["written_slots"]), "overlap": len(r["overlap"]),
+                         "on_asked": r["on_asked"], "on_other": r["on_other"]})
+    out.table("needle_reads", rows)
+    summary = []
+    for family in dict.fromkeys(r["family"] for r in rows):
+        for layer in sorted({r["layer"] for r in rows}):
+            cell = [r for r in rows if r["family"] == family and r["layer"] == layer]
+            row = {"family": family, "layer": layer, "questions": len(cell)}
+            for name, values in (("on_asked", [r["on_asked"] for r in cell]), ("on_other", [r["on_other"] for r in cell]),
+                                 ("asked_minus_other", [r["on_asked"] - r["on_other"] for r in cell])):
+                mean, low, high = mean_interval(values, clip=False)
+                row |= {name: round(mean, 4), f"{name}_low": round(low, 4), f"{name}_high": round(high, 4)}
+            summary.append(row)
+    out.table("needle_binding", summary, show=True)
+    print("on_asked / on_other: share of the answer's read weight on the slots written by the pair that predicts the "
+          "asked / the other needles' first value token (one write of the haystack; 95% t intervals)")
 
 
 def check_slot(model, text: str) -> tuple[int, int]:
@@ -451,8 +477,14 @@ def parser() -> argparse.ArgumentParser:
     insp.add_argument("--slot", nargs="*", default=[], metavar="LAYER:SLOT", help="slots to show (default: busiest)")
     insp.add_argument("--top", type=positive, default=10, help="writes shown per slot")
     insp.add_argument("--chunk-size", type=positive, help="chunk size while reading (default: the model's)")
-    insp.add_argument("--context-len", type=positive, default=1024, help="needle mode: haystack length")
-    insp.add_argument("--haystack", default="embedded")
+    needle = insp.add_argument_group("--needle: where the answer's read lands (NIAH's samples, one write of the haystack)")
+    needle.add_argument("--context-len", type=positive, default=1024, help="haystack length")
+    needle.add_argument("--haystack", default="embedded")
+    needle.add_argument("--families", nargs="+", default=[SPEC_NAME], metavar="FAMILY",
+                        help="needle families, as for `fwpkm eval niah` (names, 'all', .yaml files)")
+    needle.add_argument("--depths", type=float_in(0.0, 1.0), nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9])
+    needle.add_argument("--samples", type=positive, default=1, help="samples per depth")
+    needle.add_argument("--needles", type=positive, default=2, help="needles per haystack, one of them asked for")
     insp.set_defaults(fn=cmd_inspect)
     return p
 

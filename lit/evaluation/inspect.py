@@ -131,13 +131,20 @@ class MemoryInspector:
                         out[slot] += w.weight
         return dict(out)
 
+    def _value_start(self, sample: NIAHSample, i: int) -> int:
+        """Position in ``context_ids`` of needle ``i``'s first value token."""
+        value_ids = sample.answer_ids if i == sample.target_index else self.tokenizer.encode(sample.values[i])
+        return sample.needle_positions[i] + _find(sample.context_ids[sample.needle_positions[i]:], value_ids)
+
     @torch.no_grad()
     def needle(self, sample: NIAHSample, segment_len: int = 2048) -> list[dict]:
         """One memorisation pass over the haystack (one write), then the question: per layer, the
-        slots the asked needle's digits were written to, the slots read while answering, and their overlap."""
-        needle_ids = sample.context_ids[sample.needle_positions[sample.target_index]:]
-        answer_at = sample.needle_positions[sample.target_index] + _find(needle_ids, sample.answer_ids)
-        digits = range(answer_at, answer_at + len(sample.answer_ids))
+        slots the asked needle's value was written to, the slots read while answering, and their overlap;
+        and where the answer's read lands (``on_asked``, ``on_other``, :func:`read_weight_on`)."""
+        self.writes.clear()  # this sample's writes only
+        values_at = [self._value_start(sample, i) for i in range(len(sample.values))]
+        asked = values_at[sample.target_index]
+        digits = range(asked, asked + len(sample.answer_ids))
         with preserved_fast_weights(self.model):
             self.read(sample.context_ids, chunk_size=len(sample.context_ids), segment_len=segment_len)
             x = torch.tensor([sample.input_ids], device=device_of(self.model))
@@ -146,9 +153,21 @@ class MemoryInspector:
         for layer in self.layers:
             written = self.slots_written_by(layer, digits)
             read_ids = run.cat("indices", layer)[0, -1].flatten().tolist()  # the read that predicts digit 1
+            read_w = run.cat("weights", layer)[0, -1].flatten().tolist()
+            others = [read_weight_on(read_ids, read_w, self.slots_written_by(layer, [at]))
+                      for i, at in enumerate(values_at) if i != sample.target_index]
             report.append({"layer": layer, "written_slots": sorted(written, key=lambda s: -written[s]),
-                           "read_slots": read_ids, "overlap": sorted(set(written) & set(read_ids))})
+                           "read_slots": read_ids, "overlap": sorted(set(written) & set(read_ids)),
+                           "on_asked": read_weight_on(read_ids, read_w, self.slots_written_by(layer, [asked])),
+                           "on_other": sum(others) / len(others) if others else float("nan")})
         return report
+
+
+def read_weight_on(read_ids: Sequence[int], read_weights: Sequence[float], slots) -> float:
+    """Share of a read's weight (|w|) on ``slots``: for the answer's read and the slots that the pair
+    predicting a needle's first value token wrote, how much of the answer is read from that needle."""
+    total = sum(abs(w) for w in read_weights)
+    return sum(abs(w) for i, w in zip(read_ids, read_weights) if i in slots) / total if total else 0.0
 
 
 def _find(haystack: Sequence[int], needle: Sequence[int]) -> int:
