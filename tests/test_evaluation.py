@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import re
 
+import pandas as pd
 import pytest
 import torch
 
@@ -281,6 +282,7 @@ def test_eval_cli_on_a_trained_checkpoint_logs_into_its_run(micro_training, tmp_
         ["gates", "--max-tokens", "1024", "--window", "64"],
         ["mqar", "--pairs", "4", "8", "--samples", "2", "--vocab", "200", "--min-seq-len", "32"],
         ["inspect", "--text", "The cat sat on the mat. The cat sat on the mat."],
+        ["inspect", "--needle", "--context-len", "300", "--families", "spec", "vault", "--depths", "0.5"],
         ["ppl", "--max-tokens", "2048", "--window", "64", "--stream-len", "512", "--segment-len", "100",
          "--fresh-memory"],
     ]
@@ -297,6 +299,9 @@ def test_eval_cli_on_a_trained_checkpoint_logs_into_its_run(micro_training, tmp_
     assert {"eval/niah", "eval/ppl", "eval/gates", "eval/inspect", "eval/mqar"} <= logged
     assert {"mqar/acc/P4", "mqar/acc/P8"} <= set(run.data.metrics)
     assert (run_dir / "eval" / "niah" / "heatmap_n1.png").is_file()
+    binding = pd.read_csv(run_dir / "eval" / "inspect" / "needle_binding.csv")
+    assert set(binding["family"]) == {"spec", "vault"} and (binding["questions"] == 1).all()
+    assert binding[["on_asked", "on_other"]].apply(lambda c: c.between(0, 1)).all().all()
     # --fresh-memory: beside the checkpoint-memory figures, not over them, and from other fast weights
     assert "eval/ppl-fresh_memory" in logged and (run_dir / "eval" / "ppl-fresh_memory" / "summary.csv").is_file()
     fresh = run.data.metrics["fresh_memory/eval/streamed_ppl"]
