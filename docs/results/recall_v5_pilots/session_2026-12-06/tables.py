@@ -18,6 +18,7 @@ MODELS = {
     "C, SWA only": [(C_DIR, "swa_only", "swa_only_seed0"), (C_DIR, "swa_only_seed1", "swa_only_seed1"),
                     (C_DIR, "swa_only_seed2", "swa_only_seed2")],
     "H, SWA only": [(HERE, f"H_swa_only_seed{s}", f"H_swa_only_seed{s}") for s in range(3)],
+    "I, FwPKM": [(HERE, "I_fwpkm_seed0", "I_fwpkm_seed0")],
 }
 FAMILIES = ("held-out", "vault", "agent", "locker", "ledger", "spec", "train_like", "train_same", "shipment", "oven")
 LOOKUP = {"vault", "agent", "locker"}  # the held-out families asked in other words (C's samples: these, not shipment)
@@ -46,7 +47,7 @@ def seeds_cell(values: list, signed: bool = False) -> str:
     return f"{f.format(mean)} [{f.format(low)}, {f.format(high)}] (" + ", ".join(map(f.format, values)) + ")"
 
 
-def niah_table(models=("C, FwPKM", "H, FwPKM", "C, SWA only", "H, SWA only"), families=FAMILIES) -> None:
+def niah_table(models=("C, FwPKM", "H, FwPKM", "I, FwPKM", "C, SWA only", "H, SWA only"), families=FAMILIES) -> None:
     print("| model | family | tokens | exact, seeds' mean [t 95%] (each seed) | pooled [Wilson] n | over_random (each seed) |"
           " over_other (each seed) |\n|---|---|---|---|---|---|---|")
     for model in models:
@@ -69,7 +70,7 @@ def niah_table(models=("C, FwPKM", "H, FwPKM", "C, SWA only", "H, SWA only"), fa
                       f"{seeds_cell([float(m[key]['over_other']) for m in margins], True)} |")
 
 
-def lookup_table(models=("C, FwPKM", "H, FwPKM", "C, SWA only", "H, SWA only")) -> None:
+def lookup_table(models=("C, FwPKM", "H, FwPKM", "I, FwPKM", "C, SWA only", "H, SWA only")) -> None:
     """The families asked in other words pooled: each seed's mean margin over its questions, then the seeds'."""
     print("\n| model | families | tokens | questions per seed | exact, pooled [Wilson] | over_random | over_other |"
           "\n|---|---|---|---|---|---|---|")
@@ -93,6 +94,26 @@ def lookup_table(models=("C, FwPKM", "H, FwPKM", "C, SWA only", "H, SWA only")) 
                   f"{seeds_cell(margins['other_needle_nll'], True)} |")
 
 
+def binding_table(models=(("H, seed 0", "H_fwpkm_seed0"), ("H, seed 1", "H_fwpkm_seed1"), ("I, seed 0", "I_fwpkm_seed0"))) -> None:
+    """``fwpkm eval inspect --needle``: the share of the answer's read weight on the asked / the other needle's
+    value slots, per family and layer (mean over the questions [t 95%])."""
+    print("\n| model | family | n | layer 1: on asked | layer 1: on other | layer 3: on asked | layer 3: on other |"
+          " layer 3: asked - other |\n|---|---|---|---|---|---|---|---|")
+    for model, stem in models:
+        path = HERE / f"binding_{stem}.csv"
+        if not path.exists():
+            continue
+        rows = {(r["family"], r["layer"]): r for r in csv.DictReader(open(path))}
+        for family in dict.fromkeys(f for f, _ in rows):
+            one, three = rows[(family, "1")], rows[(family, "3")]
+            cell = lambda r, m: "%.2f [%.2f, %.2f]" % (float(r[m]), float(r[m + "_low"]), float(r[m + "_high"]))
+            print(f"| {model} | {family} | {one['questions']} | {cell(one, 'on_asked')} | {cell(one, 'on_other')} | "
+                  f"{cell(three, 'on_asked')} | {cell(three, 'on_other')} | "
+                  "%+.2f [%+.2f, %+.2f] |" % tuple(float(three[m]) for m in ("asked_minus_other", "asked_minus_other_low",
+                                                                             "asked_minus_other_high")))
+
+
 if __name__ == "__main__":
     niah_table(families=tuple(sys.argv[1:]) or FAMILIES)
     lookup_table()
+    binding_table()
