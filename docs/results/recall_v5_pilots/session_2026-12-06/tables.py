@@ -42,8 +42,10 @@ def rows_of(folder: Path, kind: str, stem: str) -> dict:
 def seeds_cell(values: list, signed: bool = False) -> str:
     if not values:
         return "-"
-    mean, low, high = mean_interval(values, clip=not signed) if len(values) > 1 else (values[0], float("nan"), float("nan"))
     f = "{:+.2f}" if signed else "{:.2f}"
+    if len(values) == 1:
+        return f.format(values[0]) + " (one seed)"
+    mean, low, high = mean_interval(values, clip=not signed)
     return f"{f.format(mean)} [{f.format(low)}, {f.format(high)}] (" + ", ".join(map(f.format, values)) + ")"
 
 
@@ -94,7 +96,7 @@ def lookup_table(models=("C, FwPKM", "H, FwPKM", "I, FwPKM", "C, SWA only", "H, 
                   f"{seeds_cell(margins['other_needle_nll'], True)} |")
 
 
-def binding_table(models=(("H, seed 0", "H_fwpkm_seed0"), ("H, seed 1", "H_fwpkm_seed1"), ("I, seed 0", "I_fwpkm_seed0"))) -> None:
+def binding_table(models=(("H, seed 0", "H_fwpkm_seed0"), ("H, seed 1", "H_fwpkm_seed1"), ("H, seed 2", "H_fwpkm_seed2"), ("I, seed 0", "I_fwpkm_seed0"))) -> None:
     """``fwpkm eval inspect --needle``: the share of the answer's read weight on the asked / the other needle's
     value slots, per family and layer (mean over the questions [t 95%])."""
     print("\n| model | family | n | layer 1: on asked | layer 1: on other | layer 3: on asked | layer 3: on other |"
