@@ -2,8 +2,8 @@
 //
 // Each loop keeps the order and rounding of the floating-point operations of the PyTorch path it
 // replaces (kernels/torch_ops.py), as measured on an AVX-512 CPU: built with -ffp-contract=off, a
-// multiply-add is fused only where PyTorch's kernel fuses it (std::fma in weighted_gather, as MKL's
-// sparse product). So weighted_gather, row_dot (float32, D <= 8 or a multiple of 8) and scatter_rows
+// multiply-add is fused only where PyTorch's kernel fuses it (std::fma in weighted_gather where MKL's
+// sparse product fuses on this CPU: kernels/cpu_ops.py asks it once). So weighted_gather, row_dot (float32, D <= 8 or a multiple of 8) and scatter_rows
 // give bitwise the PyTorch path's results there, and topk_rows gives torch.topk's whenever a row's
 // top k is unique (rows where it is not, or that hold a NaN, are flagged for the caller to redo
 // with torch.topk). tests/test_kernels.py checks all four against the PyTorch path.
@@ -76,7 +76,7 @@ void topk_rows_impl(const scalar_t* x, int64_t rows, int64_t n, int64_t k, scala
   });
 }
 
-template <typename scalar_t>
+template <typename scalar_t, bool Fused>
 void weighted_gather_impl(const scalar_t* w, const scalar_t* table, const int64_t* idx, int64_t M, int64_t P,
                           int64_t D, scalar_t* out) {
   at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
@@ -86,7 +86,11 @@ void weighted_gather_impl(const scalar_t* w, const scalar_t* table, const int64_
       for (int64_t p = 0; p < P; ++p) {
         const scalar_t wp = w == nullptr ? scalar_t(1) : w[m * P + p];
         const scalar_t* t = table + idx[m * P + p] * D;
-        for (int64_t d = 0; d < D; ++d) o[d] = std::fma(wp, t[d], o[d]);  // as MKL's CSR product rounds
+        if (Fused) {  // as MKL's CSR product rounds where it fuses (the caller asks the PyTorch path which)
+          for (int64_t d = 0; d < D; ++d) o[d] = std::fma(wp, t[d], o[d]);
+        } else {
+          for (int64_t d = 0; d < D; ++d) o[d] = o[d] + wp * t[d];
+        }
       }
     }
   });
@@ -181,14 +185,15 @@ std::vector<torch::Tensor> topk_rows(const torch::Tensor& x, int64_t k) {
 }
 
 torch::Tensor weighted_gather(const c10::optional<torch::Tensor>& w, const torch::Tensor& table,
-                              const torch::Tensor& idx) {
+                              const torch::Tensor& idx, bool fused) {
   check_rows(idx, table, "table");
   const int64_t M = idx.size(0), P = idx.size(1), D = table.size(1);
   auto out = torch::empty({M, D}, table.options());
   const void* wp = optional_ptr(w, table, M * P, "w");
   AT_DISPATCH_FLOATING_TYPES(table.scalar_type(), "weighted_gather", [&] {
-    weighted_gather_impl<scalar_t>(static_cast<const scalar_t*>(wp), table.data_ptr<scalar_t>(),
-                                   idx.data_ptr<int64_t>(), M, P, D, out.data_ptr<scalar_t>());
+    auto impl = fused ? weighted_gather_impl<scalar_t, true> : weighted_gather_impl<scalar_t, false>;
+    impl(static_cast<const scalar_t*>(wp), table.data_ptr<scalar_t>(), idx.data_ptr<int64_t>(), M, P, D,
+         out.data_ptr<scalar_t>());
   });
   return out;
 }
@@ -233,7 +238,7 @@ bool has_repeated_ids(const torch::Tensor& idx) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("topk_rows", &topk_rows, "top-k of each row, best first, with a flag per row whose result a tie decides");
-  m.def("weighted_gather", &weighted_gather, "out[m] = sum_p w[m,p] table[idx[m,p]]");
+  m.def("weighted_gather", &weighted_gather, "out[m] = sum_p w[m,p] table[idx[m,p]] (fused: with fma)");
   m.def("has_repeated_ids", &has_repeated_ids, "whether a row of idx [M, P] holds an id twice");
   m.def("row_dot", &row_dot, "out[m,p] = <x[m], table[idx[m,p]]>");
   m.def("scatter_rows", &scatter_rows, "out[r] = row_scale[r] sum_{idx[m,p]=r} w[m,p] x[m]");

@@ -10,7 +10,8 @@ arithmetic. ``cpu_ops.cpp`` does the same work in plain loops:
   ``torch.topk``'s, ties included.
 - ``weighted_gather``, ``row_dot``, ``scatter_rows``: the row operations as loops over the reads,
   in the PyTorch path's order of operations (bitwise its results for float32 rows of a multiple of 8
-  on an AVX-512 CPU; elsewhere they may differ by rounding).
+  on the AVX-512 CPUs measured, Intel and AMD: ``sparse_product_fuses`` asks MKL's rounding once;
+  elsewhere they may differ by rounding).
 
 The extension is compiled with the C++ compiler on first use (``torch.utils.cpp_extension``,
 cached under ``TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``). Where it cannot be built
@@ -103,7 +104,30 @@ def weighted_gather(w: Optional[Tensor], table: Tensor, idx: Tensor) -> Tensor:
     M, P = idx.shape
     if M == 0 or table.shape[0] == 0:
         return torch_ops.weighted_gather(w, table, idx)
-    return _extension().weighted_gather(_float(w, table.dtype), table.contiguous(), idx.contiguous())
+    return _extension().weighted_gather(_float(w, table.dtype), table.contiguous(), idx.contiguous(),
+                                        sparse_product_fuses())
+
+
+_fuses: Optional[bool] = None
+
+
+def sparse_product_fuses() -> bool:
+    """Whether the PyTorch path's weighted gather (MKL's CSR product) fuses its multiply-adds on this CPU.
+
+    MKL picks its kernel by CPU: fused on the Intel AVX-512 machine the kernels were first measured on,
+    a multiply then an add on an AMD EPYC (AVX-512) seen on 2026-12-06. The C++ loop rounds as it does,
+    so that both backends give the same bits; asked once per process on a small probe (where neither
+    order matches, fused, and the backends differ by rounding)."""
+    global _fuses
+    if _fuses is None:
+        g = torch.Generator().manual_seed(0)
+        idx = torch.stack([torch.randperm(256, generator=g)[:8] for _ in range(64)])
+        w, table = torch.randn(64, 8, generator=g), torch.randn(256, 64, generator=g)
+        want = torch_ops.weighted_gather(w, table, idx)
+        ext = _extension()
+        _fuses = not torch.equal(ext.weighted_gather(w, table, idx, False), want) or \
+            torch.equal(ext.weighted_gather(w, table, idx, True), want)
+    return _fuses
 
 
 def row_dot(x: Tensor, table: Tensor, idx: Tensor) -> Tensor:

@@ -150,6 +150,19 @@ def test_cpu_row_kernels_are_bitwise_the_torch_path_at_the_memorys_shapes(cpu_op
         assert torch.equal(cpu_ops.scatter_rows(None, x, ids, R), torch_ops.scatter_rows(None, x, ids, R))
 
 
+def test_cpu_gather_rounds_as_the_pytorch_path_does_on_this_cpu(cpu_ops, monkeypatch):
+    """MKL's sparse product fuses its multiply-adds on some CPUs and not on others (Intel / AMD AVX-512):
+    the C++ gather asks once and rounds the same way; the other rounding would be other bits."""
+    g = torch.Generator().manual_seed(5)
+    idx = torch.stack([torch.randperm(500, generator=g)[:8] for _ in range(200)])
+    w, table = torch.randn(200, 8, generator=g), torch.randn(500, 64, generator=g)
+    want = torch_ops.weighted_gather(w, table, idx)
+    assert torch.equal(cpu_ops.weighted_gather(w, table, idx), want)
+    monkeypatch.setattr(cpu_ops, "_fuses", not cpu_ops.sparse_product_fuses())
+    other = cpu_ops.weighted_gather(w, table, idx)
+    assert not torch.equal(other, want) and torch.allclose(other, want, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_cpu_topk_rows_is_torch_topk_ties_and_nans_included(cpu_ops, dtype):
     """Values and ids of torch.topk (largest, sorted) for rows of distinct values, rows whose top k
@@ -175,7 +188,7 @@ def test_cpu_kernels_give_clear_errors_on_bad_input(cpu_ops):
     with pytest.raises(RuntimeError, match="k=9"):
         ext.topk_rows(torch.zeros(2, 8), 9)
     with pytest.raises(RuntimeError, match="int64"):
-        ext.weighted_gather(None, torch.zeros(4, 3), torch.zeros(2, 2, dtype=torch.int32))
+        ext.weighted_gather(None, torch.zeros(4, 3), torch.zeros(2, 2, dtype=torch.int32), True)
     with pytest.raises(RuntimeError, match="float32 or float64"):
         ext.row_dot(torch.zeros(2, 3, dtype=torch.int64), torch.zeros(4, 3, dtype=torch.int64),
                     torch.zeros(2, 2, dtype=torch.int64))
