@@ -330,12 +330,22 @@ class TrackingCallback(Callback):
             return
         self.monitor = SystemMetricsMonitor(run_id, sampling_interval=self.system_metrics_s, resume_logging=True,
                                             tracking_uri=uri)
+        self.monitor_run = (run_id, uri)
         self.monitor.start()
 
     def _stop_monitor(self) -> None:
         if self.monitor is not None:
             with contextlib.suppress(Exception):
                 self.monitor.finish()
+                # MLflow's loop logs after a whole sampling interval and drops a partial one at shutdown:
+                # a run shorter than the interval would have no system metrics at all, so take one sample now
+                from mlflow.tracking import MlflowClient
+
+                run_id, uri = self.monitor_run
+                if not MlflowClient(uri).get_metric_history(run_id, "system/system_memory_usage_megabytes"):
+                    self.monitor.collect_metrics()
+                    self.monitor.publish_metrics(self.monitor.aggregate_metrics())
+                    self.monitor.mlflow_logger.flush()
             self.monitor = None
 
 

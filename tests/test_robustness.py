@@ -312,7 +312,7 @@ def test_a_finished_run_says_so_a_changed_option_is_refused_a_longer_run_is_reco
 
     run_dir = tmp_path / "runs" / "done"
     args = ("--trainer.max_steps", "2", "--train.plot_every_n_steps", "0", "--trainer.val_check_interval", "1",
-            "--trainer.enable_progress_bar", "true", "--tracking.system_metrics_s", "0.1")
+            "--trainer.enable_progress_bar", "true", "--tracking.system_metrics_s", "30")  # longer than the run
     first = micro_training.run(run_dir, *args)
     assert "step (epoch 0): 100%" in first.stdout and "2/2 [" in first.stdout  # one bar over max_steps
     summary = first.stdout[first.stdout.index("[fwpkm] run finished: done"):]
@@ -324,7 +324,8 @@ def test_a_finished_run_says_so_a_changed_option_is_refused_a_longer_run_is_reco
     metrics = client.get_run(micro_training.run_id(run_dir)).data.metrics
     kind = client.get_experiment(client.get_run(micro_training.run_id(run_dir)).info.experiment_id).tags
     assert kind["mlflow.experimentKind"] == "custom_model_development"  # MLflow 3's UI opens it on its runs
-    # psutil's first CPU sample reads 0.0 on some containers, so only its range is checked; memory is always > 0
+    # a run shorter than the sampling interval still gets one sample, taken at its end; psutil's first CPU
+    # sample reads 0.0 on some containers, so only its range is checked; memory is always > 0
     assert 0 <= metrics["system/cpu_utilization_percentage"] <= 100 and metrics["system/system_memory_usage_megabytes"] > 0
     again = micro_training.run(run_dir, *args)
     assert f"run folder {run_dir} already finished at step 2" in again.stdout and "nothing to do" in again.stdout
