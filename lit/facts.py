@@ -116,10 +116,17 @@ def _mixed_form_pieces(rng: random.Random, tokenizer: Tokenizer, length: int, ma
         pieces.append((tokenizer.encode(render(statement, key, attribute, value)),
                        tokenizer.encode(render(recall, key, attribute, value))))
         facts.append((key, attribute, value))
-    while len(pieces) > 1 and sum(len(s) + len(r) for s, r in pieces) > int(length * max_fraction):
+    _trim(pieces, facts, 1, int(length * max_fraction))
+    return pieces, facts
+
+
+def _trim(pieces: list, facts: list, fewest: int, budget: int) -> bool:
+    """Drop the last facts (and their recalls) until they fit ``budget`` tokens or ``fewest`` are left;
+    whether they fit."""
+    while len(pieces) > fewest and sum(len(s) + len(r) for s, r in pieces) > budget:
         pieces.pop()
         facts.pop()
-    return pieces, facts
+    return sum(len(s) + len(r) for s, r in pieces) <= budget
 
 
 def _shared_form_pieces(rng: random.Random, tokenizer: Tokenizer, length: int, max_facts: int, same_words: float,
@@ -146,9 +153,4 @@ def _shared_form_pieces(rng: random.Random, tokenizer: Tokenizer, length: int, m
         pieces.append((tokenizer.encode(render(statement, key, attribute, value)),
                        tokenizer.encode(render(recall, key, attribute, value))))
         facts.append((key, attribute, value))
-    while len(pieces) > 2 and sum(len(s) + len(r) for s, r in pieces) > int(length * max_fraction):
-        pieces.pop()
-        facts.pop()
-    if sum(len(s) + len(r) for s, r in pieces) > int(length * max_fraction):
-        return None
-    return pieces, facts
+    return (pieces, facts) if _trim(pieces, facts, 2, int(length * max_fraction)) else None
