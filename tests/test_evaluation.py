@@ -380,3 +380,25 @@ def test_eval_cli_errors_are_clear(tmp_path, capsys):
                  "--key-format", "K[0-9]{3}", "--value-format", "[0-9]{4}", "--no-mlflow"]) == 2
     err = capsys.readouterr().err
     assert "needle family 'custom'" in err and "{key}" in err and len(err.strip().splitlines()) == 1
+
+
+def test_slot_ranks_order_every_slot_as_the_read_does(model, tok):
+    """A read selects the slots of ranks 0..topk-1 (spec 1.1): the ranks of the slots the question's last token
+    read are exactly those, per head, and the ranks of all n^2 slots are one order of them."""
+    from lit.evaluation.inspect import slot_ranks
+
+    ids = tok.encode(TEXT)[:120]
+    inspector = MemoryInspector(model, tok)
+    with preserved_fast_weights(model), inspector._queries() as seen:
+        reads = inspector.read(ids, chunk_size=len(ids))
+    for layer, memory in inspector.layers.items():
+        c = memory.config
+        q = torch.cat(seen[layer][0], dim=1)[0, -1]
+        keys = seen[layer][1]
+        read = reads[layer][0][-1]  # [H, k]
+        for h in range(c.heads):
+            head_keys = keys[h:h + 1]
+            head_q = q.view(c.heads, -1)[h]
+            assert sorted(slot_ranks(head_q, head_keys, read[h].tolist(), c.score).tolist()) == list(range(c.topk))
+        every_slot = slot_ranks(q.view(c.heads, -1)[0], keys[:1], range(c.n_slots), c.score)
+        assert sorted(every_slot.tolist()) == list(range(c.n_slots))  # one order: no two slots share a rank

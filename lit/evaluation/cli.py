@@ -14,6 +14,7 @@ import argparse
 import csv
 import json
 import os
+import statistics
 import sys
 from pathlib import Path
 from typing import Optional
@@ -350,7 +351,8 @@ def _inspect_needles(args, model, tokenizer, inspector, out) -> None:
             rows.append({"family": family, "question": question, "context_len": length, "depth": depth,
                          "layer": r["layer"], "key": sample.keys[sample.target_index], "answer": sample.answer,
                          "written": len(r["written_slots"]), "overlap": len(r["overlap"]),
-                         "on_asked": r["on_asked"], "on_other": r["on_other"]})
+                         "on_asked": r["on_asked"], "on_other": r["on_other"], "asked_rank": r["asked_rank"],
+                         "other_rank": r["other_rank"], "asked_cos": r["asked_cos"], "other_cos": r["other_cos"]})
     out.table("needle_reads", rows)
     summary = []
     for family in dict.fromkeys(r["family"] for r in rows):
@@ -358,13 +360,19 @@ def _inspect_needles(args, model, tokenizer, inspector, out) -> None:
             cell = [r for r in rows if r["family"] == family and r["layer"] == layer]
             row = {"family": family, "layer": layer, "questions": len(cell)}
             for name, values in (("on_asked", [r["on_asked"] for r in cell]), ("on_other", [r["on_other"] for r in cell]),
-                                 ("asked_minus_other", [r["on_asked"] - r["on_other"] for r in cell])):
+                                 ("asked_minus_other", [r["on_asked"] - r["on_other"] for r in cell]),
+                                 ("asked_cos", [r["asked_cos"] for r in cell]), ("other_cos", [r["other_cos"] for r in cell])):
                 mean, low, high = mean_interval(values, clip=False)
                 row |= {name: round(mean, 4), f"{name}_low": round(low, 4), f"{name}_high": round(high, 4)}
+            for name in ("asked_rank", "other_rank"):
+                row[f"{name}_median"] = statistics.median(r[name] for r in cell)
+            row["asked_rank_below_1024"] = round(sum(r["asked_rank"] < 1024 for r in cell) / len(cell), 4)
             summary.append(row)
     out.table("needle_binding", summary, show=True)
     print("on_asked / on_other: share of the answer's read weight on the slots written by the pair that predicts the "
-          "asked / the other needles' first value token (one write of the haystack; 95% t intervals)")
+          "asked / the other needles' first value token (one write of the haystack; 95% t intervals); *_rank: the rank of "
+          "that pair's best slot among all slots in the answer's read (0 = best; read if < topk); *_cos: the cosine of the "
+          "answer's query and the pair's")
 
 
 def check_slot(model, text: str) -> tuple[int, int]:

@@ -8,12 +8,14 @@ exactly ``indices[t]``. :class:`MemoryInspector` records those writes per slot.
 from __future__ import annotations
 
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
 import torch
 
 from fwpkm import HybridLM
+from kernels.torch_ops import sub_scores
 from lit.synthetic import NIAHSample
 
 from .common import device_of, preserved_fast_weights, stream
@@ -140,27 +142,73 @@ class MemoryInspector:
     def needle(self, sample: NIAHSample, segment_len: int = 2048) -> list[dict]:
         """One memorisation pass over the haystack (one write), then the question: per layer, the
         slots the asked needle's value was written to, the slots read while answering, and their overlap;
-        and where the answer's read lands (``on_asked``, ``on_other``, :func:`read_weight_on`)."""
+        where the answer's read lands (``on_asked``, ``on_other``, :func:`read_weight_on`); and how far the
+        answer's query is from each needle's value pair: the rank of the pair's best slot in the answer's
+        ordering of all slots (``asked_rank``, ``other_rank``; below topk means read) and the cosine of
+        the two queries (``asked_cos``, ``other_cos``)."""
         self.writes.clear()  # this sample's writes only
         values_at = [self._value_start(sample, i) for i in range(len(sample.values))]
         asked = values_at[sample.target_index]
         digits = range(asked, asked + len(sample.answer_ids))
         with preserved_fast_weights(self.model):
-            self.read(sample.context_ids, chunk_size=len(sample.context_ids), segment_len=segment_len)
+            with self._queries() as written_q:
+                self.read(sample.context_ids, chunk_size=len(sample.context_ids), segment_len=segment_len)
             x = torch.tensor([sample.input_ids], device=device_of(self.model))
-            _, run = stream(self.model, x, segment_len, keep_logits=False, chunk_size=x.shape[1] + 1, record=True)
+            with self._queries() as asked_q:
+                _, run = stream(self.model, x, segment_len, keep_logits=False, chunk_size=x.shape[1] + 1, record=True)
         report = []
-        for layer in self.layers:
+        for layer, memory in self.layers.items():
             written = self.slots_written_by(layer, digits)
             read_ids = run.cat("indices", layer)[0, -1].flatten().tolist()  # the read that predicts digit 1
             read_w = run.cat("weights", layer)[0, -1].flatten().tolist()
-            others = [read_weight_on(read_ids, read_w, self.slots_written_by(layer, [at]))
-                      for i, at in enumerate(values_at) if i != sample.target_index]
+            q_answer, keys = asked_q[layer][0][-1][0, -1], asked_q[layer][1]  # the answer's query, the keys it met
+            q_pairs = torch.cat(written_q[layer][0], dim=1)[0]
+            reach = []  # per needle: (share of the answer's read, best rank, query cosine)
+            for at in values_at:
+                slots = self.slots_written_by(layer, [at])
+                ranks = slot_ranks(q_answer, keys, sorted(slots), memory.config.score)
+                q_pair = q_pairs[at - memory.lookahead]
+                reach.append((read_weight_on(read_ids, read_w, slots), int(ranks.min()),
+                              float(torch.nn.functional.cosine_similarity(q_answer, q_pair, dim=0))))
+            mine, others = reach[sample.target_index], [r for i, r in enumerate(reach) if i != sample.target_index]
+            mean = lambda j: sum(r[j] for r in others) / len(others) if others else float("nan")
             report.append({"layer": layer, "written_slots": sorted(written, key=lambda s: -written[s]),
                            "read_slots": read_ids, "overlap": sorted(set(written) & set(read_ids)),
-                           "on_asked": read_weight_on(read_ids, read_w, self.slots_written_by(layer, [asked])),
-                           "on_other": sum(others) / len(others) if others else float("nan")})
+                           "on_asked": mine[0], "on_other": mean(0), "asked_rank": mine[1], "other_rank": mean(1),
+                           "asked_cos": mine[2], "other_cos": mean(2)})
         return report
+
+    @contextmanager
+    def _queries(self):
+        """Layer -> ([the query of every memory call, [1, T, H*dk]], the keys the last call met)."""
+        seen = {layer: ([], None) for layer in self.layers}
+
+        def hook(layer):
+            def record(module, args, kwargs):
+                seen[layer] = (seen[layer][0] + [args[0].detach().float()], module.keys.detach().clone())
+            return record
+        handles = [m.register_forward_pre_hook(hook(layer), with_kwargs=True) for layer, m in self.layers.items()]
+        try:
+            yield seen
+        finally:
+            for h in handles:
+                h.remove()
+
+
+def slot_ranks(q: torch.Tensor, keys: torch.Tensor, slots: Sequence[int], score: str) -> torch.Tensor:
+    """Rank of each slot among all n^2 slots in the read of one query (0: the best; a read selects the
+    ranks 0..topk-1), the best over heads: q [H*dk], keys [H, 2, n, dk/2]; slot i * n + j scores
+    s1[i] + s2[j] (spec 1.1), and its rank is the number of slots that score strictly higher."""
+    H, _, n, d = keys.shape
+    ids = torch.as_tensor(list(slots), dtype=torch.long)
+    halves = q.double().view(H, 2, d)
+    best = torch.full((len(ids),), n * n, dtype=torch.long)
+    for h in range(H):
+        s1, s2 = (sub_scores(halves[h, j].view(1, 1, 1, d), keys[h, j].double().unsqueeze(0), score).view(n)
+                  for j in (0, 1))
+        every = (s1.unsqueeze(1) + s2.unsqueeze(0)).flatten()  # n^2 doubles: 2 MiB at n = 512
+        best = torch.minimum(best, (every.unsqueeze(0) > every[ids].unsqueeze(1)).sum(1))
+    return best
 
 
 def read_weight_on(read_ids: Sequence[int], read_weights: Sequence[float], slots) -> float:
