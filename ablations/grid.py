@@ -347,7 +347,8 @@ def summary(run: RunConfig) -> dict:
         out.update({"score": mem.score, "lookahead": mem.lookahead, "target_norm": block.target_norm,
                     "addr_loss": mem.addr_loss_weight, "values_only": mem.grad_to_values_only,
                     "gate_out": block.out_fuse_gate, "gate_loss": block.weight_loss_with_gates,
-                    "HxK": f"{mem.heads}x{mem.topk}", "mse": mem.mse, "slots": mem.n_slots})
+                    "HxK": f"{mem.heads}x{mem.topk}" + (f" (training: {mem.train_topk})" if mem.train_topk else ""),
+                    "mse": mem.mse, "slots": mem.n_slots})
     elif kind == "fwmlp":
         out.update({"lookahead": block.fwmlp.lookahead, "hidden": block.fwmlp.hidden,
                     "gate_out": block.out_fuse_gate, "gate_loss": block.weight_loss_with_gates})

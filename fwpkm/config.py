@@ -116,6 +116,9 @@ class MemoryConfig(FastWeightConfig):
 
     heads: int = 1
     topk: int = 8
+    # Not the paper's: slots a read selects while training (reads with a graph), e.g. 32; evaluation reads
+    # ``topk``. A wider read gives the outer loss a gradient toward slots just outside the top-k.
+    train_topk: Optional[int] = None
     n_subkeys: int = 512
     score: str = "idw"  # idw | dot
     temperature: float = 1.0
@@ -133,6 +136,9 @@ class MemoryConfig(FastWeightConfig):
             raise ConfigError(f"memory.k_dim={self.k_dim} must be even (queries are split into two halves)")
         if self.topk > self.n_subkeys:
             raise ConfigError(f"memory.topk={self.topk} must be <= memory.n_subkeys={self.n_subkeys}")
+        if self.train_topk is not None and not self.topk <= self.train_topk <= self.n_subkeys:
+            raise ConfigError(f"memory.train_topk={self.train_topk} must be null or between memory.topk={self.topk} "
+                              f"and memory.n_subkeys={self.n_subkeys}")
         check_choice("memory.score", self.score, ("idw", "dot"))
         check_choice("memory.score_fn", self.score_fn, ("softmax", "silu", "relu"))
         check_choice("memory.mse", self.mse, ("sum", "mean"))
@@ -143,6 +149,9 @@ class MemoryConfig(FastWeightConfig):
     @property
     def n_slots(self) -> int:
         return self.n_subkeys * self.n_subkeys
+
+    def reads_per_head(self, training: bool) -> int:
+        return self.train_topk if training and self.train_topk else self.topk
 
     @property
     def uses_addr_loss(self) -> bool:

@@ -179,7 +179,8 @@ class FwPKMMemory(ChunkedFastWeights):
 
     def extra_repr(self) -> str:
         c = self.config
-        return (f"heads={c.heads}, topk={c.topk}, slots={c.n_subkeys}^2, k_dim={c.k_dim}, v_dim={c.v_dim}, "
+        train_k = f", train_topk={c.train_topk}" if c.train_topk else ""
+        return (f"heads={c.heads}, topk={c.topk}{train_k}, slots={c.n_subkeys}^2, k_dim={c.k_dim}, v_dim={c.v_dim}, "
                 f"chunk={c.chunk_size}, lookahead={c.lookahead}, score={c.score}, mse={c.mse}")
 
     # -- the four steps -------------------------------------------------------------
@@ -199,11 +200,12 @@ class FwPKMMemory(ChunkedFastWeights):
             q = q.detach()
         with torch.set_grad_enabled(graph or state.keys_update):
             qh = q.view(B, T, c.heads, c.k_dim)
-            top_sub, scores, indices = ops.address(qh, state.keys, c.topk, c.score, backend=c.backend)
+            k = c.reads_per_head(graph)
+            top_sub, scores, indices = ops.address(qh, state.keys, k, c.score, backend=c.backend)
             weights = self._normalise(scores)
             # only the rows read are gathered: theta_c[unique slots], then the weighted read
             urows, inverse, n_read = torch.unique(indices.reshape(-1), return_inverse=True, return_counts=True)
-            hk = c.heads * c.topk
+            hk = c.heads * k
             # without a graph, the read needs one only when the keys learn from mem_loss, and only
             # until the write: the caller keeps detached reads, so a long call holds no graph
             mem_loss_to_keys = state.keys_update and not c.grad_to_values_only
@@ -214,7 +216,7 @@ class FwPKMMemory(ChunkedFastWeights):
             table, updates = state.values.rows(urows, split=graph and not mem_loss_to_keys)
             out = ops.weighted_gather(w, table, inv, backend=c.backend)
             out = _read_updates(out, w, inv, len(urows), updates, c.backend).view(B, T, -1)
-        inverse = inverse.view(B, T, c.heads, c.topk)
+        inverse = inverse.view(B, T, c.heads, k)
         if graph:
             return Read(out, indices, weights, top_sub, urows, inverse, n_read)
         return Read(out.detach(), indices, weights.detach(), top_sub, urows, inverse, n_read,
@@ -270,7 +272,7 @@ class FwPKMMemory(ChunkedFastWeights):
         entropy = 0.0
         for top_scores, top_ids in top_sub:
             probs = torch.softmax(top_scores, dim=-1)
-            rows = probs.numel() // c.topk
+            rows = probs.numel() // probs.shape[-1]
             p_bar = probs.new_zeros(c.n_subkeys).index_add(0, top_ids.reshape(-1), probs.reshape(-1)) / rows
             entropy = entropy - (p_bar * torch.log(p_bar + 1e-8)).sum()
         return -c.addr_loss_weight * entropy
@@ -299,7 +301,7 @@ class FwPKMMemory(ChunkedFastWeights):
         row_scale = None  # S / N_read per unique row ("sum" MSE)
         if c.mse == "sum":
             n_samples = float(B * T) if seg.mask is None else (seg.mask[:, :P] > 0).sum().to(err.dtype)
-            scale = n_samples * c.v_dim * c.topk * c.heads
+            scale = n_samples * c.v_dim * k * H
             row_scale = scale / n_read.to(err.dtype)
         fuse_lr = not c.grad_clip and c.lr > 0  # then the scatter writes -lr * grad directly
         if fuse_lr:

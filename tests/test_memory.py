@@ -256,3 +256,34 @@ def test_inference_mode_gives_the_no_grad_result(make_memory, memory_inputs):
     with torch.inference_mode():
         got = mem(q, v, g).output
     torch.testing.assert_close(got, expected)
+
+
+def test_train_topk_reads_wider_in_training_only(make_memory, memory_inputs):
+    """memory.train_topk: a training call is the call of a memory whose topk is train_topk (reads, writes and
+    meta-gradients; that one matches the dense reference above), an evaluation call the one of plain topk."""
+    wide, narrow = 4, 2
+    mem = make_memory(topk=narrow, train_topk=wide)
+    as_wide, as_narrow = make_memory(topk=wide), make_memory(topk=narrow)
+    q, v, gates, mask = memory_inputs(mem, gated=True)
+    outs = []
+    for m in (mem, as_wide):
+        m.train()
+        out = m(q, v, gates, mask).output
+        outs.append((out, m.keys.clone(), m.values.clone(), torch.autograd.grad(out.pow(2).sum(), (q, v, gates))))
+    for got, want in zip(outs[0][:3], outs[1][:3]):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for got, want in zip(outs[0][3], outs[1][3]):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    mem.load_state_dict(as_narrow.state_dict())  # the same fast weights again
+    with torch.no_grad():
+        got, want = mem.eval()(q, v).output, as_narrow.eval()(q, v).output
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    trained_narrow = make_memory(topk=narrow).train()(q, v, gates, mask).output
+    assert not torch.allclose(outs[0][0], trained_narrow)  # the widths differ: the test can tell them apart
+
+
+def test_train_topk_outside_topk_and_n_subkeys_is_a_clear_error():
+    with pytest.raises(ConfigError, match="memory.train_topk=4 must be null or between memory.topk=8"):
+        MemoryConfig(train_topk=4)
+    with pytest.raises(ConfigError, match="train_topk"):
+        MemoryConfig(topk=2, n_subkeys=6, train_topk=7)
