@@ -389,7 +389,7 @@ def test_slot_ranks_order_every_slot_as_the_read_does(model, tok):
 
     ids = tok.encode(TEXT)[:120]
     inspector = MemoryInspector(model, tok)
-    with preserved_fast_weights(model), inspector._queries() as seen:
+    with preserved_fast_weights(model), inspector.recording_queries() as seen:
         reads = inspector.read(ids, chunk_size=len(ids))
     for layer, memory in inspector.layers.items():
         c = memory.config

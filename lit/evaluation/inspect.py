@@ -151,10 +151,10 @@ class MemoryInspector:
         asked = values_at[sample.target_index]
         digits = range(asked, asked + len(sample.answer_ids))
         with preserved_fast_weights(self.model):
-            with self._queries() as written_q:
+            with self.recording_queries() as written_q:
                 self.read(sample.context_ids, chunk_size=len(sample.context_ids), segment_len=segment_len)
             x = torch.tensor([sample.input_ids], device=device_of(self.model))
-            with self._queries() as asked_q:
+            with self.recording_queries() as asked_q:
                 _, run = stream(self.model, x, segment_len, keep_logits=False, chunk_size=x.shape[1] + 1, record=True)
         report = []
         for layer, memory in self.layers.items():
@@ -179,8 +179,9 @@ class MemoryInspector:
         return report
 
     @contextmanager
-    def _queries(self):
-        """Layer -> ([the query of every memory call, [1, T, H*dk]], the keys the last call met)."""
+    def recording_queries(self):
+        """While in the block: layer -> (the queries [1, T, H*dk] of every call of its memory, in order; the keys
+        the last call started from)."""
         seen = {layer: ([], None) for layer in self.layers}
 
         def hook(layer):
