@@ -37,7 +37,7 @@ MODELS = {
     "FwMLP": [(C_DIR, ("fwmlp",), "fwmlp")],
 } | {name: [(HERE, (f"{variant}_seed{s}",), f"{variant}_seed{s}") for s in (0, 1)]
      for name, variant in (("lookahead 0", "fwpkm_lookahead0"), ("dot scoring", "fwpkm_dot"),
-                           ("no addressing loss", "fwpkm_no_addr"))}
+                           ("no addressing loss", "fwpkm_no_addr"), ("J: train_topk 32", "J_fwpkm"))}
 # final validation perplexity per seed: pilot C's from docs/recall.md ("Three seeds"; those runs were trained on
 # another host and are not in this folder), the others from val_claims.csv (each run's last validation, read from MLflow)
 PUBLISHED_PPL = {"FwPKM": [3.426, 3.422, 3.366], "SWA only": [3.550, 3.545, 3.557], "FwMLP": [3.56]}
@@ -159,7 +159,8 @@ def reach_table(stems: dict) -> None:
 REACH = {f"H seed {s}": (HERE, f"H_fwpkm_seed{s}") for s in range(3)} | {
     "C seed 1 (AMD rerun)": (HERE, "C_rerun_amd_fwpkm_seed1")} | {
     f"{name} seed {s}": (HERE, f"{variant}_seed{s}") for name, variant in
-    (("lookahead 0", "fwpkm_lookahead0"), ("dot", "fwpkm_dot"), ("no addr", "fwpkm_no_addr")) for s in (0, 1)}
+    (("lookahead 0", "fwpkm_lookahead0"), ("dot", "fwpkm_dot"), ("no addr", "fwpkm_no_addr"), ("J", "J_fwpkm"))
+    for s in (0, 1)}
 
 if __name__ == "__main__":
     claims_table()
