@@ -34,7 +34,7 @@ MODELS = {
               (C_DIR, ("fwpkm_seed2",), "fwpkm_seed2")],
     "SWA only": [(C_DIR, ("swa_only", "swa_only_seed0"), "swa_only"), (C_DIR, ("swa_only_seed1",), "swa_only_seed1"),
                  (C_DIR, ("swa_only_seed2",), "swa_only_seed2")],
-    "FwMLP": [(C_DIR, ("fwmlp",), "fwmlp")],
+    "FwMLP": [(C_DIR, ("fwmlp",), "fwmlp"), (HERE, ("fwmlp_seed1",), "fwmlp_seed1")],
 } | {name: [(HERE, (f"{variant}_seed{s}",), f"{variant}_seed{s}") for s in (0, 1)]
      for name, variant in (("lookahead 0", "fwpkm_lookahead0"), ("dot scoring", "fwpkm_dot"),
                            ("no addressing loss", "fwpkm_no_addr"), ("J: train_topk 32", "J_fwpkm"))}
@@ -61,13 +61,34 @@ def available(model: str) -> list:
 
 
 def val_ppl(model: str) -> list:
-    if model in PUBLISHED_PPL:
-        return PUBLISHED_PPL[model]
-    variant = MODELS[model][0][1][0].rsplit("_seed", 1)[0]
+    variant = MODELS[model][-1][1][0].rsplit("_seed", 1)[0]
     path = HERE / "val_claims.csv"
-    if not path.exists():
-        return []
-    return [float(r["val_ppl"]) for r in csv.DictReader(open(path)) if r["variant"] == variant]
+    here = [float(r["val_ppl"]) for r in csv.DictReader(open(path)) if r["variant"] == variant] if path.exists() else []
+    return PUBLISHED_PPL.get(model, []) + here
+
+
+def pass_table(models=("C seed 1 (AMD rerun)", "dot scoring", "no addressing loss", "J: train_topk 32"),
+               families=("spec", "oven")) -> None:
+    """Exact match with 0, 1 and 2 passes, pooled over the seeds' questions [Wilson]; pass 1 from pass1_niah_*.csv."""
+    runs_of = {"C seed 1 (AMD rerun)": [(HERE.parent / "session_2026-12-06", ("C_rerun_amd_fwpkm_seed1",), None)]}
+    print("\n| model | family | tokens | 0 passes | 1 pass | 2 passes |\n|---|---|---|---|---|---|")
+    for model in models:
+        runs = runs_of.get(model) or MODELS[model]
+        stems = [(d, st) for d, st, _ in runs]  # pass 1 was run this session, for every model, into HERE
+        once = [rows_of(HERE, "pass1_niah", st) for _, st in stems]
+        for family in families:
+            for L in LENGTHS:
+                cells = [pooled(runs, (family, L, "0"))]
+                one = [o[(family, L, "1")] for o in once if (family, L, "1") in o]
+                if len(one) == len(once) and one:
+                    hits = sum(round(float(r["exact"]) * int(r["questions"])) for r in one)
+                    n = sum(int(r["questions"]) for r in one)
+                    p, low, high = wilson_interval(hits, n)
+                    cells.append(f"{p:.2f} [{low:.2f}, {high:.2f}] n={n}")
+                else:
+                    cells.append("-")
+                cells.append(pooled(runs, (family, L, "2")))
+                print(f"| {model} | {family} | {int(L):,} | " + " | ".join(cells) + " |")
 
 
 def niah_table(passes: str = "2") -> None:
@@ -168,5 +189,6 @@ if __name__ == "__main__":
     niah_table("2")
     print("\n0 passes (chunk = input: the question is read before anything is written):\n")
     niah_table("0")
+    pass_table()
     position_table()
     reach_table(REACH)
