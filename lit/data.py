@@ -56,10 +56,10 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler, default_collate
 
 from fwpkm.config import ConfigError, check_positive, from_mapping
-from lit.facts import fact_sequence
+from lit.facts import fact_sequence_with_answers
 from lit.synthetic import (associative_recall_sequence, hash_seed, mqar_sequence, niah_training_sequence,
                            repeated_span_sequence)
 from lit.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
@@ -205,6 +205,9 @@ class DataConfig:
     facts_per_row: int = 3  # most facts in a fact row (1 to this many; fewer when they do not fit)
     facts_same_words: float = 0.3  # share of recalls that restate the fact in its own words
     facts_shared: float = 0.0  # share of fact rows whose 2+ facts share attribute, value format and sentence forms
+    # weight of the training loss on the tokens of fact recalls' values (1 = none; not the paper's: a lab knob
+    # for the lookup signal, which only those tokens carry); batches then hold "loss_weights" [B, T]
+    facts_answer_weight: float = 1.0
     # synthetic sources (`niah`, `recall`)
     synthetic_train_size: int = 8192  # rows per epoch
     synthetic_val_size: int = 256
@@ -219,7 +222,7 @@ class DataConfig:
     def __post_init__(self):
         self.val_sources = self._as_list(self.val_sources)
         for name in ("seq_len", "batch_size", "niah_needles", "synthetic_train_size", "synthetic_val_size", "recall_pairs",
-                     "repeat_min_span", "facts_per_row"):
+                     "repeat_min_span", "facts_per_row", "facts_answer_weight"):
             check_positive(f"data.{name}", getattr(self, name))
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction={self.val_fraction!r} must be in [0, 1)")
@@ -465,7 +468,8 @@ class GeneratedDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         row = self.make_row(seed=hash_seed(self.seed, self.stream, index))
-        return {name: torch.tensor(values, dtype=torch.long) for name, values in row.items()}
+        return {name: torch.tensor(values, dtype=torch.float32 if name == "loss_weights" else torch.long)
+                for name, values in row.items()}
 
 
 def niah_row(haystack_ids: np.ndarray, tokenizer: Tokenizer, seq_len: int, n_needles: int, max_fraction: float,
@@ -480,9 +484,26 @@ def repeat_row(haystack_ids: np.ndarray, seq_len: int, min_span: int, seed: int)
 
 
 def fact_row(haystack_ids: np.ndarray, tokenizer: Tokenizer, seq_len: int, max_facts: int, same_words: float,
-             shared: float, seed: int) -> dict:
-    tokens, _ = fact_sequence(haystack_ids, tokenizer, seq_len + 1, seed, max_facts, same_words, shared=shared)
-    return {"input_ids": tokens[:-1], "labels": tokens[1:]}
+             shared: float, seed: int, answer_weight: float = 1.0) -> dict:
+    """A fact row; with ``answer_weight`` != 1 also its ``loss_weights``: that weight on the labels that are
+    recall values' tokens, 1 elsewhere."""
+    tokens, _, answers = fact_sequence_with_answers(haystack_ids, tokenizer, seq_len + 1, seed, max_facts, same_words,
+                                                    shared=shared)
+    row = {"input_ids": tokens[:-1], "labels": tokens[1:]}
+    if answer_weight != 1.0:
+        weights = np.ones(seq_len, dtype=np.float32)
+        for start, stop in answers:
+            weights[max(0, start - 1):stop - 1] = answer_weight  # label i is token i + 1
+        row["loss_weights"] = weights
+    return row
+
+
+def collate_weighted(items: list[dict]) -> dict:
+    """Default collation; when some rows carry "loss_weights", the others get weight 1 on every label."""
+    if any("loss_weights" in item for item in items):
+        items = [item if "loss_weights" in item else
+                 item | {"loss_weights": torch.ones(item["labels"].shape, dtype=torch.float32)} for item in items]
+    return default_collate(items)
 
 
 # --------------------------------------------------------------------------- resumable order
@@ -687,7 +708,8 @@ class FwPKMDataModule(L.LightningDataModule):
             make_row = functools.partial(repeat_row, haystack, cfg.seq_len, cfg.repeat_min_span)
         elif kind == "facts":
             make_row = functools.partial(fact_row, haystack, self.tokenizer, cfg.seq_len, cfg.facts_per_row,
-                                         cfg.facts_same_words, cfg.facts_shared)
+                                         cfg.facts_same_words, cfg.facts_shared,
+                                         answer_weight=cfg.facts_answer_weight if stream == "train-facts" else 1.0)
         else:
             make_row = functools.partial(niah_row, haystack, self.tokenizer, cfg.seq_len, cfg.niah_needles,
                                          cfg.niah_max_fraction)
@@ -750,6 +772,7 @@ class FwPKMDataModule(L.LightningDataModule):
             sampler=self.sampler,
             drop_last=True,
             num_workers=self.config.num_workers,
+            collate_fn=collate_weighted,
         )
 
     def val_dataloader(self) -> DataLoader | list[DataLoader]:

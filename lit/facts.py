@@ -72,6 +72,17 @@ def fact_sequence(haystack_ids: Sequence[int], tokenizer: Tokenizer, length: int
                   shared: float = 0.0) -> tuple[list[int], list[tuple[str, str, str]]]:
     """``length`` tokens: haystack text with 1 to ``max_facts`` facts in its first 45% and each one
     recalled after it; and the facts, (key, attribute, value).
+    """
+    sequence, facts, _ = fact_sequence_with_answers(haystack_ids, tokenizer, length, seed, max_facts, same_words,
+                                                    max_fraction, shared)
+    return sequence, facts
+
+
+def fact_sequence_with_answers(haystack_ids: Sequence[int], tokenizer: Tokenizer, length: int, seed: int,
+                               max_facts: int = 3, same_words: float = 0.3, max_fraction: float = 0.7,
+                               shared: float = 0.0) -> tuple[list[int], list[tuple[str, str, str]], list[tuple[int, int]]]:
+    """:func:`fact_sequence` and the answers' spans: (start, stop) token positions of each recall's value
+    in the sequence, where only a lookup of what was said about the key predicts the tokens.
 
     A recall repeats the fact's own sentence with probability ``same_words``, else uses another form.
     Facts and recalls take at most ``max_fraction`` of the row (fewer facts when they would not fit).
@@ -85,15 +96,27 @@ def fact_sequence(haystack_ids: Sequence[int], tokenizer: Tokenizer, length: int
             if drawn:
                 break
     pieces, facts = drawn or _mixed_form_pieces(rng, tokenizer, length, max_facts, same_words, max_fraction)
-    used = sum(len(s) + len(r) for s, r in pieces)
+    used = sum(len(s) + len(r) for s, r, _ in pieces)
     if used >= length:
         raise ValueError(f"length={length} is too short for a fact and its recall ({used} tokens)")
     statement_depths = [rng.uniform(0.0, 0.45) for _ in pieces]
     recall_depths = [rng.uniform(max(0.55, d + 0.2), 1.0) for d in statement_depths]
     window = haystack_window(haystack_ids, rng.randrange(len(haystack_ids)), length - used)
-    inserted = [s for s, _ in pieces] + [r for _, r in pieces]
-    sequence, _ = insert_needles(window, inserted, statement_depths + recall_depths, tokenizer)
-    return sequence, facts
+    inserted = [s for s, _, _ in pieces] + [r for _, r, _ in pieces]
+    sequence, starts = insert_needles(window, inserted, statement_depths + recall_depths, tokenizer)
+    answers = [(start + a, start + b) for start, (_, _, (a, b)) in zip(starts[len(pieces):], pieces)]
+    return sequence, facts, answers
+
+
+def _piece(tokenizer: Tokenizer, statement: str, recall: str, key: str, attribute: str, value: str) -> tuple:
+    """(statement ids, recall ids, (start, stop) of the value's tokens in the recall ids)."""
+    recall_ids = tokenizer.encode(render(recall, key, attribute, value))
+    before = render(recall[:recall.index("{v}")], key, attribute, value)  # the recall up to its value
+    before_ids = tokenizer.encode(before)
+    if before_ids != recall_ids[:len(before_ids)]:  # a subword tokenizer merged the space into the value
+        before_ids = tokenizer.encode(before.rstrip())
+    start, stop = len(before_ids), len(tokenizer.encode(before + value))
+    return tokenizer.encode(render(statement, key, attribute, value)), recall_ids, (start, stop)
 
 
 def _distinct_keys(rng: random.Random, n: int) -> list[str]:
@@ -113,8 +136,7 @@ def _mixed_form_pieces(rng: random.Random, tokenizer: Tokenizer, length: int, ma
     for key in keys:
         attribute, value, statement = rng.choice(ATTRIBUTES), random_value(rng), rng.choice(STATEMENTS)
         recall = statement if rng.random() < same_words else rng.choice(RECALLS)
-        pieces.append((tokenizer.encode(render(statement, key, attribute, value)),
-                       tokenizer.encode(render(recall, key, attribute, value))))
+        pieces.append(_piece(tokenizer, statement, recall, key, attribute, value))
         facts.append((key, attribute, value))
     _trim(pieces, facts, 1, int(length * max_fraction))
     return pieces, facts
@@ -123,10 +145,10 @@ def _mixed_form_pieces(rng: random.Random, tokenizer: Tokenizer, length: int, ma
 def _trim(pieces: list, facts: list, fewest: int, budget: int) -> bool:
     """Drop the last facts (and their recalls) until they fit ``budget`` tokens or ``fewest`` are left;
     whether they fit."""
-    while len(pieces) > fewest and sum(len(s) + len(r) for s, r in pieces) > budget:
+    while len(pieces) > fewest and sum(len(s) + len(r) for s, r, _ in pieces) > budget:
         pieces.pop()
         facts.pop()
-    return sum(len(s) + len(r) for s, r in pieces) <= budget
+    return sum(len(s) + len(r) for s, r, _ in pieces) <= budget
 
 
 def _shared_form_pieces(rng: random.Random, tokenizer: Tokenizer, length: int, max_facts: int, same_words: float,
@@ -150,7 +172,6 @@ def _shared_form_pieces(rng: random.Random, tokenizer: Tokenizer, length: int, m
                 break
             value = draw_value()
         values.add(value)
-        pieces.append((tokenizer.encode(render(statement, key, attribute, value)),
-                       tokenizer.encode(render(recall, key, attribute, value))))
+        pieces.append(_piece(tokenizer, statement, recall, key, attribute, value))
         facts.append((key, attribute, value))
     return (pieces, facts) if _trim(pieces, facts, 2, int(length * max_fraction)) else None

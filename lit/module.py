@@ -238,6 +238,9 @@ class FwPKMLitModule(L.LightningModule):
         self._skip_snapshot = self.model.fast_weight_state() if skip_mode else None
         out = self.model(batch["input_ids"], labels=batch["labels"], fa_to_swa=fa_to_swa)
         loss = out.loss
+        if "loss_weights" in batch:  # data.facts_answer_weight: train on the weighted loss, log both
+            stats_loss, loss = loss, weighted_loss(out.logits, batch["labels"], batch["loss_weights"])
+            self.log("train/weighted_loss", loss.detach(), on_step=True, on_epoch=False, batch_size=len(batch["labels"]))
         stats = memory_stats(out)
         bad = not bool(torch.isfinite(loss.detach()))
         if self.trainer.world_size > 1:  # every rank must take the same branch
@@ -246,7 +249,8 @@ class FwPKMLitModule(L.LightningModule):
             return self._non_finite("loss", loss.detach(), stats)
         self._sync_fast_weights()
         self.last_memory = {i: {"indices": mo.indices, "gates": mo.gates} for i, mo in out.memory.items()}
-        self._log_train_step(loss.detach(), stats, fa_to_swa, batch["input_ids"].shape[0])
+        logged = stats_loss if "loss_weights" in batch else loss
+        self._log_train_step(logged.detach(), stats, fa_to_swa, batch["input_ids"].shape[0])
         return loss
 
     def _non_finite(self, what: str, value: Tensor, stats: dict):
@@ -419,6 +423,15 @@ class FwPKMLitModule(L.LightningModule):
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def weighted_loss(logits: Tensor, labels: Tensor, weights: Tensor) -> Tensor:
+    """Next-token cross-entropy with a weight per label, summed and divided by the labels that count (-100
+    carry none): with every weight 1 the model's own mean loss."""
+    ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
+                                           reduction="none")
+    counted = labels.flatten() != -100
+    return (ce * weights.flatten().to(ce.dtype))[counted].sum() / counted.sum().clamp_min(1)
 
 
 def memory_stats(out) -> dict:

@@ -565,3 +565,33 @@ def test_shared_form_fact_rows_differ_only_in_their_keys_and_leave_other_rows_as
     assert 0.3 < sum(n == 1 for n in half) / 400 < 0.8  # about half the rows shared (and a few 1-fact mixed rows)
     with pytest.raises(Exception, match="facts_shared"):
         DataConfig(facts_shared=-0.1)
+
+
+def test_fact_answer_weights_mark_the_recall_values_and_nothing_else():
+    """data.facts_answer_weight: the labels that are a recall's value get the weight, every other label 1
+    (other kinds of rows too, in the batch); the rows themselves are the same as without it."""
+    from lit.data import fact_row
+    from lit.facts import fact_sequence, fact_sequence_with_answers
+
+    haystack = TOK.encode(embedded_text()[:50_000])
+    for seed in range(200):
+        tokens, stated, answers = fact_sequence_with_answers(haystack, TOK, 257, seed, 3, 0.5, shared=0.3)
+        assert (tokens, stated) == fact_sequence(haystack, TOK, 257, seed, 3, 0.5, shared=0.3)
+        assert [TOK.decode(tokens[a:b]) for a, b in answers] == [v for _, _, v in stated]
+        text = TOK.decode(tokens).lower()
+        for (key, _, _), (a, _) in zip(stated, answers):
+            assert len(TOK.decode(tokens[:a])) > text.rfind(key.lower())  # the recall's value, after its key
+        row = fact_row(haystack, TOK, 256, 3, 0.5, 0.3, seed=seed, answer_weight=4.0)
+        weighted = {i + 1 for i, w in enumerate(row["loss_weights"]) if w == 4.0}  # label i is token i + 1
+        assert weighted == {p for a, b in answers for p in range(a, b)} and set(row["loss_weights"]) <= {1.0, 4.0}
+        assert "loss_weights" not in fact_row(haystack, TOK, 256, 3, 0.5, 0.3, seed=seed)
+    dm = FwPKMDataModule(seq_len=128, batch_size=16, max_documents=200, facts_fraction=0.4, repeat_fraction=0.2,
+                         facts_answer_weight=4.0)
+    batch = next(iter(dm.train_dataloader()))
+    weights = batch["loss_weights"]
+    assert weights.shape == batch["labels"].shape and weights.dtype == torch.float32
+    assert (weights == 4.0).any() and (weights == 1.0).all(-1).any()  # fact rows and the others in one batch
+    assert "loss_weights" not in next(iter(FwPKMDataModule(seq_len=128, batch_size=16, max_documents=200,
+                                                           facts_fraction=0.4).train_dataloader()))
+    with pytest.raises(Exception, match="facts_answer_weight"):
+        DataConfig(facts_answer_weight=0)

@@ -548,3 +548,37 @@ def test_run_config_resolves_checks_and_hashes():
         with pytest.raises(ConfigError) as err:
             RunConfig.from_dict(bad)
         assert message in str(err.value)
+
+
+def test_the_weighted_loss_is_the_models_loss_at_weight_one_and_weighs_each_label():
+    from lit.module import weighted_loss
+
+    torch.manual_seed(0)
+    logits, labels = torch.randn(2, 5, 11), torch.randint(0, 11, (2, 5))
+    labels[0, 1] = -100
+    plain = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+    assert torch.allclose(weighted_loss(logits, labels, torch.ones(2, 5)), plain, atol=1e-6)
+    weights = torch.ones(2, 5)
+    weights[1, 3] = 5.0
+    ce = torch.nn.functional.cross_entropy(logits[1, 3:4], labels[1, 3:4])
+    assert torch.allclose(weighted_loss(logits, labels, weights), plain + 4.0 * ce / 9, atol=1e-6)  # 9 labels count
+
+
+def test_training_on_weighted_answers_follows_the_weighted_loss(micro_module, tmp_path):
+    """data.facts_answer_weight: the step optimises the weighted loss (other weights, other weights of the
+    model), and train/loss is still the plain mean."""
+    from lit.data import FwPKMDataModule
+
+    trained = {}
+    for weight in (1.0, 8.0):
+        torch.manual_seed(0)
+        module = micro_module()
+        data = FwPKMDataModule(seq_len=128, batch_size=4, max_documents=200, facts_fraction=0.5,
+                               facts_answer_weight=weight)
+        trainer = micro_trainer(tmp_path, max_steps=2, limit_val_batches=0)
+        trainer.fit(module, datamodule=data)
+        trained[weight] = ({k: v.clone() for k, v in module.model.state_dict().items()}, trainer.callback_metrics)
+    (plain, plain_metrics), (heavy, heavy_metrics) = trained[1.0], trained[8.0]
+    assert "train/weighted_loss" in heavy_metrics and "train/weighted_loss" not in plain_metrics
+    assert heavy_metrics["train/weighted_loss"] > heavy_metrics["train/loss"]  # the answers are the hard tokens
+    assert any(not torch.equal(plain[k], heavy[k]) for k in plain if plain[k].is_floating_point())
