@@ -402,3 +402,22 @@ def test_slot_ranks_order_every_slot_as_the_read_does(model, tok):
             assert sorted(slot_ranks(head_q, head_keys, read[h].tolist(), c.score).tolist()) == list(range(c.topk))
         every_slot = slot_ranks(q.view(c.heads, -1)[0], keys[:1], range(c.n_slots), c.score)
         assert sorted(every_slot.tolist()) == list(range(c.n_slots))  # one order: no two slots share a rank
+
+
+@pytest.mark.parametrize("says", ["asked", "other", "neither"])
+def test_niah_tells_an_answer_of_the_other_needles_value_from_the_asked_one(model, tok, monkeypatch, says):
+    import lit.evaluation.niah as niah
+
+    def answer(model, tokenizer, sample, n, cfg, decoys):  # a model that says the asked, the other or no value
+        value = {"asked": sample.values[0], "other": sample.values[-1], "neither": "none"}[says]
+        return value + ".", [1.0, 2.0, 3.0]
+
+    monkeypatch.setattr(niah, "answer_sample", answer)
+    cfg = NIAHConfig(context_lens=[300], depths=[0.25, 0.75], iterations=[0], samples_per_cell=2, n_needles=3)
+    rows = run_niah(model, tok, tok.encode(TEXT), cfg, progress=False)
+    (summary,) = summarise(rows)
+    assert (summary["exact"], summary["other_exact"]) == {"asked": (1.0, 0.0), "other": (0.0, 1.0),
+                                                           "neither": (0.0, 0.0)}[says]
+    one_needle = run_niah(model, tok, tok.encode(TEXT), NIAHConfig(context_lens=[300], depths=[0.5], iterations=[0],
+                                                                  samples_per_cell=1, n_needles=1), progress=False)
+    assert math.isnan(summarise(one_needle)[0]["other_exact"])  # no other needle, no such share

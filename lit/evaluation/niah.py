@@ -141,8 +141,11 @@ def run_niah(model: HybridLM, tokenizer, haystack_ids: Sequence[int], cfg: NIAHC
         with preserved_fast_weights(model):
             predicted, nlls = answer_sample(model, tokenizer, sample, n, cfg, decoys)
         exact, digits = score_answer(predicted, sample.answer)
+        others = [v for i, v in enumerate(sample.values) if i != sample.target_index]
+        other_exact = float(any(score_answer(predicted, v)[0] for v in others)) if others else math.nan
         rows.append({"family": family, "question": question, "context_len": length, "depth": depth, "iterations": n,
                      "answer": sample.answer, "predicted": predicted, "exact": float(exact), "digit_acc": digits,
+                     "other_exact": other_exact,
                      "answer_nll": nlls[0], "random_value_nll": nlls[1],
                      "other_needle_nll": nlls[2] if len(nlls) > 2 else math.nan})
     return rows
@@ -172,7 +175,9 @@ def with_held_out(rows: list[dict]) -> list[dict]:
 
 def summarise(rows: list[dict], by: tuple = ("context_len", "iterations")) -> list[dict]:
     """Per group: exact match with its 95% Wilson interval over the group's questions, digit accuracy,
-    the true answer's mean negative log-likelihood (nats per token) and the number of questions."""
+    the share of answers that are exactly another needle's value (``other_exact``: a memory
+    that recalls values without their keys gives ``exact`` close to it), the true answer's mean negative
+    log-likelihood (nats per token) and the number of questions."""
     groups = defaultdict(list)
     for r in rows:
         groups[tuple(r[k] for k in by)].append(r)
@@ -181,8 +186,15 @@ def summarise(rows: list[dict], by: tuple = ("context_len", "iterations")) -> li
         exact, low, high = wilson_interval(sum(r["exact"] for r in g), len(g))
         out.append(dict(zip(by, key)) | {"exact": exact, "exact_low": low, "exact_high": high,
                                          "digit_acc": sum(r["digit_acc"] for r in g) / len(g),
+                                         "other_exact": _mean_known(r.get("other_exact", math.nan) for r in g),
                                          "answer_nll": statistics.fmean(r.get("answer_nll", math.nan) for r in g), "questions": len(g)})
     return out
+
+
+def _mean_known(values) -> float:
+    """Mean of the values that are not NaN; NaN when none is."""
+    known = [v for v in values if not math.isnan(v)]
+    return statistics.fmean(known) if known else math.nan
 
 
 def likelihood_margins(rows: list[dict], by: tuple = FAMILY_CELL) -> list[dict]:
