@@ -26,7 +26,7 @@ MODELS = {
     "H": [(H_DIR, (f"H_fwpkm_seed{s}",), f"H_fwpkm_seed{s}") for s in range(3)],
 } | {p: [(HERE, (f"{p}_fwpkm_seed{s}",), f"{p}_fwpkm_seed{s}") for s in (0, 1)] for p in "KLM"}
 PUBLISHED_PPL = {"C": [3.426, 3.422, 3.366], "H": [3.425, 3.510, 3.384]}
-BINDING_DIRS = {"C": [(H_DIR, "C_rerun_amd_fwpkm_seed1")], "H": [(H_DIR, f"H_fwpkm_seed{s}") for s in range(3)]} | {
+BINDING_DIRS = {"C (AMD rerun)": [(H_DIR, "C_rerun_amd_fwpkm_seed1")], "H": [(H_DIR, f"H_fwpkm_seed{s}") for s in range(3)]} | {
     p: [(HERE, f"{p}_fwpkm_seed{s}") for s in (0, 1)] for p in "KLM"}
 LENGTHS = ("256", "2048")
 
@@ -60,12 +60,23 @@ def headline_table() -> None:
         print(f"| {model} | {len(runs)} | {value_cell(val_ppl(model))} | " + " | ".join(cells) + " |")
 
 
-def family_table(families=("vault", "agent", "locker", "ledger", "shipment", "spec", "oven")) -> None:
-    print("\n| model | family | exact, 256 | exact, 2,048 | over_other, 256 | over_other, 2,048 |\n|---|---|---|---|---|---|")
+def other_exact(runs: list, key: tuple) -> str:
+    """The share of answers that are the other needle's value, pooled over the seeds (files that have it)."""
+    rows = [rows_of(d, "niah", s).get(key) for d, s, _ in runs]
+    if not all(r and r.get("other_exact") not in (None, "", "nan") for r in rows):
+        return "-"
+    n = sum(int(r["questions"]) for r in rows)
+    return f"{sum(float(r['other_exact']) * int(r['questions']) for r in rows) / n:.2f}"
+
+
+def family_table(families=("held-out", "vault", "agent", "locker", "ledger", "shipment", "spec", "oven")) -> None:
+    print("\n| model | family | exact, 256 | exact, 2,048 | other needle's value, 256 / 2,048 | over_other, 256 |"
+          " over_other, 2,048 |\n|---|---|---|---|---|---|---|")
     for model in MODELS:
         runs = available(model)
         for family in families if runs else ():
             cells = [pooled(runs, (family, L, "2")) for L in LENGTHS]
+            cells += [" / ".join(other_exact(runs, (family, L, "2")) for L in LENGTHS)]
             cells += [margin(runs, (family, L, "2"), "over_other") for L in LENGTHS]
             print(f"| {model} | {family} | " + " | ".join(cells) + " |")
 
