@@ -96,7 +96,7 @@ def fact_sequence_with_answers(haystack_ids: Sequence[int], tokenizer: Tokenizer
             if drawn:
                 break
     pieces, facts = drawn or _mixed_form_pieces(rng, tokenizer, length, max_facts, same_words, max_fraction)
-    used = sum(len(s) + len(r) for s, r, _ in pieces)
+    used = _tokens(pieces)
     if used >= length:
         raise ValueError(f"length={length} is too short for a fact and its recall ({used} tokens)")
     statement_depths = [rng.uniform(0.0, 0.45) for _ in pieces]
@@ -145,10 +145,15 @@ def _mixed_form_pieces(rng: random.Random, tokenizer: Tokenizer, length: int, ma
 def _trim(pieces: list, facts: list, fewest: int, budget: int) -> bool:
     """Drop the last facts (and their recalls) until they fit ``budget`` tokens or ``fewest`` are left;
     whether they fit."""
-    while len(pieces) > fewest and sum(len(s) + len(r) for s, r, _ in pieces) > budget:
+    while len(pieces) > fewest and _tokens(pieces) > budget:
         pieces.pop()
         facts.pop()
-    return sum(len(s) + len(r) for s, r, _ in pieces) <= budget
+    return _tokens(pieces) <= budget
+
+
+def _tokens(pieces: list) -> int:
+    """Tokens of the pieces' statements and recalls."""
+    return sum(len(statement) + len(recall) for statement, recall, _ in pieces)
 
 
 def _shared_form_pieces(rng: random.Random, tokenizer: Tokenizer, length: int, max_facts: int, same_words: float,

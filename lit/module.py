@@ -237,9 +237,9 @@ class FwPKMLitModule(L.LightningModule):
         skip_mode = self.train_config.nan_policy == "skip"
         self._skip_snapshot = self.model.fast_weight_state() if skip_mode else None
         out = self.model(batch["input_ids"], labels=batch["labels"], fa_to_swa=fa_to_swa)
-        loss = out.loss
+        plain_loss = loss = out.loss
         if "loss_weights" in batch:  # data.facts_answer_weight: train on the weighted loss, log both
-            stats_loss, loss = loss, weighted_loss(out.logits, batch["labels"], batch["loss_weights"])
+            loss = weighted_loss(out.logits, batch["labels"], batch["loss_weights"])
             self.log("train/weighted_loss", loss.detach(), on_step=True, on_epoch=False, batch_size=len(batch["labels"]))
         stats = memory_stats(out)
         bad = not bool(torch.isfinite(loss.detach()))
@@ -249,8 +249,7 @@ class FwPKMLitModule(L.LightningModule):
             return self._non_finite("loss", loss.detach(), stats)
         self._sync_fast_weights()
         self.last_memory = {i: {"indices": mo.indices, "gates": mo.gates} for i, mo in out.memory.items()}
-        logged = stats_loss if "loss_weights" in batch else loss
-        self._log_train_step(logged.detach(), stats, fa_to_swa, batch["input_ids"].shape[0])
+        self._log_train_step(plain_loss.detach(), stats, fa_to_swa, batch["input_ids"].shape[0])
         return loss
 
     def _non_finite(self, what: str, value: Tensor, stats: dict):
