@@ -205,6 +205,7 @@ class DataConfig:
     facts_per_row: int = 3  # most facts in a fact row (1 to this many; fewer when they do not fit)
     facts_same_words: float = 0.3  # share of recalls that restate the fact in its own words
     facts_shared: float = 0.0  # share of fact rows whose 2+ facts share attribute, value format and sentence forms
+    facts_recalls: int = 1  # most recalls of each fact, each in another form (fewer where they do not fit)
     # weight of the training loss on the tokens of fact recalls' values (1 = none; not the paper's: a lab knob
     # for the lookup signal, which only those tokens carry); batches then hold "loss_weights" [B, T]
     facts_answer_weight: float = 1.0
@@ -222,7 +223,7 @@ class DataConfig:
     def __post_init__(self):
         self.val_sources = self._as_list(self.val_sources)
         for name in ("seq_len", "batch_size", "niah_needles", "synthetic_train_size", "synthetic_val_size", "recall_pairs",
-                     "repeat_min_span", "facts_per_row", "facts_answer_weight"):
+                     "repeat_min_span", "facts_per_row", "facts_recalls", "facts_answer_weight"):
             check_positive(f"data.{name}", getattr(self, name))
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction={self.val_fraction!r} must be in [0, 1)")
@@ -484,11 +485,11 @@ def repeat_row(haystack_ids: np.ndarray, seq_len: int, min_span: int, seed: int)
 
 
 def fact_row(haystack_ids: np.ndarray, tokenizer: Tokenizer, seq_len: int, max_facts: int, same_words: float,
-             shared: float, seed: int, answer_weight: float = 1.0) -> dict:
+             shared: float, seed: int, answer_weight: float = 1.0, recalls: int = 1) -> dict:
     """A fact row; with ``answer_weight`` != 1 also its ``loss_weights``: that weight on the labels that are
     recall values' tokens, 1 elsewhere."""
     tokens, _, answers = fact_sequence_with_answers(haystack_ids, tokenizer, seq_len + 1, seed, max_facts, same_words,
-                                                    shared=shared)
+                                                    shared=shared, recalls=recalls)
     row = {"input_ids": tokens[:-1], "labels": tokens[1:]}
     if answer_weight != 1.0:
         weights = np.ones(seq_len, dtype=np.float32)
@@ -709,7 +710,8 @@ class FwPKMDataModule(L.LightningDataModule):
         elif kind == "facts":
             make_row = functools.partial(fact_row, haystack, self.tokenizer, cfg.seq_len, cfg.facts_per_row,
                                          cfg.facts_same_words, cfg.facts_shared,
-                                         answer_weight=cfg.facts_answer_weight if stream == "train-facts" else 1.0)
+                                         answer_weight=cfg.facts_answer_weight if stream == "train-facts" else 1.0,
+                                         recalls=cfg.facts_recalls)
         else:
             make_row = functools.partial(niah_row, haystack, self.tokenizer, cfg.seq_len, cfg.niah_needles,
                                          cfg.niah_max_fraction)

@@ -68,55 +68,73 @@ def render(template: str, key: str, attribute: str, value: str) -> str:
 
 
 def fact_sequence(haystack_ids: Sequence[int], tokenizer: Tokenizer, length: int, seed: int, max_facts: int = 3,
-                  same_words: float = 0.3, max_fraction: float = 0.7,
-                  shared: float = 0.0) -> tuple[list[int], list[tuple[str, str, str]]]:
+                  same_words: float = 0.3, max_fraction: float = 0.7, shared: float = 0.0,
+                  recalls: int = 1) -> tuple[list[int], list[tuple[str, str, str]]]:
     """``length`` tokens: haystack text with 1 to ``max_facts`` facts in its first 45% and each one
     recalled after it; and the facts, (key, attribute, value).
     """
     sequence, facts, _ = fact_sequence_with_answers(haystack_ids, tokenizer, length, seed, max_facts, same_words,
-                                                    max_fraction, shared)
+                                                    max_fraction, shared, recalls)
     return sequence, facts
 
 
 def fact_sequence_with_answers(haystack_ids: Sequence[int], tokenizer: Tokenizer, length: int, seed: int,
                                max_facts: int = 3, same_words: float = 0.3, max_fraction: float = 0.7,
-                               shared: float = 0.0) -> tuple[list[int], list[tuple[str, str, str]], list[tuple[int, int]]]:
+                               shared: float = 0.0, recalls: int = 1
+                               ) -> tuple[list[int], list[tuple[str, str, str]], list[tuple[int, int]]]:
     """:func:`fact_sequence` and the answers' spans: (start, stop) token positions of each recall's value
     in the sequence, where only a lookup of what was said about the key predicts the tokens.
 
     A recall repeats the fact's own sentence with probability ``same_words``, else uses another form.
     Facts and recalls take at most ``max_fraction`` of the row (fewer facts when they would not fit).
     With probability ``shared`` the row is a *shared-form* row (:func:`_shared_form_pieces`).
+    With ``recalls`` > 1 each fact is recalled up to that many times, the first as above and the others in
+    forms of :data:`RECALLS` that it has not used yet (fewer where they do not fit, once a row is down to
+    its fewest facts), so that a recall's words rarely match any earlier mention but its key.
     """
     rng = random.Random(seed)
     drawn = None
     if shared > 0 and rng.random() < shared:
         for _ in range(SHARED_TRIES):  # about 1 draw in 5 is too long for the row: draw again
-            drawn = _shared_form_pieces(rng, tokenizer, length, max(2, max_facts), same_words, max_fraction)
+            drawn = _shared_form_pieces(rng, tokenizer, length, max(2, max_facts), same_words, max_fraction, recalls)
             if drawn:
                 break
-    pieces, facts = drawn or _mixed_form_pieces(rng, tokenizer, length, max_facts, same_words, max_fraction)
+    pieces, facts = drawn or _mixed_form_pieces(rng, tokenizer, length, max_facts, same_words, max_fraction, recalls)
     used = _tokens(pieces)
     if used >= length:
         raise ValueError(f"length={length} is too short for a fact and its recall ({used} tokens)")
     statement_depths = [rng.uniform(0.0, 0.45) for _ in pieces]
-    recall_depths = [rng.uniform(max(0.55, d + 0.2), 1.0) for d in statement_depths]
+    recall_depths = [rng.uniform(max(0.55, d + 0.2), 1.0) for d, (_, told) in zip(statement_depths, pieces) for _ in told]
     window = haystack_window(haystack_ids, rng.randrange(len(haystack_ids)), length - used)
-    inserted = [s for s, _, _ in pieces] + [r for _, r, _ in pieces]
+    told = [recall for _, recalls_of_fact in pieces for recall in recalls_of_fact]
+    inserted = [statement for statement, _ in pieces] + [ids for ids, _ in told]
     sequence, starts = insert_needles(window, inserted, statement_depths + recall_depths, tokenizer)
-    answers = [(start + a, start + b) for start, (_, _, (a, b)) in zip(starts[len(pieces):], pieces)]
+    answers = [(start + a, start + b) for start, (_, (a, b)) in zip(starts[len(pieces):], told)]
     return sequence, facts, answers
 
 
-def _piece(tokenizer: Tokenizer, statement: str, recall: str, key: str, attribute: str, value: str) -> tuple:
-    """(statement ids, recall ids, (start, stop) of the value's tokens in the recall ids)."""
-    recall_ids = tokenizer.encode(render(recall, key, attribute, value))
-    before = render(recall[:recall.index("{v}")], key, attribute, value)  # the recall up to its value
+def _piece(tokenizer: Tokenizer, statement: str, recall_forms: Sequence[str], key: str, attribute: str,
+           value: str) -> tuple:
+    """(statement ids, [(recall ids, (start, stop) of the value's tokens in the recall ids)] per recall form)."""
+    return tokenizer.encode(render(statement, key, attribute, value)), [
+        _recall(tokenizer, form, key, attribute, value) for form in recall_forms]
+
+
+def _recall(tokenizer: Tokenizer, form: str, key: str, attribute: str, value: str) -> tuple:
+    recall_ids = tokenizer.encode(render(form, key, attribute, value))
+    before = render(form[:form.index("{v}")], key, attribute, value)  # the recall up to its value
     before_ids = tokenizer.encode(before)
     if before_ids != recall_ids[:len(before_ids)]:  # a subword tokenizer merged the space into the value
         before_ids = tokenizer.encode(before.rstrip())
-    start, stop = len(before_ids), len(tokenizer.encode(before + value))
-    return tokenizer.encode(render(statement, key, attribute, value)), recall_ids, (start, stop)
+    return recall_ids, (len(before_ids), len(tokenizer.encode(before + value)))
+
+
+def _recall_forms(rng: random.Random, first: str, recalls: int) -> list[str]:
+    """``first`` and ``recalls - 1`` other forms of :data:`RECALLS`, all distinct (no draw for 1 recall)."""
+    if recalls == 1:
+        return [first]
+    others = [form for form in RECALLS if form != first]
+    return [first] + rng.sample(others, min(recalls - 1, len(others)))
 
 
 def _distinct_keys(rng: random.Random, n: int) -> list[str]:
@@ -129,41 +147,48 @@ def _distinct_keys(rng: random.Random, n: int) -> list[str]:
 
 
 def _mixed_form_pieces(rng: random.Random, tokenizer: Tokenizer, length: int, max_facts: int, same_words: float,
-                       max_fraction: float) -> tuple[list[tuple[list[int], list[int]]], list[tuple[str, str, str]]]:
+                       max_fraction: float, recalls: int = 1) -> tuple[list[tuple], list[tuple[str, str, str]]]:
     """Each fact with its own attribute, value format and sentence forms."""
     keys = _distinct_keys(rng, rng.randint(1, max_facts))
     pieces, facts = [], []
     for key in keys:
         attribute, value, statement = rng.choice(ATTRIBUTES), random_value(rng), rng.choice(STATEMENTS)
         recall = statement if rng.random() < same_words else rng.choice(RECALLS)
-        pieces.append(_piece(tokenizer, statement, recall, key, attribute, value))
+        pieces.append(_piece(tokenizer, statement, _recall_forms(rng, recall, recalls), key, attribute, value))
         facts.append((key, attribute, value))
     _trim(pieces, facts, 1, int(length * max_fraction))
     return pieces, facts
 
 
 def _trim(pieces: list, facts: list, fewest: int, budget: int) -> bool:
-    """Drop the last facts (and their recalls) until they fit ``budget`` tokens or ``fewest`` are left;
-    whether they fit."""
-    while len(pieces) > fewest and _tokens(pieces) > budget:
-        pieces.pop()
-        facts.pop()
+    """Drop the last facts (and their recalls) until ``fewest`` are left, then the last recalls of the facts
+    recalled most often, until they fit ``budget`` tokens; whether they fit."""
+    while _tokens(pieces) > budget:
+        most = max(range(len(pieces)), key=lambda i: (len(pieces[i][1]), i))
+        if len(pieces) > fewest:
+            pieces.pop()
+            facts.pop()
+        elif len(pieces[most][1]) > 1:
+            pieces[most][1].pop()
+        else:
+            break
     return _tokens(pieces) <= budget
 
 
 def _tokens(pieces: list) -> int:
     """Tokens of the pieces' statements and recalls."""
-    return sum(len(statement) + len(recall) for statement, recall, _ in pieces)
+    return sum(len(statement) + sum(len(ids) for ids, _ in told) for statement, told in pieces)
 
 
 def _shared_form_pieces(rng: random.Random, tokenizer: Tokenizer, length: int, max_facts: int, same_words: float,
-                        max_fraction: float) -> Optional[tuple[list[tuple[list[int], list[int]]], list[tuple[str, str, str]]]]:
+                        max_fraction: float, recalls: int = 1) -> Optional[tuple[list[tuple], list[tuple[str, str, str]]]]:
     """2 to ``max_facts`` facts that share one attribute, one value format and one statement form, each
     recalled in one shared form: only its key tells which value a recall asks for (a needle-in-a-haystack
     question has a distractor of its own form). None when two such facts do not fit (long keys and
     sentences)."""
     attribute, statement = rng.choice(ATTRIBUTES), rng.choice(STATEMENTS)
     recall = statement if rng.random() < same_words else rng.choice(RECALLS)
+    forms = _recall_forms(rng, recall, recalls)  # shared by every fact of the row, like its statement form
     if rng.random() < 0.15:
         draw_value = lambda: _word(rng, 2, 3)  # noqa: E731
     else:
@@ -177,6 +202,6 @@ def _shared_form_pieces(rng: random.Random, tokenizer: Tokenizer, length: int, m
                 break
             value = draw_value()
         values.add(value)
-        pieces.append(_piece(tokenizer, statement, recall, key, attribute, value))
+        pieces.append(_piece(tokenizer, statement, forms, key, attribute, value))
         facts.append((key, attribute, value))
     return (pieces, facts) if _trim(pieces, facts, 2, int(length * max_fraction)) else None

@@ -595,3 +595,43 @@ def test_fact_answer_weights_mark_the_recall_values_and_nothing_else():
                                                            facts_fraction=0.4).train_dataloader()))
     with pytest.raises(Exception, match="facts_answer_weight"):
         DataConfig(facts_answer_weight=0)
+
+
+def test_facts_recalled_several_times_use_distinct_forms_after_their_statement_and_no_template():
+    """data.facts_recalls: each fact is recalled up to that many times, in distinct recall forms, every recall
+    after the statement and its answer span exactly the value; rows fit their length, mixed and shared rows
+    alike, and never hold an evaluation template; 1 (the default) draws the rows it drew before."""
+    from lit.data import fact_row
+    from lit.facts import RECALLS, fact_sequence, fact_sequence_with_answers, render
+    from lit.needles import shipped_families
+
+    haystack = TOK.encode(embedded_text()[:50_000])
+    phrases = sorted({p for f in shipped_families().values() for p in f.fixed_phrases()})
+    recalls_seen = []
+    for shared in (0.0, 1.0):
+        for seed in range(150):
+            tokens, stated, answers = fact_sequence_with_answers(haystack, TOK, 257, seed, 3, 0.0, shared=shared,
+                                                                 recalls=3)
+            text = TOK.decode(tokens)
+            assert len(tokens) == 257 and not any(p in text for p in phrases)
+            assert len(stated) <= len(answers) <= 3 * len(stated)
+            values = [TOK.decode(tokens[a:b]) for a, b in answers]
+            assert set(values) == {v for _, _, v in stated}
+            for key, attribute, value in stated:
+                first_key = text.lower().find(key.lower())
+                spans = [(a, b) for (a, b), v in zip(answers, values) if v == value]
+                recalls_seen.append(len(spans))
+                assert all(len(TOK.decode(tokens[:a])) > first_key for a, _ in spans)  # after the statement
+                # each recall in its own form (one may be the statement's form: it is also a recall form)
+                forms = [f for f in RECALLS if render(f, key, attribute, value) in text]
+                assert len(forms) >= len(spans) - 1, (forms, text)
+    assert max(recalls_seen) == 3 and min(recalls_seen) == 1 and 1.8 < sum(recalls_seen) / len(recalls_seen) < 3
+    for seed in range(100):  # recalls=1 is the old row
+        assert fact_sequence(haystack, TOK, 257, seed, 3, 0.5, shared=0.5, recalls=1) == \
+            fact_sequence(haystack, TOK, 257, seed, 3, 0.5, shared=0.5)
+    row = fact_row(haystack, TOK, 256, 3, 0.5, 0.0, seed=7, answer_weight=4.0, recalls=3)
+    _, _, answers = fact_sequence_with_answers(haystack, TOK, 257, 7, 3, 0.5, shared=0.0, recalls=3)
+    assert {i + 1 for i, w in enumerate(row["loss_weights"]) if w == 4.0} == {p for a, b in answers for p in range(a, b)}
+    assert len(RECALLS) >= 3
+    with pytest.raises(Exception, match="facts_recalls"):
+        DataConfig(facts_recalls=0)
