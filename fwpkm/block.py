@@ -42,6 +42,7 @@ class FastWeightBlock(nn.Module):
         elif c.residual_value:
             o = o + v
         mo.gates = None if g is None else g.detach()
+        mo.queries = q
         return h + self.o_proj(self.o_norm(o)), mo
 
     def new_stream(self, chunk_size: Optional[int] = None) -> FastWeightStream:

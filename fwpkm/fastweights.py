@@ -66,6 +66,7 @@ class FastWeightOutput:
     indices: Optional[Tensor] = None  # FwPKM: slot ids read [B, T, heads, topk]
     weights: Optional[Tensor] = None  # FwPKM: their weights [B, T, heads, topk]
     gates: Optional[Tensor] = None
+    queries: Optional[Tensor] = None  # the block's queries [B, T, q_dim], with their graph (lit's query loss)
 
 
 class ChunkedFastWeights(nn.Module):

@@ -59,7 +59,7 @@ import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler, default_collate
 
 from fwpkm.config import ConfigError, check_positive, from_mapping
-from lit.facts import fact_sequence_with_answers
+from lit.facts import fact_sequence_with_sources
 from lit.synthetic import (associative_recall_sequence, hash_seed, mqar_sequence, niah_training_sequence,
                            repeated_span_sequence)
 from lit.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
@@ -209,6 +209,10 @@ class DataConfig:
     # weight of the training loss on the tokens of fact recalls' values (1 = none; not the paper's: a lab knob
     # for the lookup signal, which only those tokens carry); batches then hold "loss_weights" [B, T]
     facts_answer_weight: float = 1.0
+    # weight of a contrastive loss that pulls the memory query before each recalled value token toward the query
+    # before the same token in the fact's statement, among the row's earlier positions (0 = none; not the paper's:
+    # a lab knob, a supervised address); batches then hold "query_pairs" [B, MAX_QUERY_PAIRS, 2], "query_weight" [B, 1]
+    facts_query_weight: float = 0.0
     # synthetic sources (`niah`, `recall`)
     synthetic_train_size: int = 8192  # rows per epoch
     synthetic_val_size: int = 256
@@ -232,6 +236,8 @@ class DataConfig:
         for name in ("repeat_fraction", "facts_fraction"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"data.{name}={getattr(self, name)!r} must be in [0, 1)")
+        if self.facts_query_weight < 0:
+            raise ConfigError(f"data.facts_query_weight={self.facts_query_weight!r} must be >= 0")
         for name in ("facts_same_words", "facts_shared"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"data.{name}={getattr(self, name)!r} must be in [0, 1]")
@@ -469,7 +475,7 @@ class GeneratedDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         row = self.make_row(seed=hash_seed(self.seed, self.stream, index))
-        return {name: torch.tensor(values, dtype=torch.float32 if name == "loss_weights" else torch.long)
+        return {name: torch.tensor(values, dtype=torch.float32 if name in FLOAT_FIELDS else torch.long)
                 for name, values in row.items()}
 
 
@@ -484,26 +490,47 @@ def repeat_row(haystack_ids: np.ndarray, seq_len: int, min_span: int, seed: int)
     return {"input_ids": tokens[:-1], "labels": tokens[1:]}
 
 
+MAX_QUERY_PAIRS = 96  # (reader, source) positions a fact row gives the query loss; rows have at most ~70
+FLOAT_FIELDS = ("loss_weights", "query_weight")
+
+
 def fact_row(haystack_ids: np.ndarray, tokenizer: Tokenizer, seq_len: int, max_facts: int, same_words: float,
-             shared: float, seed: int, answer_weight: float = 1.0, recalls: int = 1) -> dict:
+             shared: float, seed: int, answer_weight: float = 1.0, recalls: int = 1, query_weight: float = 0.0) -> dict:
     """A fact row; with ``answer_weight`` != 1 also its ``loss_weights``: that weight on the labels that are
-    recall values' tokens, 1 elsewhere."""
-    tokens, _, answers = fact_sequence_with_answers(haystack_ids, tokenizer, seq_len + 1, seed, max_facts, same_words,
-                                                    shared=shared, recalls=recalls)
+    recall values' tokens, 1 elsewhere; with ``query_weight`` > 0 its "query_pairs": for each recalled value
+    token, (the input position whose read predicts it, the input position whose read predicts the same token
+    of the statement), -1 after the last pair, and "query_weight" [1], the query loss's weight for the row."""
+    tokens, _, answers, sources = fact_sequence_with_sources(haystack_ids, tokenizer, seq_len + 1, seed, max_facts,
+                                                             same_words, shared=shared, recalls=recalls)
     row = {"input_ids": tokens[:-1], "labels": tokens[1:]}
     if answer_weight != 1.0:
         weights = np.ones(seq_len, dtype=np.float32)
         for start, stop in answers:
             weights[max(0, start - 1):stop - 1] = answer_weight  # label i is token i + 1
         row["loss_weights"] = weights
+    if query_weight > 0:
+        pairs = [(a + i - 1, s + i - 1) for (a, b), (s, _) in zip(answers, sources) for i in range(b - a) if s + i >= 1]
+        row["query_pairs"] = _padded_pairs(pairs[:MAX_QUERY_PAIRS])
+        row["query_weight"] = np.array([query_weight], dtype=np.float32)
     return row
 
 
+def _padded_pairs(pairs: list) -> np.ndarray:
+    out = np.full((MAX_QUERY_PAIRS, 2), -1, dtype=np.int64)
+    if pairs:
+        out[:len(pairs)] = pairs
+    return out
+
+
 def collate_weighted(items: list[dict]) -> dict:
-    """Default collation; when some rows carry "loss_weights", the others get weight 1 on every label."""
+    """Default collation; when some rows carry "loss_weights" (or "query_pairs"), the others get weight 1 on
+    every label (no pairs)."""
     if any("loss_weights" in item for item in items):
         items = [item if "loss_weights" in item else
                  item | {"loss_weights": torch.ones(item["labels"].shape, dtype=torch.float32)} for item in items]
+    if any("query_pairs" in item for item in items):
+        items = [item if "query_pairs" in item else item | {"query_pairs": torch.from_numpy(_padded_pairs([])),
+                                                            "query_weight": torch.zeros(1)} for item in items]
     return default_collate(items)
 
 
@@ -711,7 +738,8 @@ class FwPKMDataModule(L.LightningDataModule):
             make_row = functools.partial(fact_row, haystack, self.tokenizer, cfg.seq_len, cfg.facts_per_row,
                                          cfg.facts_same_words, cfg.facts_shared,
                                          answer_weight=cfg.facts_answer_weight if stream == "train-facts" else 1.0,
-                                         recalls=cfg.facts_recalls)
+                                         recalls=cfg.facts_recalls,
+                                         query_weight=cfg.facts_query_weight if stream == "train-facts" else 0.0)
         else:
             make_row = functools.partial(niah_row, haystack, self.tokenizer, cfg.seq_len, cfg.niah_needles,
                                          cfg.niah_max_fraction)

@@ -92,6 +92,16 @@ def fact_sequence_with_answers(haystack_ids: Sequence[int], tokenizer: Tokenizer
     forms of :data:`RECALLS` that it has not used yet (fewer where they do not fit, once a row is down to
     its fewest facts), so that a recall's words rarely match any earlier mention but its key.
     """
+    sequence, facts, answers, _ = fact_sequence_with_sources(haystack_ids, tokenizer, length, seed, max_facts,
+                                                             same_words, max_fraction, shared, recalls)
+    return sequence, facts, answers
+
+
+def fact_sequence_with_sources(haystack_ids: Sequence[int], tokenizer: Tokenizer, length: int, seed: int,
+                               max_facts: int = 3, same_words: float = 0.3, max_fraction: float = 0.7,
+                               shared: float = 0.0, recalls: int = 1) -> tuple:
+    """:func:`fact_sequence_with_answers` and, for each answer, the (start, stop) span of the same value in
+    its fact's statement (the tokens a lookup of that answer should find)."""
     rng = random.Random(seed)
     drawn = None
     if shared > 0 and rng.random() < shared:
@@ -106,27 +116,29 @@ def fact_sequence_with_answers(haystack_ids: Sequence[int], tokenizer: Tokenizer
     statement_depths = [rng.uniform(0.0, 0.45) for _ in pieces]
     recall_depths = [rng.uniform(max(0.55, d + 0.2), 1.0) for d, (_, told) in zip(statement_depths, pieces) for _ in told]
     window = haystack_window(haystack_ids, rng.randrange(len(haystack_ids)), length - used)
-    told = [recall for _, recalls_of_fact in pieces for recall in recalls_of_fact]
-    inserted = [statement for statement, _ in pieces] + [ids for ids, _ in told]
+    told = [(fact, recall) for fact, (_, recalls_of_fact) in enumerate(pieces) for recall in recalls_of_fact]
+    inserted = [ids for (ids, _), _ in pieces] + [ids for _, (ids, _) in told]
     sequence, starts = insert_needles(window, inserted, statement_depths + recall_depths, tokenizer)
-    answers = [(start + a, start + b) for start, (_, (a, b)) in zip(starts[len(pieces):], told)]
-    return sequence, facts, answers
+    answers = [(start + a, start + b) for start, (_, (_, (a, b))) in zip(starts[len(pieces):], told)]
+    stated = [(starts[i] + a, starts[i] + b) for i, ((_, (a, b)), _) in enumerate(pieces)]
+    return sequence, facts, answers, [stated[fact] for fact, _ in told]
 
 
 def _piece(tokenizer: Tokenizer, statement: str, recall_forms: Sequence[str], key: str, attribute: str,
            value: str) -> tuple:
-    """(statement ids, [(recall ids, (start, stop) of the value's tokens in the recall ids)] per recall form)."""
-    return tokenizer.encode(render(statement, key, attribute, value)), [
-        _recall(tokenizer, form, key, attribute, value) for form in recall_forms]
+    """((statement ids, its value's span), [(recall ids, its value's span)] per recall form); a span is the
+    (start, stop) of the value's tokens in the ids."""
+    return _with_value(tokenizer, statement, key, attribute, value), [
+        _with_value(tokenizer, form, key, attribute, value) for form in recall_forms]
 
 
-def _recall(tokenizer: Tokenizer, form: str, key: str, attribute: str, value: str) -> tuple:
-    recall_ids = tokenizer.encode(render(form, key, attribute, value))
-    before = render(form[:form.index("{v}")], key, attribute, value)  # the recall up to its value
+def _with_value(tokenizer: Tokenizer, form: str, key: str, attribute: str, value: str) -> tuple:
+    ids = tokenizer.encode(render(form, key, attribute, value))
+    before = render(form[:form.index("{v}")], key, attribute, value)  # the sentence up to its value
     before_ids = tokenizer.encode(before)
-    if before_ids != recall_ids[:len(before_ids)]:  # a subword tokenizer merged the space into the value
+    if before_ids != ids[:len(before_ids)]:  # a subword tokenizer merged the space into the value
         before_ids = tokenizer.encode(before.rstrip())
-    return recall_ids, (len(before_ids), len(tokenizer.encode(before + value)))
+    return ids, (len(before_ids), len(tokenizer.encode(before + value)))
 
 
 def _recall_forms(rng: random.Random, first: str, recalls: int) -> list[str]:
@@ -177,7 +189,7 @@ def _trim(pieces: list, facts: list, fewest: int, budget: int) -> bool:
 
 def _tokens(pieces: list) -> int:
     """Tokens of the pieces' statements and recalls."""
-    return sum(len(statement) + sum(len(ids) for ids, _ in told) for statement, told in pieces)
+    return sum(len(statement) + sum(len(ids) for ids, _ in told) for (statement, _), told in pieces)
 
 
 def _shared_form_pieces(rng: random.Random, tokenizer: Tokenizer, length: int, max_facts: int, same_words: float,

@@ -74,6 +74,7 @@ from torch import Tensor
 
 from fwpkm import HybridLM, ModelConfig
 from fwpkm.config import ConfigError, from_mapping
+from fwpkm.layers import compute_dtype
 from lit.config import DEFAULT_PRESET, MISSING, OptimConfig, RunConfig, TrainConfig, changed_paths, leaves
 
 CHECKPOINT_KEY = "fwpkm"  # our own section of a Lightning checkpoint
@@ -241,6 +242,10 @@ class FwPKMLitModule(L.LightningModule):
         if "loss_weights" in batch:  # data.facts_answer_weight: train on the weighted loss, log both
             loss = weighted_loss(out.logits, batch["labels"], batch["loss_weights"])
             self.log("train/weighted_loss", loss.detach(), on_step=True, on_epoch=False, batch_size=len(batch["labels"]))
+        if "query_pairs" in batch:  # data.facts_query_weight: the supervised address (a lab knob)
+            q_loss = query_loss(out.memory, batch["query_pairs"], batch["query_weight"])
+            loss = loss + q_loss
+            self.log("train/query_loss", q_loss.detach(), on_step=True, on_epoch=False, batch_size=len(batch["labels"]))
         stats = memory_stats(out)
         bad = not bool(torch.isfinite(loss.detach()))
         if self.trainer.world_size > 1:  # every rank must take the same branch
@@ -431,6 +436,31 @@ def weighted_loss(logits: Tensor, labels: Tensor, weights: Tensor) -> Tensor:
                                            reduction="none")
     counted = labels.flatten() != -100
     return (ce * weights.flatten().to(ce.dtype))[counted].sum() / counted.sum().clamp_min(1)
+
+
+QUERY_TEMPERATURE = 0.1  # of the query loss's softmax over positions (cosines in [-1, 1])
+
+
+def query_loss(memory_outputs: dict, pairs: Tensor, row_weights: Tensor) -> Tensor:
+    """The weighted mean over memory layers and (reader, source) pairs of -log softmax_t(cos(q_reader, q_t) / tau)
+    at t = source, over the positions t before the reader in its row: the loss of finding, by its query, the
+    position whose write holds the token the reader must read. ``pairs`` [B, P, 2] (-1: none), ``row_weights``
+    [B, 1]; 0 when no row has a pair."""
+    b, k = (pairs[..., 0] >= 0).nonzero(as_tuple=True)
+    readers, sources = pairs[b, k, 0], pairs[b, k, 1]
+    weights = row_weights[b, 0]
+    layers = [mo.queries for mo in memory_outputs.values() if mo.queries is not None]
+    if not len(b) or not layers:
+        return row_weights.new_zeros(())
+    total = 0.0
+    for queries in layers:
+        q = torch.nn.functional.normalize(queries.to(compute_dtype(queries.dtype)), dim=-1)
+        logits = torch.einsum("nd,ntd->nt", q[b, readers], q[b]) / QUERY_TEMPERATURE
+        before = torch.arange(q.shape[1], device=q.device)[None, :] < readers[:, None]
+        logits = logits.masked_fill(~before, float("-inf"))
+        nll = torch.nn.functional.cross_entropy(logits, sources, reduction="none")
+        total = total + (weights.to(nll.dtype) * nll).sum() / len(b)
+    return total / len(layers)
 
 
 def memory_stats(out) -> dict:

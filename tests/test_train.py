@@ -582,3 +582,70 @@ def test_training_on_weighted_answers_follows_the_weighted_loss(micro_module, tm
     assert "train/weighted_loss" in heavy_metrics and "train/weighted_loss" not in plain_metrics
     assert heavy_metrics["train/weighted_loss"] > heavy_metrics["train/loss"]  # the answers are the hard tokens
     assert any(not torch.equal(plain[k], heavy[k]) for k in plain if plain[k].is_floating_point())
+
+
+def test_the_query_loss_is_the_cross_entropy_of_finding_the_source_among_earlier_positions():
+    """lit.module.query_loss against a direct computation: per layer, -log softmax over the positions before
+    the reader of cos(q_reader, q_t) / tau at the source, weighted per row, averaged over pairs and layers;
+    queries that point at their source give ~0, and the gradient reaches the queries."""
+    from types import SimpleNamespace
+
+    from lit.module import QUERY_TEMPERATURE, query_loss
+
+    torch.manual_seed(0)
+    queries = [torch.randn(2, 7, 6, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    memory = {1: SimpleNamespace(queries=queries[0]), 3: SimpleNamespace(queries=queries[1])}
+    pairs = torch.full((2, 4, 2), -1)
+    pairs[0, :2] = torch.tensor([[5, 1], [6, 2]])
+    pairs[1, 0] = torch.tensor([3, 0])
+    weights = torch.tensor([[2.0], [0.5]])
+    expected = 0.0
+    for q in queries:
+        q = torch.nn.functional.normalize(q, dim=-1)
+        for (b, r, s), w in zip([(0, 5, 1), (0, 6, 2), (1, 3, 0)], (2.0, 2.0, 0.5)):
+            logits = (q[b, :r] @ q[b, r]) / QUERY_TEMPERATURE
+            expected = expected + w * -torch.log_softmax(logits, 0)[s] / 3
+    loss = query_loss(memory, pairs, weights)
+    assert torch.allclose(loss, expected / 2)
+    loss.backward()
+    assert all(q.grad is not None and q.grad.abs().sum() > 0 for q in queries)
+    aligned = torch.eye(7, dtype=torch.float64)[None, :, :6].repeat(1, 1, 1)  # 7 positions, 6 directions
+    aligned[0, 5] = aligned[0, 1]  # the reader at 5 points where its source (1) points
+    found = query_loss({0: SimpleNamespace(queries=aligned)}, torch.tensor([[[5, 1]]]), torch.ones(1, 1))
+    assert float(found) < 1e-3
+    assert float(query_loss(memory, torch.full((2, 4, 2), -1), weights)) == 0.0
+
+
+def test_training_with_the_query_loss_adds_it_and_changes_the_model(micro_module, tmp_path):
+    """data.facts_query_weight: fact rows carry (reader, source) pairs whose tokens are the same recalled value
+    token; the step adds the query loss (logged as train/query_loss) and trains another model than without it."""
+    from lit.data import FwPKMDataModule
+    from lit.tokenizer import ByteTokenizer
+
+    tok = ByteTokenizer()
+    data = FwPKMDataModule(seq_len=128, batch_size=8, max_documents=200, facts_fraction=0.5, facts_query_weight=1.0)
+    batch = next(iter(data.train_dataloader()))
+    readers, sources = batch["query_pairs"][..., 0], batch["query_pairs"][..., 1]
+    has = readers >= 0
+    assert has.any() and ((batch["query_weight"][:, 0] > 0) == has.any(1)).all()
+    b, k = has.nonzero(as_tuple=True)
+    labels = batch["labels"]
+    assert torch.equal(labels[b, readers[b, k]], labels[b, sources[b, k]])  # the same value token
+    assert (sources[b, k] < readers[b, k]).all() and not (batch["query_pairs"][~has] >= 0).any()
+    assert tok.decode(labels[b[0], readers[b[0], k[0]]:readers[b[0], k[0]] + 1].tolist())
+    trained = {}
+    for weight in (0.0, 1.0):
+        torch.manual_seed(0)
+        module = micro_module()
+        data = FwPKMDataModule(seq_len=128, batch_size=4, max_documents=200, facts_fraction=0.5,
+                               facts_query_weight=weight)
+        trainer = micro_trainer(tmp_path, max_steps=2, limit_val_batches=0)
+        trainer.fit(module, datamodule=data)
+        trained[weight] = ({k: v.clone() for k, v in module.model.state_dict().items()}, trainer.callback_metrics)
+    (plain, plain_metrics), (pulled, pulled_metrics) = trained[0.0], trained[1.0]
+    assert "train/query_loss" in pulled_metrics and "train/query_loss" not in plain_metrics
+    assert float(pulled_metrics["train/query_loss"]) > 0
+    assert any(not torch.equal(plain[k], pulled[k]) for k in plain if plain[k].is_floating_point())
+    from lit.data import DataConfig
+    with pytest.raises(Exception, match="facts_query_weight"):
+        DataConfig(facts_query_weight=-1.0)
