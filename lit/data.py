@@ -522,15 +522,19 @@ def _padded_pairs(pairs: list) -> np.ndarray:
     return out
 
 
+# what a row without them gets, when other rows of its batch carry these fields
+ROW_DEFAULTS = {
+    "loss_weights": lambda item: torch.ones(item["labels"].shape, dtype=torch.float32),  # weight 1 on every label
+    "query_pairs": lambda item: torch.from_numpy(_padded_pairs([])),  # no pairs
+    "query_weight": lambda item: torch.zeros(1),
+}
+
+
 def collate_weighted(items: list[dict]) -> dict:
-    """Default collation; when some rows carry "loss_weights" (or "query_pairs"), the others get weight 1 on
-    every label (no pairs)."""
-    if any("loss_weights" in item for item in items):
-        items = [item if "loss_weights" in item else
-                 item | {"loss_weights": torch.ones(item["labels"].shape, dtype=torch.float32)} for item in items]
-    if any("query_pairs" in item for item in items):
-        items = [item if "query_pairs" in item else item | {"query_pairs": torch.from_numpy(_padded_pairs([])),
-                                                            "query_weight": torch.zeros(1)} for item in items]
+    """Default collation; a field of :data:`ROW_DEFAULTS` that some rows carry is given to the others."""
+    for name, default in ROW_DEFAULTS.items():
+        if any(name in item for item in items):
+            items = [item if name in item else item | {name: default(item)} for item in items]
     return default_collate(items)
 
 

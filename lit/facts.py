@@ -176,14 +176,14 @@ def _trim(pieces: list, facts: list, fewest: int, budget: int) -> bool:
     """Drop the last facts (and their recalls) until ``fewest`` are left, then the last recalls of the facts
     recalled most often, until they fit ``budget`` tokens; whether they fit."""
     while _tokens(pieces) > budget:
-        most = max(range(len(pieces)), key=lambda i: (len(pieces[i][1]), i))
         if len(pieces) > fewest:
             pieces.pop()
             facts.pop()
-        elif len(pieces[most][1]) > 1:
-            pieces[most][1].pop()
-        else:
+            continue
+        most = max(range(len(pieces)), key=lambda i: (len(pieces[i][1]), i))
+        if len(pieces[most][1]) == 1:
             break
+        pieces[most][1].pop()
     return _tokens(pieces) <= budget
 
 

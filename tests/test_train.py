@@ -564,21 +564,23 @@ def test_the_weighted_loss_is_the_models_loss_at_weight_one_and_weighs_each_labe
     assert torch.allclose(weighted_loss(logits, labels, weights), plain + 4.0 * ce / 9, atol=1e-6)  # 9 labels count
 
 
+def _train_on_facts(micro_module, tmp_path, **data_options) -> tuple[dict, dict]:
+    """(weights, callback metrics) of the micro model after 2 steps on rows half of which are fact rows."""
+    from lit.data import FwPKMDataModule
+
+    torch.manual_seed(0)
+    module = micro_module()
+    data = FwPKMDataModule(seq_len=128, batch_size=4, max_documents=200, facts_fraction=0.5, **data_options)
+    trainer = micro_trainer(tmp_path, max_steps=2, limit_val_batches=0)
+    trainer.fit(module, datamodule=data)
+    return {k: v.clone() for k, v in module.model.state_dict().items()}, trainer.callback_metrics
+
+
 def test_training_on_weighted_answers_follows_the_weighted_loss(micro_module, tmp_path):
     """data.facts_answer_weight: the step optimises the weighted loss (other weights, other weights of the
     model), and train/loss is still the plain mean."""
-    from lit.data import FwPKMDataModule
-
-    trained = {}
-    for weight in (1.0, 8.0):
-        torch.manual_seed(0)
-        module = micro_module()
-        data = FwPKMDataModule(seq_len=128, batch_size=4, max_documents=200, facts_fraction=0.5,
-                               facts_answer_weight=weight)
-        trainer = micro_trainer(tmp_path, max_steps=2, limit_val_batches=0)
-        trainer.fit(module, datamodule=data)
-        trained[weight] = ({k: v.clone() for k, v in module.model.state_dict().items()}, trainer.callback_metrics)
-    (plain, plain_metrics), (heavy, heavy_metrics) = trained[1.0], trained[8.0]
+    (plain, plain_metrics), (heavy, heavy_metrics) = [_train_on_facts(micro_module, tmp_path, facts_answer_weight=w)
+                                                      for w in (1.0, 8.0)]
     assert "train/weighted_loss" in heavy_metrics and "train/weighted_loss" not in plain_metrics
     assert heavy_metrics["train/weighted_loss"] > heavy_metrics["train/loss"]  # the answers are the hard tokens
     assert any(not torch.equal(plain[k], heavy[k]) for k in plain if plain[k].is_floating_point())
@@ -633,16 +635,8 @@ def test_training_with_the_query_loss_adds_it_and_changes_the_model(micro_module
     assert torch.equal(labels[b, readers[b, k]], labels[b, sources[b, k]])  # the same value token
     assert (sources[b, k] < readers[b, k]).all() and not (batch["query_pairs"][~has] >= 0).any()
     assert tok.decode(labels[b[0], readers[b[0], k[0]]:readers[b[0], k[0]] + 1].tolist())
-    trained = {}
-    for weight in (0.0, 1.0):
-        torch.manual_seed(0)
-        module = micro_module()
-        data = FwPKMDataModule(seq_len=128, batch_size=4, max_documents=200, facts_fraction=0.5,
-                               facts_query_weight=weight)
-        trainer = micro_trainer(tmp_path, max_steps=2, limit_val_batches=0)
-        trainer.fit(module, datamodule=data)
-        trained[weight] = ({k: v.clone() for k, v in module.model.state_dict().items()}, trainer.callback_metrics)
-    (plain, plain_metrics), (pulled, pulled_metrics) = trained[0.0], trained[1.0]
+    (plain, plain_metrics), (pulled, pulled_metrics) = [_train_on_facts(micro_module, tmp_path, facts_query_weight=w)
+                                                        for w in (0.0, 1.0)]
     assert "train/query_loss" in pulled_metrics and "train/query_loss" not in plain_metrics
     assert float(pulled_metrics["train/query_loss"]) > 0
     assert any(not torch.equal(plain[k], pulled[k]) for k in plain if plain[k].is_floating_point())
